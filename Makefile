@@ -1,0 +1,53 @@
+# TempMail: `make run` and `make test` do all the set-up a fresh machine needs.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+FLASK  := $(VENV)/bin/flask
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the test suite drives for real: Chromium for the browser
+# tests, Dovecot for IMAP ingest, swaks for manual checks.
+TEST_DEBS := chromium dovecot-imapd swaks
+
+.PHONY: run test venv system-deps init-db clean bench
+
+$(VENV)/.installed: requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required"; exit 1; }
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+init-db: venv
+	$(FLASK) --app app init-db
+
+# The web app (gunicorn) and the mail daemon run together in the foreground;
+# Ctrl-C stops both.
+run: init-db
+	@echo "Web app on http://$(HOST):$(PORT)/ ; mail daemon as configured (flask smtpd)"
+	@trap 'kill 0' INT TERM EXIT; \
+	$(VENV)/bin/gunicorn --bind $(HOST):$(PORT) --workers 2 --threads 4 --access-logfile - wsgi:application & \
+	$(FLASK) --app app smtpd & \
+	wait
+
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-imapd"; \
+	command -v swaks >/dev/null || missing="$$missing swaks"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: venv system-deps
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: venv
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) instance/tempmail.db* .pytest_cache

@@ -1,0 +1,551 @@
+"""Tables of TempMail and the queries on them.
+
+Every datetime in the database is naive UTC. ``now()`` is the one clock the
+whole application reads, so tests can inject their own (``app.config["CLOCK"]``).
+Attachment and raw-message files live under the uploads folder with
+server-chosen names; the small storage functions at the end of this module are
+the only code that touches those files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets as _secrets
+import string
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterable, Optional
+from zoneinfo import ZoneInfo
+
+from flask import current_app
+from flask_sqlalchemy import SQLAlchemy
+from flask_sqlalchemy.session import Session as FlaskSession
+from sqlalchemy import (event, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text, UniqueConstraint, delete, func, select, update)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+
+USERNAME_RE = re.compile(r"^[a-z0-9]{3,20}$")
+PUBLIC_ID_ALPHABET = string.ascii_letters + string.digits
+PUBLIC_ID_LENGTH = 46  # the User API seed's message ids are 46 [A-Za-z0-9]
+WORDS = ("apple", "maple", "river", "cloud", "tiger", "ocean", "amber", "cedar",
+         "delta", "ember", "falcon", "garden", "harbor", "island", "jasper",
+         "kiwi", "lemon", "meadow", "nectar", "orbit", "pepper", "quartz",
+         "raven", "sunny", "timber", "umber", "velvet", "willow", "yonder",
+         "zephyr", "breeze", "comet", "dune", "fern", "glade", "hazel", "iris",
+         "juniper", "lotus", "mango", "nova", "olive", "pixel", "robin", "sage",
+         "tulip", "violet", "wren", "budi", "pratama", "coral", "birch")
+
+
+class MailboxError(Exception):
+    """A mailbox could not be created; ``code`` names why (invalid, reserved, taken, domain)."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
+
+
+# --------------------------------------------------------------------------
+# clock and formatting
+
+def now() -> datetime:
+    """The current time as naive UTC; tests replace it with ``app.config["CLOCK"]``."""
+    clock = current_app.config.get("CLOCK") if current_app else None
+    if clock is not None:
+        return clock()
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def local_zone() -> ZoneInfo:
+    """The configured display time zone."""
+    return ZoneInfo(current_app.config["TEMPMAIL"].get("timezone") or "UTC")
+
+
+def fmt_local(value: Optional[datetime]) -> Optional[str]:
+    """``YYYY-MM-DD HH:MM:SS`` in the configured zone, as the PHP API printed MySQL DATETIMEs."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc).astimezone(local_zone()).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_iso(value: datetime) -> str:
+    """ISO 8601 with the configured zone's offset (User API timestamps)."""
+    return value.replace(tzinfo=timezone.utc).astimezone(local_zone()).isoformat(timespec="seconds")
+
+
+def cfg(key: str, default=None):
+    """One key of the TempMail configuration dictionary."""
+    return current_app.config["TEMPMAIL"].get(key, default)
+
+
+# --------------------------------------------------------------------------
+# tables
+
+class Domain(db.Model):
+    __tablename__ = "domains"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    type: Mapped[str] = mapped_column(String(16), default="free")  # free | premium
+    custom: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+    def to_v1(self) -> dict:
+        """The User API's domain object."""
+        return {"domain": self.name, "type": self.type.capitalize(), "custom": bool(self.custom)}
+
+    @staticmethod
+    def active_names(types: Iterable[str] = ("free",)) -> list[str]:
+        """Names of active domains of the given types, in configuration order (id)."""
+        rows = db.session.scalars(select(Domain.name).where(
+            Domain.active.is_(True), Domain.type.in_(list(types))).order_by(Domain.id))
+        return list(rows)
+
+    @staticmethod
+    def by_name(name: str) -> Optional["Domain"]:
+        """The active domain called ``name`` (case-insensitive), or None."""
+        return db.session.scalar(select(Domain).where(
+            Domain.name == (name or "").strip().lower(), Domain.active.is_(True)))
+
+    @staticmethod
+    def ensure(name: str, type_: str = "free", custom: bool = False) -> "Domain":
+        """Create the domain when missing, else update its type; returns it."""
+        name = name.strip().lower()
+        dom = db.session.scalar(select(Domain).where(Domain.name == name))
+        if dom is None:
+            dom = Domain(name=name, type=type_, custom=custom, active=True)
+            db.session.add(dom)
+        else:
+            dom.type, dom.active = type_, True
+        db.session.flush()
+        return dom
+
+
+class User(db.Model):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[Optional[str]] = mapped_column(String(256))
+    plan: Mapped[str] = mapped_column(String(32), default="free")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    keys: Mapped[list["ApiKey"]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+    def plan_config(self) -> dict:
+        """This user's plan from the configuration (falls back to ``free``)."""
+        plans = cfg("plans") or {}
+        return plans.get(self.plan) or plans.get("free") or {
+            "monthly_quota": 50000, "domain_types": ["free"], "mailbox_lifetime_seconds": 600}
+
+
+class ApiKey(db.Model):
+    """A User API key. Only a SHA-256 of the key is stored (keys are 256-bit
+    random, so a fast hash is enough and lets every request find its key by
+    an indexed lookup); the prefix is what the owner sees afterwards."""
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(24), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
+    user: Mapped[User] = relationship(back_populates="keys")
+
+
+class QuotaUsage(db.Model):
+    """Successful User API requests per user and month (``period`` = ``YYYY-MM``).
+    Kept per user rather than per key so regenerating a key cannot reset a quota."""
+    __tablename__ = "quota_usage"
+    __table_args__ = (UniqueConstraint("user_id", "period"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    period: Mapped[str] = mapped_column(String(7))
+    used: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Mailbox(db.Model):
+    __tablename__ = "mailboxes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # One row per address: generating a name whose mailbox has expired first
+    # deletes the old row, so the unique index settles races between
+    # concurrent generates (exactly one insert wins).
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    username: Mapped[str] = mapped_column(String(64))
+    domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    session_id: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    token: Mapped[str] = mapped_column(String(32))
+    domain: Mapped[Domain] = relationship(lazy="joined")
+
+    @property
+    def is_live(self) -> bool:
+        return self.expires_at > now()
+
+    @staticmethod
+    def find_live(address: str) -> Optional["Mailbox"]:
+        """The live mailbox for ``address`` (any case), or None when unknown or expired."""
+        box = db.session.scalar(select(Mailbox).where(Mailbox.address == (address or "").strip().lower()))
+        return box if box is not None and box.is_live else None
+
+    @staticmethod
+    def create(username: Optional[str], domain: Domain, lifetime: int,
+               user_id: Optional[int] = None, session_id: Optional[str] = None) -> "Mailbox":
+        """Create and commit a live mailbox; a random readable name when ``username`` is None.
+
+        Raises MailboxError("invalid" | "reserved" | "taken")."""
+        if username is None:
+            return Mailbox._create_random(domain, lifetime, user_id, session_id)
+        username = check_username(username)
+        address = f"{username}@{domain.name}"
+        old = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
+        if old is not None:
+            if old.is_live:
+                raise MailboxError("taken")
+            old.delete()
+        t = now()
+        box = Mailbox(address=address, username=username, domain=domain, created_at=t,
+                      expires_at=t + timedelta(seconds=lifetime), user_id=user_id,
+                      session_id=session_id, token=_secrets.token_hex(8))
+        db.session.add(box)
+        try:
+            db.session.flush()
+            Stat.bump(total_addresses=1)
+            db.session.commit()
+        except IntegrityError:
+            db.session.rollback()
+            raise MailboxError("taken")
+        return box
+
+    @staticmethod
+    def _create_random(domain: Domain, lifetime: int, user_id, session_id) -> "Mailbox":
+        reserved = set(cfg("reserved_usernames") or [])
+        for _ in range(20):
+            name = _secrets.choice(WORDS) + str(_secrets.randbelow(9000) + 100)
+            if name in reserved:
+                continue
+            try:
+                return Mailbox.create(name, domain, lifetime, user_id, session_id)
+            except MailboxError:
+                continue
+        raise MailboxError("taken")
+
+    def rename(self, username: str, domain: Domain) -> "Mailbox":
+        """Move this mailbox to ``username@domain`` keeping its messages; commits.
+        Raises MailboxError like ``create``."""
+        username = check_username(username)
+        address = f"{username}@{domain.name}"
+        if address == self.address:
+            return self
+        old = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
+        if old is not None:
+            if old.is_live:
+                raise MailboxError("taken")
+            old.delete()
+        self.address, self.username, self.domain = address, username, domain
+        try:
+            Stat.bump(total_addresses=1)
+            db.session.commit()
+        except IntegrityError:
+            db.session.rollback()
+            raise MailboxError("taken")
+        return self
+
+    def messages_query(self, newest_first: bool = False):
+        order = Message.id.desc() if newest_first else Message.id.asc()
+        return select(Message).where(Message.mailbox_id == self.id).order_by(order)
+
+    def message_count(self) -> int:
+        return db.session.scalar(select(func.count()).select_from(Message).where(
+            Message.mailbox_id == self.id)) or 0
+
+    def delete(self) -> None:
+        """Delete this mailbox with its messages and their files (no commit)."""
+        delete_messages(select(Message.id).where(Message.mailbox_id == self.id))
+        db.session.execute(delete(Mailbox).where(Mailbox.id == self.id))
+
+    def to_v1(self) -> dict:
+        """The User API's mailbox object (create and switch answers)."""
+        from app import email_token  # the token signer lives with the app's secret
+        return {"id": self.id, "email": self.address, "domain": self.domain.name,
+                "expire_at": fmt_iso(self.expires_at),
+                "expires_in_seconds": max(0, int((self.expires_at - now()).total_seconds())),
+                "created_at": fmt_iso(self.created_at), "email_token": email_token(self)}
+
+
+def check_username(username: str) -> str:
+    """Lower-case ``username`` and check it: 3-20 ASCII letters/digits, not reserved."""
+    name = (username or "").strip().lower()
+    # str.isalnum() would let unicode digits and letters through; the PHP
+    # original used ctype_alnum on bytes, i.e. ASCII only.
+    if not USERNAME_RE.match(name) or not name.isascii():
+        raise MailboxError("invalid")
+    if name in {r.lower() for r in (cfg("reserved_usernames") or [])}:
+        raise MailboxError("reserved")
+    return name
+
+
+def new_public_id() -> str:
+    """An opaque, unguessable message id: 46 random characters of [A-Za-z0-9]."""
+    return "".join(_secrets.choice(PUBLIC_ID_ALPHABET) for _ in range(PUBLIC_ID_LENGTH))
+
+
+class Message(db.Model):
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_mailbox_id_id", "mailbox_id", "id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(46), unique=True, default=new_public_id)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    envelope_from: Mapped[str] = mapped_column(Text, default="")
+    envelope_to: Mapped[str] = mapped_column(Text, default="")
+    from_email: Mapped[str] = mapped_column(Text, default="")
+    from_name: Mapped[str] = mapped_column(Text, default="")
+    to: Mapped[str] = mapped_column(Text, default="")
+    cc: Mapped[str] = mapped_column(Text, default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    date: Mapped[Optional[str]] = mapped_column(Text)
+    message_id: Mapped[Optional[str]] = mapped_column(Text)
+    body_text: Mapped[str] = mapped_column(Text, default="")
+    body_html: Mapped[str] = mapped_column(Text, default="")
+    is_read: Mapped[bool] = mapped_column(Boolean, default=False)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    raw_path: Mapped[Optional[str]] = mapped_column(String(128))
+    raw_sha256: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    attachments: Mapped[list["Attachment"]] = relationship(
+        back_populates="message", order_by="Attachment.id", cascade="all, delete-orphan",
+        passive_deletes=True)
+    mailbox: Mapped[Mailbox] = relationship()
+
+    def mark_read(self) -> None:
+        """Set the read flag and commit (only writes when it changes)."""
+        if not self.is_read:
+            self.is_read = True
+            db.session.commit()
+
+    def attachment_named(self, name: str) -> Optional["Attachment"]:
+        return next((a for a in self.attachments if a.filename == name), None)
+
+    def to_legacy_summary(self) -> dict:
+        """One entry of api.php's inbox list."""
+        return {"id": self.id, "from_email": self.from_email, "from_name": self.from_name,
+                "subject": self.subject, "is_read": int(self.is_read),  # PHP/MySQL TINYINT
+                "received_at": fmt_local(self.received_at)}
+
+    def to_legacy(self) -> dict:
+        """api.php's message object (``GET /email/{id}``)."""
+        return {"id": self.id, "email_address_id": self.mailbox_id, "from_email": self.from_email,
+                "from_name": self.from_name, "subject": self.subject, "body_text": self.body_text,
+                "body_html": self.body_html, "is_read": int(self.is_read),
+                "received_at": fmt_local(self.received_at)}
+
+    def to_v1(self, base_url: str) -> dict:
+        """The User API's message object; ``base_url`` ends without a slash."""
+        has_html = bool(self.body_html)
+        return {"is_seen": bool(self.is_read), "subject": self.subject,
+                "from": self.from_name or self.from_email, "from_email": self.from_email,
+                "to": self.mailbox.address if self.mailbox else self.envelope_to,
+                "receivedAt": fmt_local(self.received_at), "id": self.public_id,
+                "html": has_html, "content": self.body_html if has_html else self.body_text,
+                "attachments": [a.to_v1(base_url, self.public_id) for a in self.attachments]}
+
+
+class Attachment(db.Model):
+    __tablename__ = "attachments"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(Text)  # display name only, never a path
+    stored_path: Mapped[str] = mapped_column(String(128))  # server-chosen, relative to uploads
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    content_type: Mapped[str] = mapped_column(String(255), default="application/octet-stream")
+    content_id: Mapped[Optional[str]] = mapped_column(Text)
+    inline: Mapped[bool] = mapped_column(Boolean, default=False)
+    message: Mapped[Message] = relationship(back_populates="attachments")
+
+    @property
+    def extension(self) -> str:
+        suffix = os.path.splitext(self.filename or "")[1]
+        return suffix[1:].lower() if suffix else ""
+
+    def legacy_url(self) -> str:
+        """URL path that downloads this file through api.php's routes."""
+        from urllib.parse import quote
+        return f"/uploads/attachments/{self.id}/{quote(self.filename or 'attachment', safe='')}"
+
+    def to_legacy(self) -> dict:
+        return {"id": self.id, "filename": self.filename, "size": self.size,
+                "content_type": self.content_type, "file_path": self.legacy_url()}
+
+    def to_v1(self, base_url: str, public_id: str) -> dict:
+        from urllib.parse import quote
+        return {"name": self.filename, "extension": self.extension, "size": self.size,
+                "url": f"{base_url}/api/messages/{public_id}/attachments/{quote(self.filename, safe='')}"}
+
+
+class Stat(db.Model):
+    """Counters that outlive the rows they count (one row, id 1)."""
+    __tablename__ = "stats"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    total_addresses: Mapped[int] = mapped_column(Integer, default=0)
+    total_received: Mapped[int] = mapped_column(Integer, default=0)
+    last_updated: Mapped[Optional[datetime]] = mapped_column(DateTime)
+
+    @staticmethod
+    def bump(total_addresses: int = 0, total_received: int = 0) -> None:
+        """Add to the counters inside the caller's transaction (one atomic UPDATE)."""
+        db.session.execute(update(Stat).where(Stat.id == 1).values(
+            total_addresses=Stat.total_addresses + total_addresses,
+            total_received=Stat.total_received + total_received, last_updated=now()))
+
+    @staticmethod
+    def snapshot() -> dict:
+        """api.php's ``stats`` object: ``total_emails`` counts messages stored now."""
+        row = db.session.get(Stat, 1)
+        total = db.session.scalar(select(func.count()).select_from(Message)) or 0
+        return {"id": 1, "total_emails": total, "total_addresses": row.total_addresses,
+                "total_received": row.total_received,
+                "last_updated": fmt_local(row.last_updated or now())}
+
+
+def ensure_seed_rows() -> None:
+    """Insert the stats row and the configured domains when missing (idempotent, race-safe)."""
+    try:
+        if db.session.get(Stat, 1) is None:
+            db.session.add(Stat(id=1, total_addresses=0, total_received=0, last_updated=now()))
+            db.session.flush()
+        for entry in cfg("domains") or []:
+            if db.session.scalar(select(Domain.id).where(Domain.name == entry["domain"].lower())) is None:
+                Domain.ensure(entry["domain"], (entry.get("type") or "free").lower(),
+                              bool(entry.get("custom", False)))
+        db.session.commit()
+    except IntegrityError:  # another worker seeded the same rows first
+        db.session.rollback()
+
+
+# --------------------------------------------------------------------------
+# message storage and removal
+
+def store_message(mailbox: Mailbox, fields: dict, raw: bytes,
+                  attachments: Iterable[dict] = ()) -> Message:
+    """Write the raw file and attachment files, then add the message rows and
+    bump the counters in the caller's transaction (the caller commits).
+
+    ``fields`` holds Message columns; each attachment dict has ``filename``,
+    ``data``, ``content_type`` and optionally ``content_id`` and ``inline``.
+    Display names are made unique within the message."""
+    msg = Message(mailbox_id=mailbox.id, received_at=now(), size=len(raw), **fields)
+    msg.raw_path = write_file(raw, ".eml")
+    msg.raw_sha256 = hashlib.sha256(raw).hexdigest()
+    seen: set[str] = set()
+    for part in attachments:
+        name = unique_name(part.get("filename") or "attachment", seen)
+        msg.attachments.append(Attachment(
+            filename=name, stored_path=write_file(part["data"], ".bin"), size=len(part["data"]),
+            content_type=part.get("content_type") or "application/octet-stream",
+            content_id=part.get("content_id"), inline=bool(part.get("inline"))))
+    db.session.add(msg)
+    Stat.bump(total_received=1)
+    return msg
+
+
+def unique_name(name: str, seen: set) -> str:
+    """``name`` or ``name (2).ext`` ... so names are unique within one message."""
+    base, ext = os.path.splitext(name)
+    candidate, n = name, 1
+    while candidate in seen:
+        n += 1
+        candidate = f"{base} ({n}){ext}"
+    seen.add(candidate)
+    return candidate
+
+
+def delete_messages(id_query) -> int:
+    """Delete the messages whose ids ``id_query`` selects, with their attachment
+    rows, in the caller's transaction. Their files are unlinked only once that
+    transaction commits (see ``_after_commit``), so a failed delete never
+    leaves rows whose files are gone."""
+    ids = list(db.session.scalars(id_query))
+    if not ids:
+        return 0
+    paths = list(db.session.scalars(select(Attachment.stored_path).where(Attachment.message_id.in_(ids))))
+    paths += [p for p in db.session.scalars(select(Message.raw_path).where(Message.id.in_(ids))) if p]
+    db.session.execute(delete(Attachment).where(Attachment.message_id.in_(ids)))
+    db.session.execute(delete(Message).where(Message.id.in_(ids)))
+    db.session.info.setdefault("unlink_on_commit", []).extend(paths)
+    return len(ids)
+
+
+def purge_expired(batch_size: int = 200) -> dict:
+    """Delete expired mailboxes with their messages and files, committing one
+    bounded batch at a time so writers are never blocked for long."""
+    totals = {"mailboxes": 0, "messages": 0}
+    while True:
+        ids = list(db.session.scalars(select(Mailbox.id).where(Mailbox.expires_at <= now())
+                                      .order_by(Mailbox.expires_at).limit(batch_size)))
+        if not ids:
+            return totals
+        totals["messages"] += delete_messages(select(Message.id).where(Message.mailbox_id.in_(ids)))
+        db.session.execute(delete(Mailbox).where(Mailbox.id.in_(ids), Mailbox.expires_at <= now()))
+        db.session.commit()
+        totals["mailboxes"] += len(ids)
+
+
+@event.listens_for(FlaskSession, "after_commit")
+def _after_commit(session) -> None:
+    """Files of deleted rows go once the delete is durable; files written for
+    committed rows are kept."""
+    session.info.pop("written_files", None)
+    remove_files(session.info.pop("unlink_on_commit", []))
+
+
+@event.listens_for(FlaskSession, "after_rollback")
+def _after_rollback(session) -> None:
+    """A rolled-back store leaves no file behind; a rolled-back delete keeps its files."""
+    session.info.pop("unlink_on_commit", None)
+    remove_files(session.info.pop("written_files", []))
+
+
+def uploads_dir() -> Path:
+    return Path(current_app.config["UPLOADS_DIR"])
+
+
+def write_file(data: bytes, suffix: str) -> str:
+    """Store ``data`` durably under a server-chosen name; returns the path relative to uploads."""
+    sub = now().strftime("%Y%m%d")
+    folder = uploads_dir() / sub
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = f"{sub}/{uuid.uuid4().hex}{suffix}"
+    tmp = folder / (uuid.uuid4().hex + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        if current_app.config.get("FSYNC", True):
+            os.fsync(fh.fileno())
+    os.replace(tmp, uploads_dir() / rel)
+    db.session.info.setdefault("written_files", []).append(rel)
+    return rel
+
+
+def file_path(rel: str) -> Path:
+    """Absolute path of a stored file; refuses anything that would leave the uploads folder."""
+    root = uploads_dir().resolve()
+    path = (root / rel).resolve()
+    if root not in path.parents:
+        raise ValueError("stored path outside uploads")
+    return path
+
+
+def remove_files(paths: Iterable[str]) -> None:
+    for rel in paths:
+        try:
+            file_path(rel).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            current_app.logger.warning("could not remove stored file %s", rel)

@@ -1,0 +1,2 @@
+from app import create_app
+application = app = create_app()
