@@ -158,6 +158,36 @@ class ApiKey(db.Model):
     revoked_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
     user: Mapped[User] = relationship(back_populates="keys")
 
+    KEY_PREFIX = "tm_"
+
+    @staticmethod
+    def hash(raw: str) -> str:
+        return hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()
+
+    @staticmethod
+    def issue(user: User) -> tuple["ApiKey", str]:
+        """Revoke the user's live keys and create a new one (not committed).
+        Returns the row and the raw key, which is shown once and never stored."""
+        for old in user.keys:
+            if old.revoked_at is None:
+                old.revoked_at = now()
+        raw = ApiKey.KEY_PREFIX + _secrets.token_urlsafe(32)
+        key = ApiKey(user=user, prefix=raw[:11], key_hash=ApiKey.hash(raw), created_at=now())
+        db.session.add(key)
+        return key, raw
+
+    @staticmethod
+    def lookup(raw: str) -> Optional["ApiKey"]:
+        """The live key matching ``raw``, or None."""
+        if not raw or len(raw) > 200:
+            return None
+        key = db.session.scalar(select(ApiKey).where(ApiKey.key_hash == ApiKey.hash(raw)))
+        return key if key is not None and key.revoked_at is None else None
+
+    def revoke(self) -> None:
+        """Revoke this key at once (not committed)."""
+        self.revoked_at = self.revoked_at or now()
+
 
 class QuotaUsage(db.Model):
     """Successful User API requests per user and month (``period`` = ``YYYY-MM``).
