@@ -147,7 +147,7 @@ def register_parts(app: Flask) -> None:
 
     app.register_blueprint(api_legacy.bp, url_prefix="/api.php", name="legacy_php")
     app.register_blueprint(api_legacy.bp, name="legacy")
-    for optional in ("api_v1", "web"):
+    for optional in ("api_v1", "web", "apidocs", "accounts", "ops"):
         try:
             module = __import__(optional)
         except ModuleNotFoundError as exc:
