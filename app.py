@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 from flask_cors import CORS
+from flask_wtf.csrf import CSRFProtect
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -24,6 +25,7 @@ from models import db
 ROOT = Path(__file__).resolve().parent
 LEGACY_PATHS = r"^/(api\.php/.*|generate|inbox/.*|email/.*|stats|domains|uploads/attachments/.*)$"
 log = logging.getLogger("tempmail")
+csrf = CSRFProtect()
 
 DEFAULTS = {
     "site_name": "TempMail",
@@ -147,6 +149,11 @@ def register_parts(app: Flask) -> None:
 
     app.register_blueprint(api_legacy.bp, url_prefix="/api.php", name="legacy_php")
     app.register_blueprint(api_legacy.bp, name="legacy")
+    # Every browser form and fetch() of the web pages carries a CSRF token
+    # (form field csrf_token or header X-CSRFToken); the two JSON APIs are
+    # cookie-less (api.php has no auth, the User API uses Bearer keys).
+    csrf.init_app(app)
+    csrf.exempt(api_legacy.bp)
     for optional in ("api_v1", "web", "apidocs", "accounts", "ops"):
         try:
             module = __import__(optional)
@@ -155,6 +162,8 @@ def register_parts(app: Flask) -> None:
                 raise
             continue
         module.init_app(app)
+        if optional == "api_v1":
+            csrf.exempt(module.bp)
     cli.init_app(app)
     # api.php was called cross-origin by browser front-ends (CORS on in the PHP
     # original); both APIs keep that, for the origins the config allows.
