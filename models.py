@@ -24,8 +24,11 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session as FlaskSession
 from sqlalchemy import (event, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
                         String, Text, UniqueConstraint, delete, func, select, update)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
 
 
 class Base(DeclarativeBase):
@@ -82,6 +85,12 @@ def fmt_iso(value: datetime) -> str:
     return value.replace(tzinfo=timezone.utc).astimezone(local_zone()).isoformat(timespec="seconds")
 
 
+def plausible(value: str, max_len: int) -> bool:
+    """True when ``value`` can be looked up at all: PostgreSQL rejects NUL in
+    text, and no address or domain is longer than the RFCs allow."""
+    return 0 < len(value) <= max_len and "\x00" not in value
+
+
 def cfg(key: str, default=None):
     """One key of the TempMail configuration dictionary."""
     return current_app.config["TEMPMAIL"].get(key, default)
@@ -112,8 +121,10 @@ class Domain(db.Model):
     @staticmethod
     def by_name(name: str) -> Optional["Domain"]:
         """The active domain called ``name`` (case-insensitive), or None."""
-        return db.session.scalar(select(Domain).where(
-            Domain.name == (name or "").strip().lower(), Domain.active.is_(True)))
+        name = (name or "").strip().lower()
+        if not plausible(name, 253):
+            return None
+        return db.session.scalar(select(Domain).where(Domain.name == name, Domain.active.is_(True)))
 
     @staticmethod
     def ensure(name: str, type_: str = "free", custom: bool = False) -> "Domain":
@@ -143,6 +154,42 @@ class User(db.Model):
         plans = cfg("plans") or {}
         return plans.get(self.plan) or plans.get("free") or {
             "monthly_quota": 50000, "domain_types": ["free"], "mailbox_lifetime_seconds": 600}
+
+    @staticmethod
+    def create(email: str, plan: str = "free", password: Optional[str] = None) -> "User":
+        """Add a user (not committed); the e-mail is stored lower-case. Without a
+        password the account can use API keys but cannot sign in."""
+        user = User(email=email.strip().lower(), plan=plan, created_at=now(),
+                    password_hash=generate_password_hash(password) if password else None)
+        db.session.add(user)
+        return user
+
+    @staticmethod
+    def by_email(email: str) -> Optional["User"]:
+        """The user with this e-mail address (any case), or None."""
+        return db.session.scalar(select(User).where(User.email == (email or "").strip().lower()))
+
+    def set_password(self, password: str) -> None:
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        return bool(self.password_hash) and check_password_hash(self.password_hash, password or "")
+
+    def live_key(self) -> Optional["ApiKey"]:
+        """The user's current (unrevoked) API key, or None; only its prefix is displayable."""
+        return next((k for k in self.keys if k.revoked_at is None), None)
+
+    def allowed_domain_types(self) -> list[str]:
+        """Domain types (``free``/``premium``) this user's plan may use, lower-case."""
+        return [t.lower() for t in self.plan_config().get("domain_types") or ["free"]]
+
+    def quota_status(self) -> dict:
+        """This month's quota: ``limit``, ``used``, ``remaining`` (ints) and ``reset``
+        (aware datetime, start of the next month in the configured zone)."""
+        limit = int(self.plan_config().get("monthly_quota") or 0)
+        used = QuotaUsage.used_in(self.id, QuotaUsage.current_period())
+        return {"limit": limit, "used": used, "remaining": max(0, limit - used),
+                "reset": QuotaUsage.next_reset()}
 
 
 class ApiKey(db.Model):
@@ -199,6 +246,53 @@ class QuotaUsage(db.Model):
     period: Mapped[str] = mapped_column(String(7))
     used: Mapped[int] = mapped_column(Integer, default=0)
 
+    @staticmethod
+    def _local_now() -> datetime:
+        return now().replace(tzinfo=timezone.utc).astimezone(local_zone())
+
+    @staticmethod
+    def current_period() -> str:
+        """``YYYY-MM`` of the calendar month now running in the configured zone."""
+        return QuotaUsage._local_now().strftime("%Y-%m")
+
+    @staticmethod
+    def next_reset() -> datetime:
+        """Start of the next calendar month in the configured zone (aware)."""
+        local = QuotaUsage._local_now()
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        return datetime(year, month, 1, tzinfo=local_zone())
+
+    @staticmethod
+    def used_in(user_id: int, period: str) -> int:
+        """Successful requests counted for ``user_id`` in ``period`` so far."""
+        return db.session.scalar(select(QuotaUsage.used).where(
+            QuotaUsage.user_id == user_id, QuotaUsage.period == period)) or 0
+
+    @staticmethod
+    def count_success(user_id: int, period: str) -> int:
+        """Add one successful request and commit; returns the new count.
+
+        The increment is a single UPDATE in the database (never read-modify-write
+        in Python), so concurrent requests in several worker processes each add
+        exactly one: PostgreSQL serialises them on the row lock, SQLite on its
+        write lock. The row is created first, ignoring a concurrent creator."""
+        dialect = db.session.get_bind().dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            db.session.execute(insert(QuotaUsage).values(user_id=user_id, period=period, used=0)
+                               .on_conflict_do_nothing(index_elements=["user_id", "period"]))
+        elif QuotaUsage.used_in(user_id, period) == 0:
+            try:  # other databases: a savepoint absorbs the lost creation race
+                with db.session.begin_nested():
+                    db.session.add(QuotaUsage(user_id=user_id, period=period, used=0))
+            except IntegrityError:
+                pass
+        where = (QuotaUsage.user_id == user_id, QuotaUsage.period == period)
+        db.session.execute(update(QuotaUsage).where(*where).values(used=QuotaUsage.used + 1))
+        used = db.session.scalar(select(QuotaUsage.used).where(*where))  # still under our lock
+        db.session.commit()
+        return used
+
 
 class Mailbox(db.Model):
     __tablename__ = "mailboxes"
@@ -223,8 +317,18 @@ class Mailbox(db.Model):
     @staticmethod
     def find_live(address: str) -> Optional["Mailbox"]:
         """The live mailbox for ``address`` (any case), or None when unknown or expired."""
-        box = db.session.scalar(select(Mailbox).where(Mailbox.address == (address or "").strip().lower()))
+        address = (address or "").strip().lower()
+        if not plausible(address, 320):
+            return None
+        box = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
         return box if box is not None and box.is_live else None
+
+    @staticmethod
+    def find_owned(address: str, user_id: int) -> Optional["Mailbox"]:
+        """The live mailbox ``address`` if ``user_id`` owns it, else None: a
+        mailbox of someone else is indistinguishable from a missing one."""
+        box = Mailbox.find_live(address)
+        return box if box is not None and box.user_id == user_id else None
 
     @staticmethod
     def create(username: Optional[str], domain: Domain, lifetime: int,
@@ -354,6 +458,15 @@ class Message(db.Model):
         back_populates="message", order_by="Attachment.id", cascade="all, delete-orphan",
         passive_deletes=True)
     mailbox: Mapped[Mailbox] = relationship()
+
+    @staticmethod
+    def find_owned(public_id: str, user_id: int) -> Optional["Message"]:
+        """The message with this public id in a live mailbox owned by ``user_id``, else None."""
+        if not public_id or len(public_id) != PUBLIC_ID_LENGTH:
+            return None
+        msg = db.session.scalar(select(Message).join(Mailbox).where(
+            Message.public_id == public_id, Mailbox.user_id == user_id))
+        return msg if msg is not None and msg.mailbox.is_live else None
 
     def mark_read(self) -> None:
         """Set the read flag and commit (only writes when it changes)."""
