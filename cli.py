@@ -7,7 +7,7 @@ from flask.cli import AppGroup
 from sqlalchemy import select
 
 import models
-from models import Domain, db
+from models import ApiKey, Domain, User, db
 
 domains_cli = AppGroup("domains", help="Add and list the mail domains.")
 
@@ -43,10 +43,58 @@ def domains_list() -> None:
         click.echo(f"{dom.name}\t{dom.type}\t{'custom' if dom.custom else '-'}\t{state}")
 
 
+users_cli = AppGroup("users", help="Create User API accounts.")
+keys_cli = AppGroup("keys", help="Issue and revoke User API keys.")
+
+
+@users_cli.command("create")
+@click.argument("email")
+@click.option("--plan", default="free", show_default=True, help="A plan of the configuration (free, premium).")
+@click.option("--password", default=None, help="Lets the user sign in to the web site too.")
+def users_create(email: str, plan: str, password: str | None) -> None:
+    """Create the user EMAIL on PLAN."""
+    if "@" not in email:
+        raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="EMAIL")
+    if plan not in (models.cfg("plans") or {}):
+        raise click.BadParameter(f"no plan {plan!r} in the configuration", param_hint="--plan")
+    if User.by_email(email) is not None:
+        raise click.ClickException(f"user {email} already exists")
+    User.create(email, plan=plan, password=password)
+    db.session.commit()
+    click.echo(f"User {email.strip().lower()} ({plan}) created.")
+
+
+@keys_cli.command("create")
+@click.argument("email")
+def keys_create(email: str) -> None:
+    """Issue a new key for EMAIL (revoking the old one); the key is the last line."""
+    user = User.by_email(email)
+    if user is None:
+        raise click.ClickException(f"no user {email}; create it with 'flask users create'")
+    _key, raw = ApiKey.issue(user)
+    db.session.commit()
+    click.echo(f"New API key for {user.email}; it is shown only once:")
+    click.echo(raw)
+
+
+@keys_cli.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key whose prefix is PREFIX (as shown on API Management)."""
+    key = db.session.scalar(select(ApiKey).where(ApiKey.prefix == prefix.strip()))
+    if key is None or key.revoked_at is not None:
+        raise click.ClickException(f"no live key with prefix {prefix}")
+    key.revoke()
+    db.session.commit()
+    click.echo(f"Key {key.prefix} of {key.user.email} revoked.")
+
+
 def init_app(app: Flask) -> None:
     """Register every command group on ``app``."""
     app.cli.add_command(init_db_command)
     app.cli.add_command(domains_cli)
+    app.cli.add_command(users_cli)
+    app.cli.add_command(keys_cli)
     for name in ("mailhandler", "ops"):
         try:
             module = __import__(name)

@@ -1,0 +1,301 @@
+"""API 2: the Bearer-key User API (seed 000), mounted at ``/api``.
+
+Every request names a personal API key (``Authorization: Bearer tm_...``). The
+key's user owns the mailboxes it creates; a mailbox, message or attachment of
+anyone else answers 404 exactly like a missing one. Each response to a request
+with a valid key carries the month's quota in ``X-RateLimit-*`` headers, and
+only 2xx responses are counted, once each, in the database after the view has
+run (``count_quota``). Errors are always ``{"status": false, "message": ...}``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+
+from flask import Blueprint, Flask, g, jsonify, request
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+
+import api_legacy
+import models
+from models import ApiKey, Domain, Mailbox, MailboxError, Message, QuotaUsage, User, db
+
+bp = Blueprint("api_v1", __name__)
+log = logging.getLogger("tempmail.api")
+
+DOMAIN_TYPES = ("free", "premium")
+USERNAME_ERRORS = {
+    "invalid": "Invalid username. Use 3-20 alphanumeric characters only.",
+    "reserved": "This username is reserved and cannot be used.",
+    # 422 rather than 409: the User API's documented error codes are
+    # 401/403/404/405/422/429, and clients branch on those.
+    "taken": "Username already taken. Please choose another one.",
+}
+HTTP_MESSAGES = {400: "Bad request.", 401: "Unauthenticated.", 403: "Forbidden.",
+                 404: "Not found.", 405: "Method not allowed.", 413: "Request too large.",
+                 415: "Unsupported media type.", 422: "Invalid input.",
+                 429: "Too many requests.", 500: "Internal server error."}
+
+
+class ApiError(Exception):
+    """An error answer of the User API: ``{"status": false, "message": ...}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def fail(status: int, message: str):
+    response = jsonify(status=False, message=message)
+    response.status_code = status
+    return response
+
+
+# --------------------------------------------------------------------------
+# authentication and quota (run for every request under /api/)
+
+def is_v1_request() -> bool:
+    """Requests this API answers: its own routes, and unmatched paths under /api/
+    (so an unknown route with a valid key still carries the quota headers)."""
+    if not request.path.startswith("/api/"):
+        return False
+    return request.blueprint == bp.name or request.url_rule is None
+
+
+def authenticate():
+    """Find the key's user, refuse a spent quota, and remember what the
+    response headers need. CORS preflights carry no key and are let through."""
+    if request.method == "OPTIONS" or not is_v1_request():
+        return None
+    auth = request.authorization
+    if auth is None or auth.type != "bearer" or not auth.token:
+        return unauthorized("Unauthenticated. Send your API key as 'Authorization: Bearer <key>'.")
+    key = ApiKey.lookup(auth.token)
+    if key is None:
+        return unauthorized("Invalid or revoked API key.")
+    limit = int(key.user.plan_config().get("monthly_quota") or 0)
+    period = QuotaUsage.current_period()
+    used = QuotaUsage.used_in(key.user_id, period)
+    g.v1_user = key.user
+    g.v1_quota = {"user_id": key.user_id, "period": period, "limit": limit, "used": used}
+    if used >= limit:
+        reset = QuotaUsage.next_reset()
+        response = fail(429, f"Monthly request quota exhausted. It resets at {reset.isoformat()}.")
+        response.headers["Retry-After"] = str(seconds_until(reset))
+        return response
+    return None
+
+
+def unauthorized(message: str):
+    response = fail(401, message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="TempMail User API"'
+    return response
+
+
+def seconds_until(moment: datetime) -> int:
+    now = models.now().replace(tzinfo=timezone.utc)
+    return max(1, math.ceil((moment - now).total_seconds()))
+
+
+def count_quota(response):
+    """Count a 2xx answer (once: the state is popped, because Flask runs this
+    again for the error answer if anything here raised) and add the headers."""
+    quota = g.pop("v1_quota", None)
+    if quota is None:
+        return response
+    used = quota["used"]
+    if 200 <= response.status_code < 300:
+        try:
+            used = QuotaUsage.count_success(quota["user_id"], quota["period"])
+        except SQLAlchemyError:
+            # The view's work is done and committed; failing the answer now
+            # would invite a retry that repeats it.
+            db.session.rollback()
+            log.exception("could not count a User API request of user %s", quota["user_id"])
+    response.headers["X-RateLimit-Limit"] = str(quota["limit"])
+    response.headers["X-RateLimit-Used"] = str(used)
+    response.headers["X-RateLimit-Remaining"] = str(max(0, quota["limit"] - used))
+    response.headers["X-RateLimit-Reset"] = QuotaUsage.next_reset().isoformat()
+    return response
+
+
+# --------------------------------------------------------------------------
+# errors: JSON in one shape, never an HTML page or a traceback
+
+@bp.errorhandler(ApiError)
+def api_error(exc: ApiError):
+    return fail(exc.status, exc.message)
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc: HTTPException):
+    response = fail(exc.code or 500, HTTP_MESSAGES.get(exc.code, exc.name + "."))
+    if exc.code == 405 and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+@bp.errorhandler(Exception)
+def unexpected_error(exc: Exception):
+    db.session.rollback()
+    log.exception("User API request failed: %s %s", request.method, request.path)
+    return fail(500, HTTP_MESSAGES[500])
+
+
+# --------------------------------------------------------------------------
+# helpers of the views
+
+def user() -> User:
+    return g.v1_user
+
+
+def plan_types() -> list[str]:
+    return user().allowed_domain_types()
+
+
+def owned_mailbox(address: str) -> Mailbox:
+    box = Mailbox.find_owned(address, user().id)
+    if box is None:
+        raise ApiError(404, "Email not found.")
+    return box
+
+
+def owned_message(public_id: str) -> Message:
+    msg = Message.find_owned(public_id, user().id)
+    if msg is None:
+        raise ApiError(404, "Message not found.")
+    return msg
+
+
+def plan_domain(name: str | None) -> Domain:
+    """The domain ``name`` if it exists and the plan allows its type; without a
+    name, the first configured domain the plan allows."""
+    if not name:
+        names = Domain.active_names(plan_types())
+        if not names:
+            raise ApiError(403, "No domain is available for your plan.")
+        name = names[0]
+    domain = Domain.by_name(name)
+    if domain is None:
+        raise ApiError(422, "Invalid domain. Use one of the domains listed by /api/domains.")
+    if domain.type not in plan_types():
+        raise ApiError(403, f"Your plan does not allow {domain.type} domains.")
+    return domain
+
+
+def input_value(name: str) -> str | None:
+    """A parameter from the query string, a JSON body or a form body."""
+    body = request.get_json(silent=True) if request.is_json else None
+    value = request.args.get(name)
+    if value is None and isinstance(body, dict):
+        value = body.get(name)
+    if value is None:
+        value = request.form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(422, f"Invalid {name}.")
+    return value.strip() if value else None
+
+
+def base_url() -> str:
+    return request.url_root.rstrip("/")
+
+
+def ok(**body):
+    return jsonify(status=True, **body)
+
+
+# --------------------------------------------------------------------------
+# routes
+
+@bp.get("/domains")
+def domains():
+    requested = (request.args.get("type") or "all").strip().lower()
+    allowed = plan_types()
+    if requested not in DOMAIN_TYPES + ("all",):
+        raise ApiError(422, "Invalid type. Use free, premium or all.")
+    if requested != "all" and requested not in allowed:
+        raise ApiError(403, f"Your plan does not allow {requested} domains.")
+    types = allowed if requested == "all" else [requested]
+    rows = db.session.scalars(select(Domain).where(
+        Domain.active.is_(True), Domain.type.in_(types)).order_by(Domain.id))
+    return ok(data={"requested_type": requested, "allowed_types": allowed,
+                    "domains": [d.to_v1() for d in rows]})
+
+
+@bp.post("/emails")
+def create_email():
+    domain = plan_domain(input_value("domain"))
+    lifetime = int(user().plan_config().get("mailbox_lifetime_seconds") or 600)
+    try:
+        box = Mailbox.create(None, domain, lifetime, user_id=user().id)
+    except MailboxError:
+        raise ApiError(503, "Could not find a free address; try again.")
+    return ok(data=box.to_v1())
+
+
+@bp.post("/emails/<current>/<username>/<domain>")
+def switch_email(current: str, username: str, domain: str):
+    box = owned_mailbox(current)
+    target = plan_domain(domain)
+    try:
+        box.rename(username, target)
+    except MailboxError as exc:
+        raise ApiError(422, USERNAME_ERRORS[exc.code])
+    return ok(data=box.to_v1())
+
+
+@bp.delete("/emails/<email>")
+def delete_email(email: str):
+    owned_mailbox(email).delete()
+    db.session.commit()
+    return ok(message="Email has been successfully deleted.")
+
+
+@bp.get("/messages")
+def list_messages():
+    address = request.args.get("email", "").strip()
+    if not address:
+        raise ApiError(422, "The email parameter is required.")
+    box = owned_mailbox(address)
+    messages = db.session.scalars(box.messages_query(newest_first=True))
+    return ok(mailbox=box.address, messages=[m.to_v1(base_url()) for m in messages])
+
+
+@bp.get("/messages/<public_id>")
+def read_message(public_id: str):
+    msg = owned_message(public_id)
+    msg.mark_read()
+    return ok(data=msg.to_v1(base_url()))
+
+
+@bp.delete("/messages/<public_id>")
+def delete_message(public_id: str):
+    msg = owned_message(public_id)
+    models.delete_messages(select(Message.id).where(Message.id == msg.id))
+    db.session.commit()
+    return ok(message="Message was deleted successfully.")
+
+
+@bp.get("/messages/<public_id>/attachments/<path:name>")
+def attachment(public_id: str, name: str):
+    att = owned_message(public_id).attachment_named(name)
+    if att is None or not stored_file_exists(att.stored_path):
+        raise ApiError(404, "Attachment not found.")
+    return api_legacy.send_stored(att)
+
+
+def stored_file_exists(rel: str) -> bool:
+    try:
+        return models.file_path(rel).is_file()
+    except ValueError:
+        return False
+
+
+def init_app(app: Flask) -> None:
+    """Mount the User API at /api; authentication and counting hook in app-wide
+    so unmatched /api/ paths answer 401 or carry quota headers as well."""
+    app.register_blueprint(bp, url_prefix="/api")
+    app.before_request(authenticate)
+    app.after_request(count_quota)
