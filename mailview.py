@@ -1,0 +1,127 @@
+"""Making received HTML mail safe to show, and plain-text mail pleasant to read.
+
+HTML mail is written by strangers and is treated as hostile: ``sanitize_html``
+runs it through nh3 with a tag and attribute allow-list, rewrites ``cid:``
+references to the message's own attachment URLs, drops remote images unless the
+reader asked for them, and keeps only inline CSS that cannot load anything.
+The result is shown inside a sandboxed iframe whose route sends its own strict
+Content-Security-Policy (see web.py), so a sanitiser miss still cannot run
+script or reach the network.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import nh3
+from markupsafe import Markup, escape
+
+# Formatting, lists and tables; no forms, media, frames, SVG, <style>, <link>.
+MAIL_TAGS = (set(nh3.ALLOWED_TAGS) - {"area", "map"}) | {"font", "tfoot"}
+_CELL = {"align", "valign", "width", "height", "bgcolor", "colspan", "rowspan", "nowrap"}
+MAIL_ATTRIBUTES = {
+    "*": {"style", "title", "dir", "lang", "align"},
+    "a": {"href", "name"},
+    "img": {"src", "alt", "width", "height", "border", "vspace", "hspace"},
+    "table": {"width", "height", "border", "cellpadding", "cellspacing", "bgcolor", "role"},
+    "td": _CELL, "th": _CELL | {"scope"}, "tr": {"valign", "bgcolor", "height"},
+    "col": {"span", "width"}, "colgroup": {"span", "width"},
+    "font": {"color", "face", "size"}, "ol": {"start", "type"}, "ul": {"type"},
+    "div": {"width"}, "p": set(), "span": set(), "hr": {"width", "size", "noshade"},
+}
+# Whole elements (with their content) that must never reach the page as text.
+DROP_WITH_CONTENT = {"script", "style", "title", "head", "noscript", "template",
+                     "textarea", "select", "button", "object", "iframe", "svg", "math"}
+URL_SCHEMES = {"http", "https", "mailto", "cid", "data", "tel"}
+
+# CSS properties that cannot take a URL, an image or a script in any browser:
+# enough to keep a newsletter's colours and spacing, nothing that fetches.
+SAFE_CSS = {
+    "color", "background-color", "font", "font-family", "font-size", "font-style",
+    "font-weight", "font-variant", "line-height", "letter-spacing", "word-spacing",
+    "text-align", "text-decoration", "text-transform", "text-indent", "vertical-align",
+    "white-space", "word-break", "word-wrap", "overflow-wrap", "direction",
+    "margin", "margin-top", "margin-right", "margin-bottom", "margin-left",
+    "padding", "padding-top", "padding-right", "padding-bottom", "padding-left",
+    "border", "border-top", "border-right", "border-bottom", "border-left",
+    "border-color", "border-style", "border-width", "border-radius",
+    "border-collapse", "border-spacing", "width", "max-width", "min-width",
+    "height", "max-height", "min-height", "display", "table-layout", "float", "clear",
+}
+# Defence in depth: even an allowed property is dropped when its value could
+# smuggle a fetch (url(), image-set) or hide one behind a CSS escape.
+CSS_DANGER = re.compile(r"url\s*\(|image-set|expression|javascript:|@import|\\|/\*|<", re.I)
+DATA_IMAGE = re.compile(r"^data:image/(png|gif|jpe?g|webp);base64,[a-z0-9+/=\s]+$", re.I)
+REMOTE = re.compile(r"^(https?:)?//", re.I)
+
+
+@dataclass
+class SafeHtml:
+    """Sanitised HTML and what was held back from it."""
+    html: str
+    blocked_images: int = 0
+    cids: list = field(default_factory=list)
+
+
+def clean_style(value: str) -> Optional[str]:
+    """Keep only allow-listed, fetch-free declarations of a ``style`` attribute."""
+    kept = []
+    for decl in value.split(";"):
+        prop, sep, val = decl.partition(":")
+        prop = prop.strip().lower()
+        if sep and prop in SAFE_CSS and val.strip() and not CSS_DANGER.search(val):
+            kept.append(f"{prop}: {val.strip()}")
+    return "; ".join(kept) or None
+
+
+def sanitize_html(html: str, cid_url: Callable[[str], Optional[str]], allow_remote: bool) -> SafeHtml:
+    """Sanitise one HTML mail body.
+
+    ``cid_url(content_id)`` returns the URL of the message's attachment with that
+    Content-ID (or None); ``allow_remote`` lets http(s) images through, which the
+    reader turns on per message with "show remote images"."""
+    result = SafeHtml("")
+
+    def rewrite(element: str, attribute: str, value: str) -> Optional[str]:
+        if attribute == "style":
+            return clean_style(value)
+        if attribute not in ("src", "href"):
+            return value
+        if value[:4].lower() == "cid:":
+            result.cids.append(value[4:])
+            return cid_url(value[4:].strip("<>"))
+        if attribute == "href":
+            # Only absolute links: a relative one would point into this site.
+            return value if re.match(r"^(https?:|mailto:|tel:)", value, re.I) else None
+        if DATA_IMAGE.match(value):
+            return value
+        if REMOTE.match(value):
+            result.blocked_images += 0 if allow_remote else 1
+            return value if allow_remote else None
+        return None
+
+    result.html = nh3.clean(
+        html or "", tags=MAIL_TAGS, clean_content_tags=DROP_WITH_CONTENT,
+        attributes=MAIL_ATTRIBUTES, attribute_filter=rewrite, url_schemes=URL_SCHEMES,
+        link_rel="noopener noreferrer", set_tag_attribute_values={"a": {"target": "_blank"}},
+        strip_comments=True)
+    return result
+
+
+LINK = re.compile(r"\bhttps?://[^\s<>\"']+", re.I)
+
+
+def linkify_text(text: str) -> Markup:
+    """Escape plain text and turn its http(s) URLs into links that open in a new
+    tab without a referrer: the verification link is why people use temp mail."""
+    escaped = str(escape(text or ""))
+
+    def link(match: re.Match) -> str:
+        url = match.group(0)
+        trail = ""
+        while url and url[-1] in ".,;:!?)]":
+            url, trail = url[:-1], url[-1] + trail
+        return (f'<a href="{url}" target="_blank" rel="noopener noreferrer">{url}</a>{trail}')
+
+    return Markup(LINK.sub(link, escaped))

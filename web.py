@@ -1,0 +1,382 @@
+"""The temp-mail web page: a browser-owned address, its live inbox and a safe reader.
+
+Two ways into a mailbox share every view here:
+
+* the visitor's own mailbox, found through a random id kept in the signed
+  Flask session cookie and matched against ``Mailbox.session_id``
+  (URLs under ``/web/...`` and the page at ``/``);
+* a read-only view opened with a mailbox's ``email_token`` (``/m/<token>...``),
+  the link the User API hands out.
+
+A view only ever reaches messages of the mailbox its scope resolves to, so a
+foreign message id answers 404 exactly like a missing one. Pages work with
+plain links and forms; static/app.js adds live updates and the in-page reader.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redirect,
+                   render_template, request, send_file, session, url_for)
+from sqlalchemy import case, func, select
+
+import app as tempmail
+import mailview
+import models
+from api_legacy import ERRORS, send_stored
+from models import Domain, Mailbox, MailboxError, Message, db
+
+bp = Blueprint("web", __name__)
+
+SITE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "font-src 'self'; connect-src 'self'; frame-src 'self'; object-src 'none'; "
+        "base-uri 'self'; form-action 'self'; frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+# Same permissions the iframe element grants: links may open a new tab that
+# escapes the sandbox; script, forms and same-origin access stay off.
+FRAME_SANDBOX = "allow-popups allow-popups-to-escape-sandbox"
+
+
+# --------------------------------------------------------------------------
+# the visitor's mailbox and the token scope
+
+def lifetime() -> int:
+    return int(models.cfg("mailbox_lifetime_seconds", 86400))
+
+
+def free_domains() -> list[str]:
+    """Domains a visitor may pick: the Free ones, as api.php's /generate allows."""
+    return Domain.active_names(("free",))
+
+
+def session_key(create: bool = False) -> Optional[str]:
+    """The browser's random session id (made on demand); mailboxes carry it."""
+    sid = session.get("sid")
+    if sid is None and create:
+        sid = session["sid"] = secrets.token_urlsafe(24)
+        session.permanent = True
+    return sid
+
+
+def session_box() -> Optional[Mailbox]:
+    """The live mailbox this browser owns, newest first, or None."""
+    sid = session_key()
+    if sid is None:
+        return None
+    return db.session.scalar(select(Mailbox).where(
+        Mailbox.session_id == sid, Mailbox.expires_at > models.now())
+        .order_by(Mailbox.id.desc()).limit(1))
+
+
+def new_session_box() -> Optional[Mailbox]:
+    """Give this browser a fresh random address on the first Free domain."""
+    names = free_domains()
+    if not names:
+        return None
+    session.pop("released", None)
+    return Mailbox.create(None, Domain.by_name(names[0]), lifetime(), session_id=session_key(True))
+
+
+@dataclass
+class Scope:
+    """Which mailbox a request may see; ``token`` is None for the browser's own."""
+    box: Mailbox
+    token: Optional[str] = None
+
+    @property
+    def readonly(self) -> bool:
+        return self.token is not None
+
+    def url(self, endpoint: str, **values) -> str:
+        return url_for(f"web.{endpoint}", token=self.token, **values)
+
+    def for_frame(self) -> "Scope":
+        """The token scope of the same mailbox. The reader's iframe is sandboxed
+        into an opaque origin, so the browser does not send the SameSite session
+        cookie with its requests; its document and images use the token URLs."""
+        return self if self.token else Scope(self.box, tempmail.email_token(self.box))
+
+    def message(self, msg_id: int) -> Message:
+        """A message of this mailbox, else 404 (foreign and missing look the same)."""
+        msg = db.session.get(Message, msg_id)
+        if msg is None or msg.mailbox_id != self.box.id:
+            abort(404)
+        return msg
+
+
+def scope_for(token: Optional[str]) -> Scope:
+    """Resolve the request's mailbox: from the token when given, else the session."""
+    box = tempmail.mailbox_from_token(token) if token is not None else session_box()
+    if box is None:
+        abort(404)
+    return Scope(box, token)
+
+
+def both(rule: str, **options):
+    """Register a view at ``/web<rule>`` (session) and ``/m/<token><rule>`` (token)."""
+    def register(view):
+        bp.add_url_rule("/web" + rule, view_func=view, defaults={"token": None}, **options)
+        bp.add_url_rule("/m/<token>" + rule, view_func=view, **options)
+        return view
+    return register
+
+
+def wants_json() -> bool:
+    return request.accept_mimetypes.best == "application/json" or request.path.endswith(".json")
+
+
+@bp.errorhandler(404)
+def web_not_found(_exc):
+    """JSON for the page's own endpoints, a friendly page for people."""
+    if wants_json():
+        return jsonify(error="Not found"), 404
+    return page("inbox_gone.html"), 404
+
+
+def page(template: str, **context):
+    """Render a page with the site name; pages about a mailbox are never cached."""
+    resp = make_response(render_template(template, site_name=models.cfg("site_name", "TempMail"),
+                                         **context))
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+# --------------------------------------------------------------------------
+# inbox listing
+
+def seconds_left(box: Mailbox) -> int:
+    return max(0, int((box.expires_at - models.now()).total_seconds()))
+
+
+def inbox_etag(box: Mailbox) -> str:
+    """A validator that changes whenever the list would: one aggregate query,
+    so an unchanged inbox costs the server two indexed look-ups and a 304."""
+    count, top, unread = db.session.execute(
+        select(func.count(), func.max(Message.id),
+               func.coalesce(func.sum(case((Message.is_read.is_(False), 1), else_=0)), 0))
+        .where(Message.mailbox_id == box.id)).one()
+    state = f"{box.id}|{box.address}|{box.expires_at.isoformat()}|{count}|{top}|{unread}"
+    return hashlib.sha256(state.encode()).hexdigest()[:32]
+
+
+def summary(scope: Scope, msg: Message) -> dict:
+    """One row of the inbox list as the page's JSON shows it."""
+    return {"id": msg.id, "from_name": msg.from_name, "from_email": msg.from_email,
+            "subject": msg.subject, "received_at": models.fmt_iso(msg.received_at),
+            "received": models.fmt_local(msg.received_at), "is_read": bool(msg.is_read),
+            "attachments": len(msg.attachments), "url": scope.url("message_page", msg_id=msg.id)}
+
+
+def messages_of(box: Mailbox) -> list[Message]:
+    return list(db.session.scalars(box.messages_query(newest_first=True).limit(200)))
+
+
+@bp.get("/")
+def index():
+    """The temp-mail page: the visitor's address, created on the first visit."""
+    box = session_box()
+    if box is None and not session.get("released"):
+        box = new_session_box()
+        if box is None:
+            return page("inbox_gone.html", reason="no-domain"), 503
+    if box is None:
+        return page("inbox.html", scope=None, messages=[], domains=free_domains())
+    return render_inbox(Scope(box))
+
+
+@bp.get("/m/<token>")
+def token_inbox(token: str):
+    """The read-only inbox opened with a mailbox's ``email_token``."""
+    return render_inbox(scope_for(token))
+
+
+def render_inbox(scope: Scope):
+    return page("inbox.html", scope=scope, messages=messages_of(scope.box), domains=free_domains(),
+                seconds_left=seconds_left(scope.box), expires_iso=models.fmt_iso(scope.box.expires_at))
+
+
+@both("/inbox.json")
+def inbox_json(token: Optional[str]):
+    """The list for live updates, answered 304 while nothing changed."""
+    scope = scope_for(token)
+    tag = inbox_etag(scope.box)
+    if request.if_none_match.contains(tag):
+        resp = make_response("", 304)
+    else:
+        box = scope.box
+        resp = jsonify(address=box.address, expires_at=models.fmt_iso(box.expires_at),
+                       expires_in=seconds_left(box),
+                       messages=[summary(scope, m) for m in messages_of(box)])
+    resp.set_etag(tag)
+    resp.headers["Cache-Control"] = "no-cache, private"
+    return resp
+
+
+# --------------------------------------------------------------------------
+# reading
+
+def cid_resolver(scope: Scope, msg: Message):
+    """Map a Content-ID to the URL of the attachment that carries it."""
+    by_cid = {(a.content_id or "").strip("<>"): a for a in msg.attachments if a.content_id}
+
+    def resolve(cid: str) -> Optional[str]:
+        att = by_cid.get(cid)
+        return scope.url("attachment", msg_id=msg.id, att_id=att.id) if att else None
+    return resolve
+
+
+def safe_body(scope: Scope, msg: Message, remote: bool) -> mailview.SafeHtml:
+    return mailview.sanitize_html(msg.body_html, cid_resolver(scope.for_frame(), msg), remote)
+
+
+@both("/messages/<int:msg_id>")
+def message_page(token: Optional[str], msg_id: int):
+    """A message: full page without JavaScript, or the reader pane (``?partial=1``)."""
+    scope = scope_for(token)
+    msg = scope.message(msg_id)
+    msg.mark_read()
+    remote = request.args.get("remote") == "1"
+    view = "text" if request.args.get("view") == "text" or not msg.body_html else "html"
+    blocked = safe_body(scope, msg, remote).blocked_images if view == "html" else 0
+    template = "message_reader.html" if request.args.get("partial") == "1" else "message.html"
+    return page(template, scope=scope, msg=msg, remote=remote, view=view, blocked=blocked,
+                body_text=mailview.linkify_text(msg.body_text))
+
+
+@both("/messages/<int:msg_id>/body")
+def message_body(token: Optional[str], msg_id: int):
+    """The sanitised HTML shown inside the reader's sandboxed iframe, with a
+    policy of its own: no script at all, images only from this message's
+    attachments (and the wider web only once the reader asked for it)."""
+    scope = scope_for(token)
+    msg = scope.message(msg_id)
+    remote = request.args.get("remote") == "1"
+    resp = make_response(render_template("message_frame.html", body=safe_body(scope, msg, remote).html))
+    # CSP host-sources may carry a path: allow exactly this message's attachments.
+    att_url = scope.for_frame().url("attachment", msg_id=msg.id, att_id=0)
+    own = request.host_url.rstrip("/") + att_url.rsplit("/", 1)[0] + "/"
+    images = f"{own} data:" + (" https:" if remote else "")
+    resp.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; img-src {images}; style-src 'unsafe-inline'; base-uri 'none'; "
+        f"form-action 'none'; frame-ancestors 'self'; sandbox {FRAME_SANDBOX}")
+    resp.headers["X-Frame-Options"] = "SAMEORIGIN"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@both("/messages/<int:msg_id>/attachments/<int:att_id>")
+def attachment(token: Optional[str], msg_id: int, att_id: int):
+    """Download one attachment (also the target of rewritten ``cid:`` images)."""
+    msg = scope_for(token).message(msg_id)
+    att = next((a for a in msg.attachments if a.id == att_id), None)
+    if att is None:
+        abort(404)
+    return send_stored(att)
+
+
+@both("/messages/<int:msg_id>/raw")
+def message_raw(token: Optional[str], msg_id: int):
+    """The message exactly as it was received, as a ``.eml`` download."""
+    msg = scope_for(token).message(msg_id)
+    try:
+        path = models.file_path(msg.raw_path) if msg.raw_path else None
+    except ValueError:
+        path = None
+    if path is None or not path.exists():
+        abort(404)
+    resp = send_file(path, mimetype="message/rfc822", as_attachment=True,
+                     download_name=f"message-{msg.id}.eml", max_age=0)
+    resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return resp
+
+
+# --------------------------------------------------------------------------
+# changing things (session scope only; CSRF-protected by Flask-WTF)
+
+def done(message: str, category: str = "ok", status: int = 200):
+    """Answer a form: JSON for fetch() callers, else a flash and back to the page."""
+    if wants_json():
+        return jsonify(ok=category == "ok", message=message), status
+    flash(message, category)
+    return redirect(url_for("web.index"), 303)
+
+
+@bp.post("/web/messages/<int:msg_id>/delete")
+def delete_message(msg_id: int):
+    msg = scope_for(None).message(msg_id)
+    models.delete_messages(select(Message.id).where(Message.id == msg.id))
+    db.session.commit()
+    return done("Message deleted.")
+
+
+@bp.post("/web/address")
+def change_address():
+    """Move the visitor's address to another username and/or Free domain,
+    keeping its messages; the same rules and wording as api.php's /generate."""
+    scope = scope_for(None)
+    domain = Domain.by_name(request.form.get("domain", ""))
+    if domain is None or domain.type != "free":
+        return done("Invalid domain. Choose one of the listed domains.", "error", 400)
+    try:
+        scope.box.rename(request.form.get("username", ""), domain)
+    except MailboxError as exc:
+        return done(ERRORS.get(exc.code, ERRORS["invalid"]), "error", 409 if exc.code == "taken" else 400)
+    return done(f"Your address is now {scope.box.address}.")
+
+
+@bp.post("/web/address/new")
+def new_address():
+    """Drop the current address with its mail and hand out a new random one."""
+    old = session_box()
+    if old is not None:
+        old.delete()
+        db.session.commit()
+    box = new_session_box()
+    if box is None:
+        return done("No domain is configured.", "error", 503)
+    return done(f"Your new address is {box.address}.")
+
+
+@bp.post("/web/address/delete")
+def delete_address():
+    """Delete the address and its mail; no new one until the visitor asks."""
+    box = scope_for(None).box
+    address = box.address
+    box.delete()
+    db.session.commit()
+    session["released"] = True
+    return done(f"{address} and its messages are deleted.")
+
+
+# --------------------------------------------------------------------------
+
+def security_headers(resp):
+    """Strict defaults for every response; a route that set its own keeps it."""
+    for name, value in SITE_HEADERS.items():
+        resp.headers.setdefault(name, value)
+    return resp
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)
+    app.after_request(security_headers)
+    app.jinja_env.filters.setdefault("localtime", models.fmt_local)
+    app.jinja_env.filters.setdefault("duration", duration)
+
+
+def duration(seconds: int) -> str:
+    """Time left as people say it: "23 h 5 min", "4 min 10 s"."""
+    hours, rest = divmod(max(0, int(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
