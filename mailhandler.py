@@ -1,0 +1,517 @@
+"""How mail gets in: MIME parsing, the one ``deliver()``, and its receivers.
+
+Every ingest path (the Salmon SMTP and LMTP daemon, the pipe mode, the IMAP
+poller, ``flask import``) hands raw bytes and envelope recipients to
+``deliver()``, which stores the message once per live mailbox through
+``models.store_message`` and commits durably. Refusals are exceptions with an
+SMTP reply and a sysexits code, so each receiver maps them the same way.
+
+The daemon itself (subclasses of Salmon's receiver and channel that mend its
+known weaknesses) lives in ``smtpserver.py``; this module registers its CLI.
+"""
+from __future__ import annotations
+
+import email.header
+import email.utils
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import sys
+from datetime import timedelta
+from email import policy
+from email.message import Message as EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Iterable, Optional
+
+import click
+from bs4 import BeautifulSoup
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+from sqlalchemy import select
+
+import models
+from models import Domain, Mailbox, Stat, db
+
+log = logging.getLogger("tempmail.mail")
+
+MAX_DEPTH = 30  # MIME nesting we follow; deeper parts are kept only in the raw .eml
+MAX_NAME = 200
+# Labels senders use for charsets whose real-world content is a superset
+# (what browsers do too): decoding with the superset never loses characters.
+CHARSET_SUPERSETS = {
+    "iso-8859-1": "cp1252", "iso8859-1": "cp1252", "latin1": "cp1252", "latin-1": "cp1252",
+    "us-ascii": "cp1252", "ascii": "cp1252", "gb2312": "gb18030", "gbk": "gb18030",
+    "x-gbk": "gb18030", "shift_jis": "cp932", "shift-jis": "cp932", "sjis": "cp932",
+    "x-sjis": "cp932", "ks_c_5601-1987": "cp949", "euc-kr": "cp949", "iso-8859-8-i": "iso-8859-8",
+    "tis-620": "cp874", "iso-8859-11": "cp874",
+}
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class DeliveryError(Exception):
+    """A message was refused; ``smtp_reply`` and ``exit_code`` say how to tell the sender."""
+
+    smtp_code = "451 4.3.0"
+    exit_code = 75  # EX_TEMPFAIL
+
+    def __init__(self, detail: str = ""):
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def smtp_reply(self) -> str:
+        return f"{self.smtp_code} {self.detail or self.__doc__.strip().splitlines()[0]}"
+
+    @property
+    def permanent(self) -> bool:
+        return self.smtp_code.startswith("5")
+
+
+class UnknownRecipient(DeliveryError):
+    """User unknown"""
+    smtp_code, exit_code = "550 5.1.1", 67  # EX_NOUSER
+
+
+class RelayDenied(DeliveryError):
+    """Relay access denied"""
+    smtp_code, exit_code = "550 5.7.1", 67
+
+
+class TooLarge(DeliveryError):
+    """Message size exceeds fixed maximum message size"""
+    smtp_code, exit_code = "552 5.3.4", 65  # EX_DATAERR
+
+
+class StoreFailed(DeliveryError):
+    """Temporary failure storing the message, try again later"""
+    smtp_code, exit_code = "451 4.3.0", 75
+
+
+# --------------------------------------------------------------------------
+# text helpers
+
+def clean(value) -> str:
+    """A string safe for both databases: raw 8-bit header bytes (kept by the
+    parser as surrogate escapes) re-decoded, lone surrogates and NULs gone."""
+    text = "" if value is None else str(value)
+    if SURROGATES.search(text):
+        try:
+            text = decode_bytes(text.encode("utf-8", "surrogateescape"), None)
+        except UnicodeError:
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.replace("\x00", "")
+
+
+def decode_bytes(data: bytes, charset: Optional[str]) -> str:
+    """Decode text whatever its label says: the declared charset (or its
+    superset), else UTF-8, else Windows-1252; undecodable bytes become U+FFFD."""
+    name = (charset or "").strip().strip('"').lower()
+    name = CHARSET_SUPERSETS.get(name, name)
+    if name and name != "cp1252":
+        try:
+            return data.decode(name, "replace")
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            pass  # unknown or unusable label: guess below
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
+def html_to_text(html: str) -> str:
+    """Readable text of an HTML body, for messages without a text part."""
+    soup = BeautifulSoup(html, "html.parser")
+    for tag in soup(["script", "style", "head", "title"]):
+        tag.decompose()
+    text = soup.get_text("\n")
+    lines = [line.strip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def header(msg: EmailMessage, name: str) -> str:
+    """A decoded header value; never raises, however broken the header is."""
+    try:
+        value = msg.get(name)
+        return clean(value) if value is not None else ""
+    except Exception:  # the header parser has corner cases that raise
+        raw = next((v for k, v in msg.raw_items() if k.lower() == name.lower()), "")
+        try:
+            return clean(email.header.make_header(email.header.decode_header(raw)))
+        except Exception:
+            return clean(raw)
+
+
+def sender(msg: EmailMessage) -> tuple[str, str]:
+    """(display name, address) of the From header."""
+    try:
+        addresses = msg["from"].addresses if msg["from"] is not None else ()
+        if addresses:
+            return clean(addresses[0].display_name), clean(addresses[0].addr_spec)
+    except Exception:
+        pass  # fall back to the lenient compat32 address parser
+    name, addr = email.utils.parseaddr(header(msg, "from"))
+    return clean(name), clean(addr)
+
+
+def display_name(name: Optional[str], content_type: str, inline: bool) -> str:
+    """The name shown for an attachment: no folders, no control characters,
+    never empty. It is only ever a label; stored files get server names."""
+    name = clean(name or "")
+    if "=?" in name:
+        name = header_text(name)
+    name = re.split(r"[/\\]", name)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()[:MAX_NAME]
+    if name in ("", ".", ".."):
+        ext = mimetypes.guess_extension(content_type) or ".bin"
+        name = ("image" if inline and content_type.startswith("image/") else "attachment") + ext
+    return name
+
+
+def header_text(value: str) -> str:
+    """RFC 2047 decoding of a string that is not a header (e.g. a name parameter)."""
+    try:
+        return clean(email.header.make_header(email.header.decode_header(value)))
+    except Exception:
+        return value
+
+
+# --------------------------------------------------------------------------
+# parsing
+
+def parse_message(raw: bytes) -> dict:
+    """The Message column fields of ``raw`` plus ``attachments`` (dicts with
+    filename, data, content_type, content_id, inline). Never raises: a
+    message that cannot be parsed gives what could be read."""
+    fields = {"from_email": "", "from_name": "", "to": "", "cc": "", "subject": "", "date": None,
+              "message_id": None, "body_text": "", "body_html": "", "attachments": []}
+    try:
+        msg = BytesParser(policy=policy.default).parsebytes(raw)
+    except Exception:
+        log.warning("unparsable message of %d bytes kept raw", len(raw))
+        fields["body_text"] = decode_bytes(bytes(raw[:1 << 20]), None).replace("\x00", "")
+        return fields
+    fields["from_name"], fields["from_email"] = sender(msg)
+    for key in ("to", "cc", "subject"):
+        fields[key] = header(msg, key)
+    fields["date"] = header(msg, "date") or None
+    fields["message_id"] = header(msg, "message-id").strip() or None
+    texts: list[str] = []
+    htmls: list[str] = []
+    try:
+        collect_parts(msg, texts, htmls, fields["attachments"], 0)
+    except Exception:  # keep what was collected before the broken part
+        log.warning("malformed MIME structure in message %s", fields["message_id"])
+    fields["body_text"] = clean("\n".join(texts))
+    fields["body_html"] = clean("\n".join(htmls))
+    if not fields["body_text"] and fields["body_html"]:
+        fields["body_text"] = clean(html_to_text(fields["body_html"]))
+    return fields
+
+
+def collect_parts(part: EmailMessage, texts: list, htmls: list, attachments: list, depth: int) -> None:
+    """Walk the MIME tree: inline text and HTML into the body lists, every other
+    leaf (and every nested message/rfc822) into ``attachments``."""
+    if depth > MAX_DEPTH:
+        return
+    ctype = part.get_content_type()
+    payload = part.get_payload()
+    if ctype.startswith("multipart/") and isinstance(payload, list):
+        for sub in payload:
+            collect_parts(sub, texts, htmls, attachments, depth + 1)
+    elif isinstance(payload, list):  # message/rfc822 and friends: keep as a .eml
+        attachments.append(nested_message(part, payload))
+    else:
+        collect_leaf(part, ctype, texts, htmls, attachments)
+
+
+def nested_message(part: EmailMessage, payload: list) -> dict:
+    inner = payload[0] if payload else part
+    try:
+        data = inner.as_bytes(policy=policy.default.clone(max_line_length=0))
+    except Exception:
+        data = part.as_bytes()
+    subject = header(inner, "subject") if payload else ""
+    name = part.get_filename() or ((subject[:80] or "message") + ".eml")
+    return {"filename": display_name(name, "message/rfc822", False), "data": data,
+            "content_type": "message/rfc822", "content_id": None, "inline": False}
+
+
+def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attachments: list) -> None:
+    data = part.get_payload(decode=True) or b""
+    disposition = part.get_content_disposition()
+    filename = part.get_filename()
+    if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
+        try:
+            charset = part.get_content_charset()
+        except Exception:
+            charset = None
+        text = decode_bytes(data, charset).replace("\r\n", "\n")
+        (htmls if ctype == "text/html" else texts).append(text)
+        return
+    content_id = header(part, "content-id").strip().strip("<>").strip()[:255] or None
+    inline = disposition == "inline" or (content_id is not None and disposition != "attachment")
+    attachments.append({"filename": display_name(filename, ctype, inline), "data": data,
+                        "content_type": clean(ctype)[:255], "content_id": content_id,
+                        "inline": inline})
+
+
+# --------------------------------------------------------------------------
+# recipients
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local part, domain) of an envelope address, lower-cased, brackets gone."""
+    addr = (address or "").strip().strip("<>").strip().lower()
+    local, _, domain = addr.rpartition("@")
+    return local, domain
+
+
+def max_message_bytes() -> int:
+    return int(models.cfg("max_message_bytes", 26214400) or 26214400)
+
+
+def check_recipient(address: str) -> None:
+    """Refuse, at RCPT time, what ``deliver`` would refuse: RelayDenied for a
+    domain that is not ours, UnknownRecipient for a mailbox that is not live
+    (unless catch-all is on). Uses one short connection, so it sees mailboxes
+    created a moment ago by the web app."""
+    local, domain = split_address(address)
+    with db.engine.connect() as conn:
+        known = conn.scalar(select(Domain.id).where(Domain.name == domain, Domain.active.is_(True)))
+        if not local or known is None:
+            raise RelayDenied(f"<{address}>: Relay access denied")
+        if models.cfg("catch_all"):
+            return
+        expires = conn.scalar(select(Mailbox.expires_at).where(Mailbox.address == f"{local}@{domain}"))
+    if expires is None or expires <= models.now():
+        raise UnknownRecipient(f"<{address}>: Recipient address rejected: User unknown")
+
+
+CATCH_ALL_LOCAL = re.compile(r"^[a-z0-9._+=-]{1,64}$")
+
+
+def catch_all_mailbox(local: str, domain: Domain) -> Optional[Mailbox]:
+    """A new live mailbox for ``local@domain`` (catch-all mode), added to the
+    session and flushed, committed with the message."""
+    if not CATCH_ALL_LOCAL.match(local):
+        return None
+    address = f"{local}@{domain.name}"
+    old = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
+    if old is not None:
+        old.delete()  # expired: live ones were found by the caller
+    t = models.now()
+    box = Mailbox(address=address, username=local, domain=domain, created_at=t,
+                  expires_at=t + timedelta(seconds=int(models.cfg("mailbox_lifetime_seconds", 86400))),
+                  token=secrets.token_hex(8))
+    db.session.add(box)
+    db.session.flush()
+    Stat.bump(total_addresses=1)
+    return box
+
+
+def mailboxes_for(recipients: Iterable[str]) -> list[Mailbox]:
+    """The distinct live mailboxes of ``recipients`` (two queries whatever their
+    number); raises UnknownRecipient or RelayDenied when there is none."""
+    ours = set(Domain.active_names(("free", "premium")))
+    wanted: dict[str, str] = {}
+    relay_denied = ""
+    for rcpt in recipients:
+        local, domain = split_address(rcpt)
+        if local and domain in ours:
+            wanted.setdefault(f"{local}@{domain}", rcpt)
+        else:
+            relay_denied = relay_denied or rcpt
+    found = {box.address: box for box in db.session.scalars(
+        select(Mailbox).where(Mailbox.address.in_(list(wanted)))) if box.is_live} if wanted else {}
+    if models.cfg("catch_all"):
+        for address in wanted.keys() - found.keys():
+            local, domain = split_address(address)
+            box = catch_all_mailbox(local, Domain.by_name(domain))
+            if box is not None:
+                found[address] = box
+    if found:
+        return list(found.values())
+    if wanted or not relay_denied:
+        unknown = next(iter(wanted.values()), "")
+        raise UnknownRecipient(f"<{unknown}>: Recipient address rejected: User unknown")
+    raise RelayDenied(f"<{relay_denied}>: Relay access denied")
+
+
+# --------------------------------------------------------------------------
+# delivery
+
+def forced_failure() -> None:
+    """Test hook: ``app.config["FAIL_NEXT_STORE"] = n`` fails the next n stores
+    with StoreFailed, the way a full disk or a lost database would."""
+    pending = current_app.config.get("FAIL_NEXT_STORE") or 0
+    if pending > 0:
+        current_app.config["FAIL_NEXT_STORE"] = pending - 1
+        raise StoreFailed("Temporary failure storing the message (forced), try again later")
+
+
+def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = "",
+            commit: bool = True) -> list[models.Message]:
+    """Store ``raw`` once per live mailbox among ``recipients``; the one entry
+    point of every receiver. Raises UnknownRecipient, RelayDenied, TooLarge or
+    StoreFailed. With ``commit=False`` (the daemon's group commit) refusals are
+    still raised before anything is written, but storage errors propagate as
+    they are and the caller rolls back and commits with ``commit_durably``."""
+    try:
+        if len(raw) > max_message_bytes():
+            raise TooLarge(f"Message size exceeds fixed maximum message size ({max_message_bytes()})")
+        boxes = mailboxes_for(recipients)
+        forced_failure()
+    except DeliveryError as exc:
+        if commit:
+            db.session.rollback()  # a catch-all mailbox flushed for nothing
+        log_rejected(exc, mail_from, recipients, len(raw), peer)
+        raise
+    fields = parse_message(raw)
+    attachments = fields.pop("attachments")
+    db.session.info["defer_fsync"] = True
+    try:
+        msgs = [models.store_message(box, dict(fields, envelope_from=clean(mail_from)[:998],
+                                               envelope_to=box.address), raw, attachments)
+                for box in boxes]
+        db.session.flush()
+        lines = describe(msgs, peer)  # before the commit expires the rows
+        if commit:
+            commit_durably()
+    except Exception as exc:
+        if not commit:
+            raise
+        db.session.rollback()
+        log.exception("store failed for message from %s", mail_from)
+        failure = StoreFailed()
+        log_rejected(failure, mail_from, recipients, len(raw), peer)
+        raise failure from exc
+    if commit:
+        for line in lines:
+            log.info(line)
+    return msgs
+
+
+def commit_durably() -> None:
+    """fsync the files this transaction wrote (and their folders) in one go,
+    then commit: once this returns, the messages survive a crash."""
+    if current_app.config.get("FSYNC", True):
+        folders = set()
+        for rel in db.session.info.get("written_files", []):
+            path = models.uploads_dir() / rel
+            fsync_path(path)
+            folders.add(path.parent)
+        for folder in folders:
+            fsync_path(folder)
+    db.session.commit()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe(msgs: list, peer: str) -> list[str]:
+    """The log line of each stored copy, written once the commit succeeded."""
+    return [f"accepted id={m.id} from=<{m.envelope_from}> to=<{m.envelope_to}> size={m.size} "
+            f"attachments={len(m.attachments)} peer={peer}" for m in msgs]
+
+
+def log_rejected(exc: DeliveryError, mail_from: str, recipients, size: int, peer: str) -> None:
+    log.info("rejected %s from=<%s> to=%s size=%d peer=%s", exc.smtp_reply, mail_from,
+             ",".join(f"<{r}>" for r in recipients), size, peer)
+
+
+# --------------------------------------------------------------------------
+# pipe mode
+
+def recipients_from_headers(msg: EmailMessage) -> list[str]:
+    """Envelope recipients guessed from the headers: ``Delivered-To`` and
+    ``X-Original-To`` first (they name Bcc recipients too), then To and Cc;
+    only addresses on our domains count."""
+    ours = set(Domain.active_names(("free", "premium")))
+    for names in (("delivered-to", "x-original-to"), ("to", "cc")):
+        found = []
+        for name in names:
+            for value in msg.get_all(name) or []:
+                for _, addr in email.utils.getaddresses([clean(value)]):
+                    if split_address(addr)[1] in ours and addr.lower() not in found:
+                        found.append(addr.lower())
+        if found:
+            return found
+    return []
+
+
+def headers_only(raw: bytes) -> EmailMessage:
+    return BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+
+
+def pipe_recipients(raw: bytes, to: tuple[str, ...]) -> list[str]:
+    """``--to``, else ``ORIGINAL_RECIPIENT`` / ``RECIPIENT`` (Postfix, Exim), else the headers."""
+    if to:
+        return [a.strip() for item in to for a in item.split(",") if a.strip()]
+    for var in ("ORIGINAL_RECIPIENT", "RECIPIENT"):
+        if os.environ.get(var, "").strip():
+            return [a.strip() for a in os.environ[var].split(",") if a.strip()]
+    return recipients_from_headers(headers_only(raw))
+
+
+def pipe_main(stream, to: tuple[str, ...]) -> int:
+    """Deliver one message read from ``stream``; returns a sysexits code."""
+    limit = max_message_bytes()
+    raw = stream.read(limit + 1)
+    if not raw.strip():
+        click.echo("pipe: empty message", err=True)
+        return 65
+    if len(raw) > limit:
+        click.echo(f"pipe: {TooLarge().smtp_reply}", err=True)
+        return TooLarge.exit_code
+    recipients = pipe_recipients(raw, to)
+    if not recipients:
+        click.echo("pipe: no recipient on the command line, in the environment or the headers", err=True)
+        return 65
+    try:
+        msgs = deliver(raw, recipients, os.environ.get("SENDER", ""), "pipe")
+    except DeliveryError as exc:
+        click.echo(f"pipe: {exc.smtp_reply}", err=True)
+        return exc.exit_code
+    except Exception:  # the database is down, ...: the MTA keeps it and retries
+        log.exception("pipe delivery failed")
+        return StoreFailed.exit_code
+    click.echo(" ".join(str(m.id) for m in msgs))
+    return 0
+
+
+@click.command("pipe")
+@click.option("--to", "to", multiple=True, help="Envelope recipient (repeatable).")
+@with_appcontext
+def pipe_command(to: tuple[str, ...]) -> None:
+    """Store one message read on stdin (exit 0 stored, 67 unknown user, 65 bad input, 75 retry)."""
+    sys.exit(pipe_main(sys.stdin.buffer, to))
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+def register_cli(app: Flask) -> None:
+    """Called by ``cli.init_app``: the receiving commands."""
+    import imapingest
+    import smtpserver
+
+    app.cli.add_command(pipe_command)
+    app.cli.add_command(smtpserver.smtpd_command)
+    app.cli.add_command(imapingest.imap_poll_command)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from flask.cli import FlaskGroup
+
+    from app import create_app
+
+    FlaskGroup(create_app=lambda: create_app(), add_default_commands=False).main(
+        prog_name="mailhandler.py")

@@ -1,0 +1,588 @@
+"""The mail daemon behind ``flask smtpd``: Salmon's SMTP and LMTP receivers,
+subclassed to mend what stock Salmon 3.3 gets wrong (SPEC "Receiving mail"):
+
+* recipients are checked at RCPT time (550 5.7.1 / 550 5.1.1), several per
+  transaction, without the deprecated attribute stock ``smtp_RCPT`` reads;
+* 552 5.3.4 for ``SIZE=`` over the limit and for oversize DATA, after which
+  the session goes on; the limit is the configured ``max_message_bytes``;
+* 250 only once the message is durably stored, 451 when storing fails;
+* TCP_NODELAY, a listen backlog of 128, the EHLO reply in one send, no DNS
+  lookup per connection, a connection limit (421) and an idle timeout;
+* LMTP undoes dot-stuffing (stock compares an int with ``b'.'``);
+* DATA is gathered in one bytearray, not a list of lines joined and split
+  again, so a 25 MiB message costs about two copies of itself.
+
+One asyncore thread does all socket I/O; a writer thread runs ``deliver()``
+for a batch of messages at a time and commits them together (one fsync pass
+per batch), then hands the replies back through a wake-up pipe. Several
+processes can share the port with SO_REUSEPORT (``smtp.processes``).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import threading
+import time
+from typing import Optional
+
+import click
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+from salmon import server as salmon_server
+from salmon._vendor import asynchat, asyncore, smtpd
+
+import mailhandler
+import models
+from mailhandler import DeliveryError, TooLarge
+from models import db
+
+log = logging.getLogger("tempmail.smtpd")
+
+BACKLOG = 128
+MAX_RECIPIENTS = 100
+BATCH_MESSAGES = 64
+BATCH_BYTES = 4 << 20
+SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
+PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
+
+
+class Job:
+    """One received message waiting for the writer thread."""
+    __slots__ = ("raw", "recipients", "mail_from", "peer", "channel", "reply", "lines")
+
+    def __init__(self, raw: bytes, recipients: list, mail_from: str, peer: str, channel):
+        self.raw, self.recipients, self.mail_from = raw, recipients, mail_from
+        self.peer, self.channel = peer, channel
+        self.reply: Optional[str] = None
+        self.lines: list[str] = []
+
+
+class SMTPChannel(salmon_server.SMTPChannel):
+    """One SMTP connection. Salmon's channel with its weaknesses mended."""
+
+    greeting = "ESMTP TempMail"
+
+    def __init__(self, mail_server: "MailServer", conn: socket.socket, addr, sock_map: dict):
+        # Replaces the stock __init__, which does a DNS lookup (getfqdn) per connection.
+        asynchat.async_chat.__init__(self, conn, map=sock_map)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.mail_server = self.smtp_server = mail_server
+        self.conn, self.addr, self.peer = conn, addr, addr
+        self.data_size_limit = mail_server.data_size_limit
+        self.enable_SMTPUTF8, self._decode_data = False, False
+        self._emptystring, self._linesep, self._dotsep, self._newline = b"", b"\r\n", ord(b"."), b"\n"
+        # The stock limits dict is shared by every channel; one per connection here.
+        self.command_size_limits = collections.defaultdict(lambda: smtpd.SMTPChannel.command_size_limit)
+        self.buf = bytearray()
+        self.pending, self.held = False, b""
+        self.last_active = time.monotonic()
+        self._set_rset_state()
+        self.seen_greeting, self.extended_smtp = "", False
+        self.fqdn = mail_server.fqdn
+        self.push(f"220 {self.fqdn} {self.greeting}")
+
+    @property
+    def peer_text(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}" if isinstance(self.peer, tuple) else "unix"
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()
+        self.buf = bytearray()
+
+    # -- reading, with delivery pauses -----------------------------------
+    def readable(self) -> bool:
+        # While the writer stores a message, read nothing more: pipelined
+        # commands wait until the reply for the message has been sent.
+        return not self.pending
+
+    def recv(self, size: int) -> bytes:
+        if self.held:
+            data, self.held = self.held, b""
+            return data
+        return super().recv(size)
+
+    def handle_read(self) -> None:
+        self.last_active = time.monotonic()
+        super().handle_read()
+
+    def resume(self, reply: str) -> None:
+        """Send the final reply of a stored (or refused) message, then go on
+        with whatever the client pipelined behind it."""
+        self.pending = False
+        self.last_active = time.monotonic()
+        self.push(reply)
+        if self.held and self.connected:
+            self.handle_read()
+
+    def collect_incoming_data(self, data: bytes) -> None:
+        if self.smtp_state != self.DATA:
+            super().collect_incoming_data(data)
+            return
+        self.num_bytes += len(data)
+        if self.num_bytes <= self.data_size_limit + 2:
+            self.buf += data
+        elif self.buf:
+            self.buf = bytearray()  # over the limit: keep reading, stop keeping
+
+    def found_terminator(self) -> None:
+        if self.smtp_state == self.DATA:
+            self.end_of_data()
+            return
+        try:
+            super().found_terminator()
+        except Exception as exc:  # undecodable command line, broken address syntax...
+            self.received_lines = []
+            log.debug("bad command from %s: %r", self.peer_text, exc)
+            self.push("501 5.5.2 Syntax error")
+
+    def handle_error(self) -> None:
+        log.exception("connection from %s failed", self.peer_text)
+        self.close()
+
+    def close(self) -> None:
+        self.mail_server.channels.discard(self)
+        super().close()
+
+    # -- commands --------------------------------------------------------
+    def ehlo_lines(self) -> list[str]:
+        return [self.fqdn, f"SIZE {self.data_size_limit}", "8BITMIME", "PIPELINING", "HELP"]
+
+    def smtp_EHLO(self, arg: Optional[str]) -> None:
+        if not arg:
+            self.push("501 Syntax: EHLO hostname")
+            return
+        if self.seen_greeting:
+            self.push("503 Duplicate HELO/EHLO")
+            return
+        self._set_rset_state()
+        self.seen_greeting, self.extended_smtp = arg, True
+        self.command_size_limits["MAIL"] += 26
+        lines = self.ehlo_lines()
+        # One send for the whole reply: several small writes cost a delayed ACK each.
+        self.push("\r\n".join([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]))
+
+    def smtp_MAIL(self, arg: Optional[str]) -> None:
+        size = SIZE_PARAM.search(arg or "")
+        if size and self.seen_greeting and not self.mailfrom and int(size.group(1)) > self.data_size_limit:
+            exc = TooLarge(f"Message size exceeds fixed maximum message size ({self.data_size_limit})")
+            mailhandler.log_rejected(exc, arg or "", [], int(size.group(1)), self.peer_text)
+            self.push(exc.smtp_reply)
+            return
+        super().smtp_MAIL(arg)
+
+    def smtp_RCPT(self, arg: Optional[str]) -> None:
+        if not self.seen_greeting:
+            self.push("503 Error: send HELO first")
+            return
+        if not self.mailfrom:
+            self.push("503 Error: need MAIL command")
+            return
+        address, params = self._getaddr(self._strip_command_keyword("TO:", arg or ""))
+        if not address:
+            self.push("501 Syntax: RCPT TO: <address>")
+        elif params.strip():
+            self.push("555 RCPT TO parameters not recognized or not implemented")
+        elif len(self.rcpttos) >= MAX_RECIPIENTS:
+            self.push("452 4.5.3 Too many recipients")
+        else:
+            self.check_and_add(address)
+
+    def check_and_add(self, address: str) -> None:
+        try:
+            mailhandler.check_recipient(address)
+        except DeliveryError as exc:
+            mailhandler.log_rejected(exc, self.mail_from_text, [address], 0, self.peer_text)
+            self.push(exc.smtp_reply)
+            return
+        except Exception:
+            log.exception("recipient check failed for %s", address)
+            self.push("451 4.3.0 Temporary failure checking the recipient, try again later")
+            return
+        self.rcpttos.append(address)
+        self.push("250 2.1.5 OK")
+
+    @property
+    def mail_from_text(self) -> str:
+        return "" if self.mailfrom in (None, "<>") else str(self.mailfrom)
+
+    def smtp_DATA(self, arg: Optional[str]) -> None:
+        super().smtp_DATA(arg)
+        if self.smtp_state == self.DATA:
+            # The CRLF that ended the DATA line starts the data stream, so an
+            # empty message and a dot-stuffed first line need no special case.
+            self.ac_in_buffer = b"\r\n" + self.ac_in_buffer
+            self.num_bytes, self.buf = 0, bytearray()
+
+    def end_of_data(self) -> None:
+        """The final dot arrived: refuse an oversize message (and go on with
+        the session), else hand the unstuffed bytes to the writer thread."""
+        if self.num_bytes > self.data_size_limit + 2:
+            exc = TooLarge(f"Message size exceeds fixed maximum message size ({self.data_size_limit})")
+            mailhandler.log_rejected(exc, self.mail_from_text, self.rcpttos, self.num_bytes - 2,
+                                     self.peer_text)
+            self._set_post_data_state()
+            self.push(exc.smtp_reply)
+            return
+        buf, self.buf = self.buf, bytearray()
+        buf += b"\r\n"
+        if b"\r\n." in buf:
+            buf = buf.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2: drop the leading dot
+        del buf[:2]
+        job = Job(bytes(buf), list(self.rcpttos), self.mail_from_text, self.peer_text, self)
+        del buf
+        self._set_post_data_state()
+        self.pending = True
+        self.held, self.ac_in_buffer = self.ac_in_buffer, b""
+        self.mail_server.submit(job)
+
+
+class LMTPChannel(SMTPChannel):
+    """LMTP (RFC 2033) on the same code: LHLO instead of HELO/EHLO and one
+    reply per accepted recipient after DATA."""
+
+    greeting = "LMTP TempMail"
+
+    def smtp_LHLO(self, arg: Optional[str]) -> None:
+        SMTPChannel.smtp_EHLO(self, arg)
+
+    def smtp_EHLO(self, arg: Optional[str]) -> None:
+        self.push("500 5.5.1 Error: use LHLO")
+
+    smtp_HELO = smtp_EHLO
+
+    def end_of_data(self) -> None:
+        self.recipient_count = len(self.rcpttos)
+        super().end_of_data()
+
+    def push(self, msg: str) -> None:
+        # After DATA the one reply of the writer goes out once per recipient.
+        count = getattr(self, "recipient_count", 0)
+        if count and not msg.startswith("354"):
+            self.recipient_count = 0
+            msg = "\r\n".join([msg] * count)
+        super().push(msg)
+
+
+class SMTPReceiver(salmon_server.SMTPReceiver):
+    """Salmon's SMTP listener on a private socket map, with a real backlog,
+    optional SO_REUSEPORT and the configured size limit."""
+
+    def __init__(self, mail_server: "MailServer", host: str, port: int, reuse_port: bool):
+        self.mail_server, self.reuse_port = mail_server, reuse_port
+        self.host = host
+        smtpd.SMTPServer.__init__(self, (host, port), None, data_size_limit=mail_server.data_size_limit,
+                                  map=mail_server.map)
+        self.port = self.socket.getsockname()[1]
+
+    def set_reuse_addr(self) -> None:
+        super().set_reuse_addr()
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+    def listen(self, num: int) -> None:
+        asyncore.dispatcher.listen(self, max(num, BACKLOG))  # stock Salmon: listen(5)
+
+    def handle_accept(self) -> None:
+        for _ in range(32):  # drain a burst of connections per wake-up
+            pair = self.accept()
+            if pair is None:
+                return
+            self.mail_server.accepted(SMTPChannel, *pair)
+
+    def close(self) -> None:
+        asyncore.dispatcher.close(self)  # the stock close() only logs
+
+
+class LMTPReceiver(salmon_server.LMTPReceiver):
+    """Salmon's LMTP listener on a Unix socket, speaking through LMTPChannel."""
+
+    def __init__(self, mail_server: "MailServer", path: str):
+        self.mail_server, self.socket_path = mail_server, path
+        asyncore.dispatcher.__init__(self, map=mail_server.map)
+        if os.path.exists(path):
+            os.unlink(path)  # left over from a daemon that was killed
+        self.create_socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.bind(path)
+        self.listen(BACKLOG)
+
+    def handle_accept(self) -> None:
+        pair = self.accept()
+        if pair is not None:
+            self.mail_server.accepted(LMTPChannel, *pair)
+
+    def close(self) -> None:
+        asyncore.dispatcher.close(self)
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+
+
+class Wakeup(asyncore.file_dispatcher):
+    """The read end of the pipe the writer thread pokes when replies are ready."""
+
+    def __init__(self, fd: int, mail_server: "MailServer"):
+        super().__init__(fd, map=mail_server.map)
+        self.mail_server = mail_server
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        try:
+            os.read(self._fileno, 4096)
+        except BlockingIOError:
+            pass
+        self.mail_server.send_replies()
+
+
+class MailServer:
+    """SMTP (and optionally LMTP) receiver plus writer thread and purge timer,
+    startable in-process: ``MailServer(app, "127.0.0.1", 0).start()``; the
+    bound port is ``.port``."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0,
+                 lmtp_socket: Optional[str] = None, reuse_port: bool = False, purge: bool = True):
+        conf = app.config["TEMPMAIL"]
+        smtp_conf = conf.get("smtp") or {}
+        self.app, self.host = app, host
+        self.data_size_limit = int(conf.get("max_message_bytes") or 26214400)
+        self.max_connections = int(smtp_conf.get("max_connections", 500))
+        self.idle_timeout = float(smtp_conf.get("idle_timeout", 300))
+        self.purge_interval = float(smtp_conf.get("purge_interval", 60)) if purge else 0
+        self.fqdn = smtp_conf.get("hostname") or socket.gethostname()
+        self.map: dict = {}
+        self.channels: set = set()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.replies: collections.deque = collections.deque()
+        self.running = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.wakeup = Wakeup(self._wake_r, self)
+        self.smtp = SMTPReceiver(self, host, port, reuse_port)
+        self.port = self.smtp.port
+        self.lmtp = LMTPReceiver(self, lmtp_socket) if lmtp_socket else None
+        self.threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> "MailServer":
+        self.running = True
+        for target, name in ((self.io_loop, "smtpd-io"), (self.writer_loop, "smtpd-writer")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        log.info("SMTP receiver on %s:%d%s", self.host, self.port,
+                 f", LMTP on {self.lmtp.socket_path}" if self.lmtp else "")
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, finish the messages already received, close everything."""
+        self.running = False
+        self.poke()
+        self.jobs.put(None)
+        for thread in self.threads:
+            thread.join(timeout=30)
+        for fd in (self._wake_w,):
+            os.close(fd)
+
+    def poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full, so a wake-up is pending anyway
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT or SIGTERM (``flask smtpd``)."""
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        stop.wait()
+        self.stop()
+
+    # -- I/O thread ------------------------------------------------------
+    def io_loop(self) -> None:
+        with self.app.app_context():
+            next_tick = time.monotonic() + 1
+            next_purge = time.monotonic() + self.purge_interval
+            while self.running:
+                asyncore.loop(timeout=1.0, use_poll=True, map=self.map, count=1)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.close_idle(now)
+                    next_tick = now + 1
+                if self.purge_interval and now >= next_purge:
+                    self.jobs.put(PURGE)
+                    next_purge = now + self.purge_interval
+            self.send_replies()
+            asyncore.close_all(map=self.map)
+            db.session.remove()
+
+    def accepted(self, channel_class, conn: socket.socket, addr) -> None:
+        """A new connection: a channel for it, or 421 beyond the connection limit."""
+        if len(self.channels) >= self.max_connections:
+            log.info("rejected connection from %s: 421 too many connections", addr)
+            try:
+                conn.send(b"421 4.7.0 Too many connections, try again later\r\n")
+            except OSError:
+                pass
+            conn.close()
+            return
+        self.channels.add(channel_class(self, conn, addr, self.map))
+
+    def close_idle(self, now: float) -> None:
+        for channel in list(self.channels):
+            if not channel.pending and now - channel.last_active > self.idle_timeout:
+                log.info("closing idle connection from %s", channel.peer_text)
+                channel.push("421 4.4.2 Idle timeout, closing connection")
+                channel.close_when_done()
+                self.channels.discard(channel)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def send_replies(self) -> None:
+        while self.replies:
+            channel, reply = self.replies.popleft()
+            channel.resume(reply)
+
+    # -- writer thread -----------------------------------------------------
+    def writer_loop(self) -> None:
+        with self.app.app_context():
+            while True:
+                batch = self.next_batch()
+                if batch is None:
+                    break
+                if batch is PURGE:
+                    self.purge()
+                    continue
+                store_batch(batch)
+                for job in batch:
+                    self.replies.append((job.channel, job.reply))
+                self.poke()
+            db.session.remove()
+
+    def next_batch(self):
+        """The next purge request, or up to BATCH_MESSAGES queued messages
+        (BATCH_BYTES at most, unless one message alone is larger)."""
+        first = self.jobs.get()
+        if first is None or first is PURGE:
+            return first
+        batch, size = [first], len(first.raw)
+        while len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None or job is PURGE:
+                self.jobs.put(job)  # handled on the next round
+                break
+            batch.append(job)
+            size += len(job.raw)
+        return batch
+
+    def purge(self) -> None:
+        try:
+            totals = models.purge_expired()
+            if totals["mailboxes"]:
+                log.info("purged %(mailboxes)d mailboxes, %(messages)d messages", totals)
+        except Exception:
+            db.session.rollback()
+            log.exception("purge failed")
+
+
+def store_batch(jobs: list[Job]) -> None:
+    """Group commit: deliver every job in one transaction with one fsync pass;
+    if that transaction fails, store them one by one so one bad message
+    cannot cost the others. Sets each job's final SMTP reply."""
+    try:
+        for job in jobs:
+            try:
+                msgs = mailhandler.deliver(job.raw, job.recipients, job.mail_from, job.peer, commit=False)
+                job.lines = mailhandler.describe(msgs, job.peer)
+                job.reply = "250 2.0.0 Ok: stored as " + " ".join(str(m.id) for m in msgs)
+            except DeliveryError as exc:
+                job.reply = exc.smtp_reply
+        mailhandler.commit_durably()
+    except Exception:
+        db.session.rollback()
+        log.exception("group commit of %d messages failed; storing them one by one", len(jobs))
+        store_singly(jobs)
+        return
+    for job in jobs:
+        for line in job.lines:
+            mailhandler.log.info(line)
+        job.raw = b""
+
+
+def store_singly(jobs: list[Job]) -> None:
+    for job in jobs:
+        if job.reply is not None and not job.reply.startswith("250"):
+            continue  # refused before anything was written: the refusal stands
+        try:
+            msgs = mailhandler.deliver(job.raw, job.recipients, job.mail_from, job.peer)
+            job.reply = "250 2.0.0 Ok: stored as " + " ".join(str(m.id) for m in msgs)
+        except DeliveryError as exc:
+            job.reply = exc.smtp_reply
+        except Exception:
+            log.exception("storing a message failed")
+            job.reply = mailhandler.StoreFailed().smtp_reply
+        job.raw = b""
+
+
+# --------------------------------------------------------------------------
+# flask smtpd
+
+def run_children(app: Flask, host: str, port: int, count: int) -> list[int]:
+    """Fork ``count`` extra receiver processes sharing the port (SO_REUSEPORT).
+    Done before any thread starts; each child gets fresh database connections."""
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                db.engine.dispose(close=False)
+                MailServer(app, host, port, reuse_port=True, purge=False).serve_forever()
+            except BaseException:
+                log.exception("receiver process failed")
+                code = 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+@click.command("smtpd")
+@click.option("--host", help="Address to listen on (default: smtp.host of the config).")
+@click.option("--port", type=int, help="Port to listen on (default: smtp.port of the config).")
+@click.option("--processes", type=int, help="Receiver processes sharing the port (smtp.processes).")
+@with_appcontext
+def smtpd_command(host: Optional[str], port: Optional[int], processes: Optional[int]) -> None:
+    """Run the mail daemon: SMTP, LMTP when lmtp.socket is set, and the purge timer."""
+    app = current_app._get_current_object()
+    conf = app.config["TEMPMAIL"]
+    smtp_conf = conf.get("smtp") or {}
+    host = host or smtp_conf.get("host") or "127.0.0.1"
+    port = port if port is not None else int(smtp_conf.get("port") or 2525)
+    processes = max(1, processes or int(smtp_conf.get("processes") or 1))
+    lmtp_socket = (conf.get("lmtp") or {}).get("socket")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    db.engine.dispose()  # no connection inherited by the forked receivers
+    children = run_children(app, host, port, processes - 1) if processes > 1 else []
+    server = MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=processes > 1)
+    click.echo(f"TempMail mail daemon: SMTP on {host}:{server.port}"
+               + (f", LMTP on {lmtp_socket}" if lmtp_socket else "")
+               + (f", {processes} processes" if processes > 1 else ""))
+    try:
+        server.serve_forever()
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            os.waitpid(pid, 0)
