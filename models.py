@@ -544,9 +544,12 @@ class Stat(db.Model):
     @staticmethod
     def bump(total_addresses: int = 0, total_received: int = 0) -> None:
         """Add to the counters inside the caller's transaction (one atomic UPDATE)."""
+        # synchronize_session=False: the ORM's in-memory evaluation of this
+        # UPDATE cost more than storing a message; the commit expires the row anyway.
         db.session.execute(update(Stat).where(Stat.id == 1).values(
             total_addresses=Stat.total_addresses + total_addresses,
-            total_received=Stat.total_received + total_received, last_updated=now()))
+            total_received=Stat.total_received + total_received, last_updated=now())
+            .execution_options(synchronize_session=False))
 
     @staticmethod
     def snapshot() -> dict:
@@ -670,7 +673,9 @@ def write_file(data: bytes, suffix: str) -> str:
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
-        if current_app.config.get("FSYNC", True):
+        # mailhandler.deliver sets "defer_fsync" and syncs a whole batch of
+        # files (and their folders) once, just before its commit.
+        if current_app.config.get("FSYNC", True) and not db.session.info.get("defer_fsync"):
             os.fsync(fh.fileno())
     os.replace(tmp, uploads_dir() / rel)
     db.session.info.setdefault("written_files", []).append(rel)
