@@ -1,0 +1,235 @@
+"""The facts shown on ``/docs``: every route of both APIs with its parameters,
+JSON examples, error bodies and code samples in cURL, JavaScript, Python and PHP.
+
+Everything here is language-neutral; the words around it come from the
+catalogues in ``i18n/``. Samples and examples are built for the server that
+renders them (its own base URL and first Free domain), so a reader can paste
+them and they work.
+"""
+from __future__ import annotations
+
+import json
+
+KEY = "YOUR_USER_API_KEY"
+MSG_ID = "ap94AWDg123ELQz07vrVB9dLXlbqZM5NGwYxOJKko8n6m1"
+SAMPLE_LANGS = (("curl", "cURL"), ("js", "JavaScript"), ("python", "Python"), ("php", "PHP"))
+
+
+def pretty(value) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------
+# code samples
+
+def sample_curl(method: str, url: str, auth: bool, save_as: str | None = None) -> str:
+    lines = [f"curl --request {method} \\", f"  --url '{url}' \\", "  --header 'Accept: application/json'"]
+    if auth:
+        lines[-1] += " \\"
+        lines.append(f"  --header 'Authorization: Bearer {KEY}'")
+    if save_as:
+        lines[-1] += " \\"
+        lines.append(f"  --output {save_as}")
+    return "\n".join(lines)
+
+
+def sample_js(method: str, url: str, auth: bool, save_as: str | None = None) -> str:
+    headers = ([f"    'Authorization': 'Bearer {KEY}',"] if auth else []) + ["    'Accept': 'application/json',"]
+    head = [f"const response = await fetch('{url}', {{", f"  method: '{method}',", "  headers: {",
+            *headers, "  },", "});", "if (!response.ok) {",
+            "  throw new Error(`Request failed with status ${response.status}`);", "}"]
+    if save_as:
+        tail = ["const blob = await response.blob();", "const link = document.createElement('a');",
+                "link.href = URL.createObjectURL(blob);", f"link.download = '{save_as}';",
+                "link.click();", "URL.revokeObjectURL(link.href);"]
+    else:
+        tail = ["const data = await response.json();", "console.log(data);"]
+    return "\n".join(head + tail)
+
+
+def sample_python(method: str, url: str, auth: bool, save_as: str | None = None) -> str:
+    headers = ([f"    'Authorization': 'Bearer {KEY}',"] if auth else []) + ["    'Accept': 'application/json',"]
+    call = f"response = requests.{method.lower()}('{url}', headers=headers, timeout=30"
+    lines = ["import requests", "", "headers = {", *headers, "}", ""]
+    if save_as:
+        lines += [call + ", stream=True)", "response.raise_for_status()",
+                  f"with open('{save_as}', 'wb') as handle:",
+                  "    for chunk in response.iter_content(chunk_size=8192):", "        handle.write(chunk)"]
+    else:
+        lines += [call + ")", "response.raise_for_status()", "print(response.json())"]
+    return "\n".join(lines)
+
+
+def sample_php(method: str, url: str, auth: bool, save_as: str | None = None) -> str:
+    headers = ([f"        'Authorization: Bearer {KEY}',"] if auth else []) + ["        'Accept: application/json',"]
+    lines = ["<?php"]
+    if save_as:
+        lines.append(f"$file = fopen('{save_as}', 'w');")
+    lines += [f"$ch = curl_init('{url}');", "curl_setopt_array($ch, [",
+              f"    CURLOPT_CUSTOMREQUEST => '{method}',",
+              "    CURLOPT_FILE => $file," if save_as else "    CURLOPT_RETURNTRANSFER => true,",
+              "    CURLOPT_HTTPHEADER => [", *headers, "    ],", "]);",
+              "$response = curl_exec($ch);", "if ($response === false) {",
+              "    throw new RuntimeException(curl_error($ch));", "}",
+              "$status = curl_getinfo($ch, CURLINFO_HTTP_CODE);", "curl_close($ch);"]
+    lines.append("fclose($file);" if save_as else "var_dump($status, json_decode($response, true));")
+    return "\n".join(lines)
+
+
+def samples(method: str, url: str, auth: bool, save_as: str | None = None) -> list[tuple]:
+    """(id, label, code) for each sample language, in tab order."""
+    makers = {"curl": sample_curl, "js": sample_js, "python": sample_python, "php": sample_php}
+    return [(sid, label, makers[sid](method, url, auth, save_as)) for sid, label in SAMPLE_LANGS]
+
+
+# --------------------------------------------------------------------------
+# routes
+
+def param(name: str, where: str, type_: str, required: bool, desc: str) -> dict:
+    return {"name": name, "in": where, "type": type_, "required": required, "desc": desc}
+
+
+def route(rid, method, path, url, desc, auth, params=(), ok=None, errors=(), note=None, save_as=None,
+          statuses=()) -> dict:
+    """One documented route: ``url`` is the full sample URL, ``ok`` the success body
+    (None for a file download), ``errors`` (status, label key, body) examples,
+    ``statuses`` the User API error codes that apply (explained in the codes table)."""
+    return {"id": rid, "method": method, "path": path, "desc": desc, "params": list(params), "note": note,
+            "samples": samples(method, url, auth, save_as), "ok": pretty(ok) if ok is not None else None,
+            "errors": [(status, label, pretty(body)) for status, label, body in errors],
+            "statuses": sorted(statuses)}
+
+
+def legacy_routes(base: str, domain: str) -> list[dict]:
+    """API 1 (``api.php``), in the order of the original documentation."""
+    api = base + "/api.php"
+    box = f"johnsmith@{domain}"
+    not_found = {"error": "Email not found"}
+    return [
+        route("legacy-generate", "GET", "/generate", f"{api}/generate?username=johnsmith", "d_generate", False,
+              [param("username", "query", "string", False, "p_username"),
+               param("domain", "query", "string", False, "p_domain_legacy")],
+              {"success": True, "email": box, "username": "johnsmith", "domain": domain,
+               "expires_at": "2026-01-25 14:30:00"},
+              [(400, "e_invalid_username", {"success": False,
+                                            "error": "Invalid username. Use 3-20 alphanumeric characters only."}),
+               (400, "e_reserved", {"success": False, "error": "This username is reserved and cannot be used."}),
+               (409, "e_taken", {"success": False, "error": "Username already taken. Please choose another one."}),
+               (400, "e_invalid_domain", {"success": False,
+                                          "error": "Invalid domain. Use one of the domains listed by /domains."}),
+               (500, "e_config", {"error": "Config not found"})],
+              note="n_reserved"),
+        route("legacy-inbox", "GET", "/inbox/{email}", f"{api}/inbox/{box}", "d_inbox", False,
+              [param("email", "path", "string", True, "p_email_path"),
+               param("limit", "query", "integer", False, "p_limit"),
+               param("offset", "query", "integer", False, "p_offset")],
+              {"success": True, "email": box, "created_at": "2026-01-24 14:30:00",
+               "expires_at": "2026-01-25 14:30:00", "total": 2, "emails": [
+                   {"id": 1, "from_email": "sender@example.org", "from_name": "John Doe", "subject": "Welcome!",
+                    "is_read": 0, "received_at": "2026-01-24 14:35:00"},
+                   {"id": 2, "from_email": "noreply@service.example", "from_name": "Service",
+                    "subject": "Verify your email", "is_read": 1, "received_at": "2026-01-24 14:40:00"}]},
+              [(404, "e_not_found", {"error": "Email not found", "searched_for": f"test@{domain}",
+                                     "hint": "Generate this email first via /generate endpoint"}),
+               (400, "e_invalid_number", {"success": False,
+                                          "error": "Invalid limit. Use a whole number from 0 to 1000."})]),
+        route("legacy-email", "GET", "/email/{id}", f"{api}/email/1", "d_email", False,
+              [param("id", "path", "integer", True, "p_id")],
+              {"success": True, "email": {
+                  "id": 1, "email_address_id": 1, "from_email": "sender@example.org", "from_name": "John Doe",
+                  "subject": "Welcome!", "body_text": "Hello, welcome to our service!",
+                  "body_html": "<h1>Welcome!</h1><p>Hello, welcome to our service!</p>", "is_read": 1,
+                  "received_at": "2026-01-24 14:35:00"},
+               "attachments": [{"id": 1, "filename": "document.pdf", "size": 102400,
+                                "content_type": "application/pdf",
+                                "file_path": "/uploads/attachments/1/document.pdf"}]},
+              [(404, "e_message_missing", not_found)], note="n_marks_read"),
+        route("legacy-delete", "DELETE", "/email/{id}", f"{api}/email/1", "d_email_delete", False,
+              [param("id", "path", "integer", True, "p_id")], {"success": True, "deleted_id": "1"},
+              [(404, "e_message_missing", not_found)]),
+        route("legacy-attachment", "GET", "/uploads/attachments/{id}/{filename}",
+              f"{base}/uploads/attachments/1/document.pdf", "d_legacy_attachment", False,
+              [param("id", "path", "integer", True, "p_attachment_id"),
+               param("filename", "path", "string", True, "p_filename")], None,
+              [(404, "e_attachment_missing", {"error": "Attachment not found"})], save_as="document.pdf"),
+        route("legacy-stats", "GET", "/stats", f"{api}/stats", "d_stats", False, [],
+              {"success": True, "stats": {"id": 1, "total_emails": 1250, "total_addresses": 450,
+                                          "total_received": 3200, "last_updated": "2026-01-24 14:30:00"}}),
+        route("legacy-domains", "GET", "/domains", f"{api}/domains", "d_domains", False, [],
+              {"success": True, "domains": [domain]}, [(500, "e_config", {"error": "Config not found"})]),
+    ]
+
+
+def message_example(base: str, domain: str, seen: bool) -> dict:
+    return {"is_seen": seen, "subject": "Welcome to Temp Mail", "from": "Example Sender",
+            "from_email": "hello@example.org", "to": f"randombox@{domain}", "receivedAt": "2026-06-07 19:37:26",
+            "id": MSG_ID, "html": True, "content": "<p>Hello from the inbox.</p>",
+            "attachments": [{"name": "file.txt", "extension": "txt", "size": 91,
+                             "url": f"{base}/api/messages/{MSG_ID}/attachments/file.txt"}]}
+
+
+def mailbox_example(box_id: int, address: str, domain: str) -> dict:
+    return {"id": box_id, "email": address, "domain": domain, "expire_at": "2026-06-07T19:47:26+00:00",
+            "expires_in_seconds": 600, "created_at": "2026-06-07T19:37:26+00:00",
+            "email_token": "encrypted-email-token"}
+
+
+def user_routes(base: str, domain: str) -> list[dict]:
+    """API 2 (the User API), in the order of the seeds."""
+    api = base + "/api"
+    box = f"demo123@{domain}"
+    common = (401, 429)
+    return [
+        route("user-domains", "GET", "/domains", f"{api}/domains?type=free", "d_user_domains", True,
+              [param("type", "query", "free | premium | all", False, "p_type")],
+              {"status": True, "data": {"requested_type": "free", "allowed_types": ["free"],
+                                        "domains": [{"domain": domain, "type": "Free", "custom": False}]}},
+              statuses=(*common, 403, 422)),
+        route("user-create", "POST", "/emails", f"{api}/emails", "d_user_create", True, [],
+              {"status": True, "data": mailbox_example(2301, f"randombox@{domain}", domain)},
+              note="n_email_token", statuses=(*common, 403)),
+        route("user-switch", "POST", "/emails/{current}/{username}/{domain}",
+              f"{api}/emails/current@{domain}/demo123/{domain}", "d_user_switch", True,
+              [param("current", "path", "string", True, "p_current"),
+               param("username", "path", "string", True, "p_new_username"),
+               param("domain", "path", "string", True, "p_new_domain")],
+              {"status": True, "data": mailbox_example(2302, box, domain)}, statuses=(*common, 403, 404, 422)),
+        route("user-delete", "DELETE", "/emails/{email}", f"{api}/emails/{box}", "d_user_delete", True,
+              [param("email", "path", "string", True, "p_owned_email")],
+              {"status": True, "message": "Email has been successfully deleted."}, statuses=(*common, 404)),
+        route("user-messages", "GET", "/messages", f"{api}/messages?email={box}", "d_user_messages", True,
+              [param("email", "query", "string", True, "p_owned_email")],
+              {"status": True, "mailbox": f"randombox@{domain}",
+               "messages": [message_example(base, domain, False)]}, statuses=(*common, 404, 422)),
+        route("user-message", "GET", "/messages/{id}", f"{api}/messages/{MSG_ID}", "d_user_message", True,
+              [param("id", "path", "string", True, "p_message_id")],
+              {"status": True, "data": message_example(base, domain, True)}, note="n_marks_read",
+              statuses=(*common, 404)),
+        route("user-message-delete", "DELETE", "/messages/{id}", f"{api}/messages/{MSG_ID}",
+              "d_user_message_delete", True, [param("id", "path", "string", True, "p_message_id")],
+              {"status": True, "message": "Message was deleted successfully."}, statuses=(*common, 404)),
+        route("user-attachment", "GET", "/messages/{id}/attachments/{name}",
+              f"{api}/messages/{MSG_ID}/attachments/file.txt", "d_user_attachment", True,
+              [param("id", "path", "string", True, "p_message_id"),
+               param("name", "path", "string", True, "p_attachment_name")], None,
+              save_as="file.txt", statuses=(*common, 404)),
+    ]
+
+
+# status, meaning key, example body: the User API's response codes
+USER_CODES = [
+    (200, "c200", None),
+    (401, "c401", {"status": False, "message": "Invalid or revoked API key."}),
+    (403, "c403", {"status": False, "message": "Your plan does not allow premium domains."}),
+    (404, "c404", {"status": False, "message": "Email not found."}),
+    (405, "c405", {"status": False, "message": "Method not allowed."}),
+    (422, "c422", {"status": False, "message": "Username already taken. Please choose another one."}),
+    (429, "c429", {"status": False, "message": "Monthly request quota exhausted. It resets at 2026-05-01T00:00:00+05:00."}),
+    (500, "c500", {"status": False, "message": "Internal server error."}),
+]
+
+
+def build(base: str, domain: str) -> dict:
+    """Everything language-neutral the docs template needs."""
+    return {"legacy": legacy_routes(base, domain), "user": user_routes(base, domain),
+            "codes": [(status, key, pretty(body) if body else None) for status, key, body in USER_CODES]}
