@@ -137,7 +137,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     db.init_app(app)
     register_parts(app)
     with app.app_context():
-        db.create_all()
+        import ops  # creates the tables, or stamps/checks the migration revision
+        ops.prepare_database()
         models.ensure_seed_rows()
     return app
 

@@ -14,10 +14,11 @@ domains_cli = AppGroup("domains", help="Add and list the mail domains.")
 
 @click.command("init-db")
 def init_db_command() -> None:
-    """Create the tables and the configured domains (the app also does this on start)."""
-    db.create_all()
+    """Create the tables (or apply pending migrations) and the configured domains."""
+    import ops
+    state = ops.prepare_database(upgrade=True)
     models.ensure_seed_rows()
-    click.echo("Database ready.")
+    click.echo(f"Database ready ({state}).")
 
 
 @domains_cli.command("add")

@@ -13,10 +13,11 @@ import os
 import re
 import secrets as _secrets
 import string
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 from zoneinfo import ZoneInfo
 
 from flask import current_app
@@ -590,16 +591,24 @@ def store_message(mailbox: Mailbox, fields: dict, raw: bytes,
     msg = Message(mailbox_id=mailbox.id, received_at=now(), size=len(raw), **fields)
     msg.raw_path = write_file(raw, ".eml")
     msg.raw_sha256 = hashlib.sha256(raw).hexdigest()
-    seen: set[str] = set()
-    for part in attachments:
-        name = unique_name(part.get("filename") or "attachment", seen)
-        msg.attachments.append(Attachment(
-            filename=name, stored_path=write_file(part["data"], ".bin"), size=len(part["data"]),
-            content_type=part.get("content_type") or "application/octet-stream",
-            content_id=part.get("content_id"), inline=bool(part.get("inline"))))
+    msg.attachments.extend(attachment_rows(attachments))
     db.session.add(msg)
     Stat.bump(total_received=1)
     return msg
+
+
+def attachment_rows(parts: Iterable[dict]) -> list[Attachment]:
+    """Write each part's ``data`` to a file and return its Attachment rows
+    (not added); display names are made unique within the message."""
+    seen: set[str] = set()
+    rows = []
+    for part in parts:
+        rows.append(Attachment(
+            filename=unique_name(part.get("filename") or "attachment", seen),
+            stored_path=write_file(part["data"], ".bin"), size=len(part["data"]),
+            content_type=part.get("content_type") or "application/octet-stream",
+            content_id=part.get("content_id"), inline=bool(part.get("inline"))))
+    return rows
 
 
 def unique_name(name: str, seen: set) -> str:
@@ -629,19 +638,227 @@ def delete_messages(id_query) -> int:
     return len(ids)
 
 
-def purge_expired(batch_size: int = 200) -> dict:
-    """Delete expired mailboxes with their messages and files, committing one
-    bounded batch at a time so writers are never blocked for long."""
+# --------------------------------------------------------------------------
+# retention: purge, per-mailbox cap, orphan repair, statistics
+
+Progress = Optional[Callable[[int], None]]
+
+
+def purge_expired(batch_size: int = 500, progress: Progress = None) -> dict:
+    """Delete expired mailboxes with their messages and files; returns
+    ``{"mailboxes": n, "messages": n}``.
+
+    Every transaction is bounded: first at most ``batch_size`` messages of
+    expired mailboxes, then at most ``batch_size`` (by then empty) mailboxes,
+    each committed on its own. So a mailbox holding 100,000 messages never
+    becomes one huge transaction, and mail arriving meanwhile waits for at
+    most one batch. The cutoff is taken once: what expires while the purge
+    runs is left for the next run. ``progress(n)`` gets the rows of each batch."""
+    cutoff = now()
     totals = {"mailboxes": 0, "messages": 0}
+    expired = select(Mailbox.id).where(Mailbox.expires_at <= cutoff)
     while True:
-        ids = list(db.session.scalars(select(Mailbox.id).where(Mailbox.expires_at <= now())
-                                      .order_by(Mailbox.expires_at).limit(batch_size)))
-        if not ids:
+        n = delete_messages(select(Message.id).where(Message.mailbox_id.in_(expired))
+                            .order_by(Message.id).limit(batch_size))
+        kind = "messages"
+        if n == 0:
+            n, kind = _delete_empty_mailboxes(cutoff, batch_size), "mailboxes"
+        if n == 0:
             return totals
-        totals["messages"] += delete_messages(select(Message.id).where(Message.mailbox_id.in_(ids)))
-        db.session.execute(delete(Mailbox).where(Mailbox.id.in_(ids), Mailbox.expires_at <= now()))
         db.session.commit()
-        totals["mailboxes"] += len(ids)
+        totals[kind] += n
+        if progress:
+            progress(n)
+
+
+def _delete_empty_mailboxes(cutoff: datetime, limit: int) -> int:
+    # NOT EXISTS is checked again by the DELETE itself: a message stored after
+    # the messages pass keeps its mailbox for the next round, so the foreign
+    # key's cascade can never drop a message row while leaving its files.
+    empty = (Mailbox.expires_at <= cutoff,
+             ~select(Message.id).where(Message.mailbox_id == Mailbox.id).exists())
+    ids = list(db.session.scalars(select(Mailbox.id).where(*empty).limit(limit)))
+    if not ids:
+        return 0
+    return db.session.execute(delete(Mailbox).where(Mailbox.id.in_(ids), *empty)).rowcount
+
+
+def count_expired() -> dict:
+    """How many mailboxes and messages ``purge_expired`` would remove now."""
+    expired = select(Mailbox.id).where(Mailbox.expires_at <= now())
+    boxes = db.session.scalar(select(func.count()).select_from(expired.subquery())) or 0
+    msgs = db.session.scalar(select(func.count(Message.id)).where(Message.mailbox_id.in_(expired))) or 0
+    return {"mailboxes": boxes, "messages": msgs}
+
+
+def max_messages_per_mailbox() -> int:
+    """The configured retention cap per mailbox; 0 means no cap."""
+    return max(0, int(cfg("max_messages_per_mailbox") or 0))
+
+
+def trim_mailbox(mailbox_id: int, keep: Optional[int] = None, batch_size: int = 500) -> int:
+    """Delete the oldest messages of one mailbox beyond the newest ``keep``
+    (default: ``max_messages_per_mailbox``; 0 = no cap), at most ``batch_size``
+    of them, in the caller's transaction (not committed). Returns how many.
+
+    Receivers call it after ``store_message`` and before their commit, so a
+    mailbox never holds more than the cap once a delivery is durable."""
+    keep = max_messages_per_mailbox() if keep is None else keep
+    if keep <= 0:
+        return 0
+    db.session.flush()  # count a message just added in this transaction
+    overflow = (select(Message.id).where(Message.mailbox_id == mailbox_id)
+                .order_by(Message.id.desc()).offset(keep).limit(batch_size))
+    return delete_messages(overflow)
+
+
+def trim_all_mailboxes(batch_size: int = 500, progress: Progress = None) -> int:
+    """Apply the retention cap to every mailbox, one bounded commit at a time
+    (the cap may have been lowered, or mail stored by an older release)."""
+    keep, removed = max_messages_per_mailbox(), 0
+    if keep <= 0:
+        return 0
+    while True:
+        over = list(db.session.scalars(select(Message.mailbox_id).group_by(Message.mailbox_id)
+                                       .having(func.count(Message.id) > keep).limit(batch_size)))
+        if not over:
+            return removed
+        for box_id in over:
+            n = trim_mailbox(box_id, keep, batch_size)
+            db.session.commit()
+            removed += n
+            if progress:
+                progress(n)
+
+
+def _stored_files(grace_seconds: float) -> Iterator[tuple[str, Path]]:
+    """(relative name, path) of every stored file older than ``grace_seconds``;
+    dot-files (``.htaccess``, ``.gitkeep``) are not TempMail's to manage."""
+    root = uploads_dir()
+    limit = time.time() - grace_seconds
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.stat().st_mtime < limit:
+                yield path.relative_to(root).as_posix(), path
+
+
+def remove_orphan_files(grace_seconds: float = 3600, batch_size: int = 500) -> list[str]:
+    """Unlink stored files that no message or attachment row references, and
+    empty day folders; returns the relative names removed.
+
+    Files younger than ``grace_seconds`` are never touched: a receiver writes
+    its files before its rows commit, so a fresh unreferenced file may be mail
+    being stored right now (also true of ``.tmp`` files being written)."""
+    removed: list[str] = []
+    chunk: dict[str, Path] = {}
+    for rel, path in _stored_files(grace_seconds):
+        chunk[rel] = path
+        if len(chunk) >= batch_size:
+            removed += _unlink_unreferenced(chunk)
+            chunk = {}
+    removed += _unlink_unreferenced(chunk)
+    _remove_empty_folders(grace_seconds)
+    return removed
+
+
+def _unlink_unreferenced(chunk: dict[str, Path]) -> list[str]:
+    if not chunk:
+        return []
+    names = list(chunk)
+    used = set(db.session.scalars(select(Message.raw_path).where(Message.raw_path.in_(names))))
+    used |= set(db.session.scalars(select(Attachment.stored_path).where(Attachment.stored_path.in_(names))))
+    gone = [rel for rel in names if rel not in used]
+    for rel in gone:
+        chunk[rel].unlink(missing_ok=True)
+    return gone
+
+
+def _remove_empty_folders(grace_seconds: float) -> None:
+    # Only folders left alone for the grace period: a receiver may have just
+    # created today's folder and be about to write into it.
+    limit = time.time() - grace_seconds
+    root = uploads_dir()
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        path = Path(folder)
+        if path != root and not files and not any(path.iterdir()) and path.stat().st_mtime < limit:
+            path.rmdir()
+
+
+def find_missing_files(batch_size: int = 500) -> dict:
+    """Rows whose stored file is gone: ``{"messages": [ids], "attachments": [ids]}``.
+    Only reported (such a message still shows its parsed text); never raises."""
+    return {"messages": _missing(Message.id, Message.raw_path, batch_size),
+            "attachments": _missing(Attachment.id, Attachment.stored_path, batch_size)}
+
+
+def _missing(id_col, path_col, batch_size: int) -> list[int]:
+    missing, last = [], 0
+    while True:
+        rows = db.session.execute(select(id_col, path_col).where(id_col > last, path_col.is_not(None))
+                                  .order_by(id_col).limit(batch_size)).all()
+        if not rows:
+            return missing
+        for row_id, rel in rows:
+            try:
+                exists = file_path(rel).is_file()
+            except (OSError, ValueError):  # a path outside uploads counts as gone
+                exists = False
+            if not exists:
+                missing.append(row_id)
+        last = rows[-1][0]
+
+
+def storage_stats() -> dict:
+    """Counts for ``flask stats``: rows per table, bytes stored, lifetime counters."""
+    def count(stmt) -> int:
+        return int(db.session.scalar(stmt) or 0)
+    t = now()
+    stat = db.session.get(Stat, 1)
+    return {
+        "domains": count(select(func.count(Domain.id))),
+        "mailboxes_live": count(select(func.count(Mailbox.id)).where(Mailbox.expires_at > t)),
+        "mailboxes_expired": count(select(func.count(Mailbox.id)).where(Mailbox.expires_at <= t)),
+        "messages": count(select(func.count(Message.id))),
+        "message_bytes": count(select(func.sum(Message.size))),
+        "attachments": count(select(func.count(Attachment.id))),
+        "attachment_bytes": count(select(func.sum(Attachment.size))),
+        "users": count(select(func.count(User.id))),
+        "api_keys_live": count(select(func.count(ApiKey.id)).where(ApiKey.revoked_at.is_(None))),
+        "total_received": stat.total_received if stat else 0,
+        "total_addresses": stat.total_addresses if stat else 0,
+    }
+
+
+REPARSED_FIELDS = ("from_email", "from_name", "to", "cc", "subject", "date", "message_id",
+                   "body_text", "body_html")
+
+
+def message_ids(batch_size: int = 500) -> Iterator[int]:
+    """Every message id in ascending order, read in keyset batches (bounded memory)."""
+    last = 0
+    while True:
+        ids = list(db.session.scalars(select(Message.id).where(Message.id > last)
+                                      .order_by(Message.id).limit(batch_size)))
+        if not ids:
+            return
+        yield from ids
+        last = ids[-1]
+
+
+def reparse_message(msg: Message, parsed: dict) -> None:
+    """Replace ``msg``'s header and body fields and its attachments with those
+    of ``parsed`` (``mailhandler.parse_message`` output), in the caller's
+    transaction. Envelope, read flag and ids stay; old attachment files are
+    unlinked once the transaction commits."""
+    for key in REPARSED_FIELDS:
+        if key in parsed:
+            setattr(msg, key, parsed[key])
+    old = [a.stored_path for a in msg.attachments]
+    msg.attachments.clear()  # delete-orphan: the old rows go at flush
+    msg.attachments.extend(attachment_rows(parsed.get("attachments") or ()))
+    db.session.info.setdefault("unlink_on_commit", []).extend(old)
 
 
 @event.listens_for(FlaskSession, "after_commit")

@@ -1,0 +1,390 @@
+"""Operations: health check, Prometheus metrics, schema migrations and the
+maintenance commands (``flask purge``, ``stats``, ``reparse``, ``import``).
+
+Metrics are per process by default. Set ``PROMETHEUS_MULTIPROC_DIR`` to an
+empty folder shared by the gunicorn workers and the mail daemon (see
+``deploy/gunicorn.conf.py``) and ``/metrics`` adds up every process instead.
+"""
+from __future__ import annotations
+
+import fcntl
+import hmac
+import json
+import logging
+import mailbox as mboxlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import click
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
+from flask_migrate import Migrate
+from flask_migrate import upgrade as migrate_upgrade
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
+                               generate_latest)
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+import models
+from models import Mailbox, Message, db
+
+ROOT = Path(__file__).resolve().parent
+MIGRATIONS_DIR = ROOT / "migrations"
+# The revision whose schema ``db.create_all()`` produced before migrations
+# existed: a database with tables but no alembic_version is stamped with it.
+BASELINE_REVISION = "0001"
+SCHEMA_LOCK_KEY = 0x7E3D_A11  # any constant; names TempMail's advisory lock in PostgreSQL
+
+log = logging.getLogger("tempmail.ops")
+bp = Blueprint("ops", __name__)
+migrate = Migrate()
+
+MESSAGES = Counter("tempmail_messages", "Messages offered to the receivers, by outcome and reason.",
+                   ["outcome", "reason"])
+REQUESTS = Counter("tempmail_http_requests", "HTTP requests by URL rule, method and status.",
+                   ["route", "method", "status"])
+PURGE_RUNS = Counter("tempmail_purge_runs", "Retention passes run (flask purge and the daemon timer).")
+PURGE_ROWS = Counter("tempmail_purge_rows", "Rows and files removed by retention passes, by kind.",
+                     ["kind"])
+
+
+# --------------------------------------------------------------------------
+# metrics
+
+def count_message(outcome: str, reason: str = "") -> None:
+    """Count one message offered to a receiver: ``outcome`` is ``accepted`` or
+    ``rejected``; ``reason`` a short fixed word (``relay_denied``,
+    ``user_unknown``, ``too_big``, ``error``...), never free text, so the
+    number of label values stays small."""
+    MESSAGES.labels(outcome=outcome, reason=reason or "").inc()
+
+
+def _record_request(response: Response) -> Response:
+    # The URL rule ("/api/messages/<id>"), not the path: one series per route,
+    # however many ids and addresses clients ask for.
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    REQUESTS.labels(route=rule, method=request.method, status=str(response.status_code)).inc()
+    return response
+
+
+class DatabaseCollector:
+    """Gauges read from the database at scrape time, so every process reports
+    the same figures however the work was spread."""
+
+    def collect(self):
+        stats = models.storage_stats()
+        for key, help_ in (("mailboxes_live", "Mailboxes not yet expired."),
+                           ("mailboxes_expired", "Expired mailboxes waiting for the purge."),
+                           ("messages", "Messages stored now."),
+                           ("message_bytes", "Bytes of raw messages stored now.")):
+            yield GaugeMetricFamily(f"tempmail_{key}", help_, value=stats[key])
+
+
+def metrics_text() -> bytes:
+    """The exposition: this process's (or every process's) counters, then the database gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    gauges = CollectorRegistry(auto_describe=False)
+    gauges.register(DatabaseCollector())
+    return generate_latest(registry) + generate_latest(gauges)
+
+
+def metrics_settings() -> dict:
+    """``metrics`` from the configuration: ``enabled`` (default true), ``token`` (default none)."""
+    conf = models.cfg("metrics") or {}
+    return {"enabled": bool(conf.get("enabled", True)), "token": conf.get("token") or None}
+
+
+@bp.get("/metrics")
+def metrics():
+    settings = metrics_settings()
+    if not settings["enabled"]:
+        abort(404)
+    if settings["token"]:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), settings["token"].encode()):
+            return Response("metrics token required\n", 401, {"WWW-Authenticate": "Bearer"},
+                            mimetype="text/plain")
+    return Response(metrics_text(), headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                             "Cache-Control": "no-store"})
+
+
+# --------------------------------------------------------------------------
+# health
+
+def check_database() -> str:
+    """``ok``, or the error's class name (details go to the log, not to the world)."""
+    try:
+        db.session.execute(text("SELECT 1"))
+        return "ok"
+    except SQLAlchemyError as exc:
+        db.session.rollback()
+        log.error("health check: database unreachable: %s", exc)
+        return f"error: {type(exc).__name__}"
+
+
+def check_uploads() -> str:
+    """``ok`` when a file can really be created in the uploads folder (a bare
+    permission check would pass for root and miss a stale network mount)."""
+    try:
+        with tempfile.TemporaryFile(dir=models.uploads_dir()):
+            return "ok"
+    except OSError as exc:
+        log.error("health check: uploads folder not writable: %s", exc)
+        return f"error: {type(exc).__name__}"
+
+
+@bp.get("/healthz")
+def healthz():
+    checks = {"database": check_database(), "uploads": check_uploads()}
+    healthy = all(v == "ok" for v in checks.values())
+    resp = jsonify(status="ok" if healthy else "fail", **checks)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp, 200 if healthy else 503
+
+
+# --------------------------------------------------------------------------
+# schema: create_all on first start and Alembic migrations agree
+
+@contextmanager
+def schema_lock(conn) -> Iterator[None]:
+    """Serialise schema set-up between processes starting together (gunicorn
+    workers, the mail daemon): an advisory lock in PostgreSQL, held until the
+    transaction ends; a lock file next to a SQLite database."""
+    name = conn.dialect.name
+    path = conn.engine.url.database if name == "sqlite" else None
+    if name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        yield
+    elif path and path != ":memory:":
+        with open(f"{path}.schema-lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+    else:
+        yield
+
+
+def prepare_database(upgrade: bool = False) -> str:
+    """Make the schema usable and tell how: ``created`` (empty database:
+    ``create_all`` and stamped with the newest revision), ``stamped`` (tables
+    from before migrations existed: stamped with the baseline), ``upgraded``,
+    ``current`` or ``behind`` (older revision and ``upgrade`` false: logged)."""
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
+    with db.engine.connect() as conn, schema_lock(conn):
+        tables = set(inspect(conn).get_table_names())
+        context = MigrationContext.configure(conn)
+        if not tables & set(db.metadata.tables):
+            db.metadata.create_all(conn)
+            context.stamp(script, "heads")
+            state = "created"
+        elif "alembic_version" not in tables or not context.get_current_heads():
+            if script.get_current_head() == BASELINE_REVISION:
+                # a pre-migration database of this very schema may miss a table
+                # added late in the release; once newer revisions exist, they add it
+                db.metadata.create_all(conn)
+            context.stamp(script, BASELINE_REVISION)
+            state = "stamped"
+        else:
+            state = "current"
+        conn.commit()
+        behind = set(context.get_current_heads()) != set(script.get_heads())
+    if behind and upgrade:
+        migrate_upgrade(directory=str(MIGRATIONS_DIR))
+        return "upgraded"
+    if behind:
+        log.warning("database schema is older than this release: run `flask db upgrade`")
+        return "behind"
+    return state
+
+
+# --------------------------------------------------------------------------
+# retention
+
+def run_purge(batch_size: int = 500, grace_seconds: float = 3600, orphans: bool = True,
+              progress: Optional[Callable[[int], None]] = None) -> dict:
+    """One full retention pass, as ``flask purge`` and the mail daemon's timer
+    run it: expired mailboxes, the per-mailbox cap, then orphaned files."""
+    result = models.purge_expired(batch_size, progress)
+    result["trimmed"] = models.trim_all_mailboxes(batch_size)
+    result["orphan_files"] = models.remove_orphan_files(grace_seconds, batch_size) if orphans else []
+    result["missing"] = models.find_missing_files(batch_size) if orphans else {}
+    PURGE_RUNS.inc()
+    for kind in ("mailboxes", "messages", "trimmed"):
+        PURGE_ROWS.labels(kind=kind).inc(result[kind])
+    PURGE_ROWS.labels(kind="orphan_files").inc(len(result["orphan_files"]))
+    log.info("purge: %d mailboxes, %d messages, %d over the cap, %d orphaned files",
+             result["mailboxes"], result["messages"], result["trimmed"], len(result["orphan_files"]))
+    return result
+
+
+# --------------------------------------------------------------------------
+# commands
+
+def _bar(length: int, label: str):
+    # stderr: a cron job's stdout then carries only the summary lines
+    return click.progressbar(length=length, label=label, file=click.get_text_stream("stderr"))
+
+
+@click.command("purge")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=500, show_default=True,
+              help="Rows per transaction.")
+@click.option("--grace", "grace_seconds", type=click.IntRange(0), default=3600, show_default=True,
+              help="Unreferenced files younger than this many seconds are left alone.")
+@click.option("--no-orphans", is_flag=True, help="Skip the orphaned-file sweep.")
+def purge_command(batch_size: int, grace_seconds: int, no_orphans: bool) -> None:
+    """Delete expired mailboxes, messages over the cap and orphaned files."""
+    todo = models.count_expired()
+    with _bar(todo["mailboxes"] + todo["messages"], "Purging expired mail") as bar:
+        result = run_purge(batch_size, grace_seconds, not no_orphans, bar.update)
+    click.echo(f"Removed {result['mailboxes']} expired mailboxes and {result['messages']} messages.")
+    cap = models.max_messages_per_mailbox()
+    click.echo(f"Removed {result['trimmed']} messages over the cap of {cap} per mailbox."
+               if cap else "No per-mailbox cap configured (max_messages_per_mailbox).")
+    if not no_orphans:
+        click.echo(f"Removed {len(result['orphan_files'])} orphaned files.")
+        for kind, ids in result["missing"].items():
+            if ids:
+                shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
+                click.echo(f"Warning: {len(ids)} {kind} whose stored file is gone (ids {shown}).")
+
+
+@click.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stats_command(as_json: bool) -> None:
+    """Show what the database and the uploads folder hold."""
+    stats = models.storage_stats()
+    if as_json:
+        click.echo(json.dumps(stats))
+        return
+    width = max(map(len, stats))
+    for key, value in stats.items():
+        click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+def _mailhandler():
+    try:
+        import mailhandler
+    except ModuleNotFoundError as exc:
+        if exc.name != "mailhandler":
+            raise
+        raise click.ClickException("mailhandler.py is missing: this command parses mail with it.")
+    return mailhandler
+
+
+@click.command("reparse")
+@click.option("--id", "ids", type=click.IntRange(1), multiple=True,
+              help="Only this message id (repeatable); default every message.")
+def reparse_command(ids: tuple[int, ...]) -> None:
+    """Parse the stored raw .eml of messages again and refresh their fields and attachments."""
+    parse = _mailhandler().parse_message
+    total = len(ids) or (db.session.scalar(select(func.count(Message.id))) or 0)
+    done, skipped = 0, []
+    with _bar(total, "Re-parsing messages") as bar:
+        for msg_id in ids or models.message_ids():
+            skipped += [] if _reparse_one(msg_id, parse) else [msg_id]
+            done += 1
+            bar.update(1)
+    click.echo(f"Re-parsed {done - len(skipped)} messages.")
+    if skipped:
+        click.echo(f"Skipped {len(skipped)} (missing message or raw file): ids "
+                   + ", ".join(map(str, skipped[:20])))
+
+
+def _reparse_one(msg_id: int, parse) -> bool:
+    msg = db.session.get(Message, msg_id)
+    if msg is None or not msg.raw_path:
+        return False
+    try:
+        raw = models.file_path(msg.raw_path).read_bytes()
+    except (OSError, ValueError):
+        return False
+    models.reparse_message(msg, parse(raw))
+    db.session.commit()  # one message a transaction: a failure keeps the others
+    return True
+
+
+def _sources(path: Path) -> tuple[int, Iterator[bytes]]:
+    """How many messages ``path`` holds and an iterator over their raw bytes:
+    a folder of ``*.eml`` files (recursively, sorted), an mbox file, or one message."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.eml") if p.is_file())
+        return len(files), (p.read_bytes() for p in files)
+    with open(path, "rb") as fh:
+        is_mbox = fh.read(5) == b"From "
+    if not is_mbox:
+        return 1, iter([path.read_bytes()])
+    box = mboxlib.mbox(str(path), create=False)
+    keys = box.keys()
+    return len(keys), (box.get_bytes(k) for k in keys)
+
+
+def _target_mailbox(address: str, create: bool) -> Mailbox:
+    box = Mailbox.find_live(address)
+    if box is not None:
+        return box
+    if not create:
+        raise click.BadParameter(f"no live mailbox {address!r} (create it first, or pass --create)",
+                                 param_hint="--to")
+    username, _, domain_name = address.strip().lower().partition("@")
+    domain = models.Domain.by_name(domain_name)
+    if domain is None:
+        raise click.BadParameter(f"{domain_name!r} is not a configured domain", param_hint="--to")
+    try:
+        return Mailbox.create(username, domain, int(models.cfg("mailbox_lifetime_seconds", 86400)))
+    except models.MailboxError as exc:
+        raise click.BadParameter(f"cannot create {address!r}: {exc.code}", param_hint="--to")
+
+
+@click.command("import")
+@click.argument("path", type=click.Path(exists=True, readable=True, path_type=Path))
+@click.option("--to", "address", required=True, help="Deliver every message to this address.")
+@click.option("--create", is_flag=True, help="Create the mailbox when it does not exist.")
+def import_command(path: Path, address: str, create: bool) -> None:
+    """Deliver a folder of .eml files, an mbox file or one message to ADDRESS."""
+    handler = _mailhandler()
+    if "@" not in address:
+        raise click.BadParameter(f"{address!r} is not an e-mail address", param_hint="--to")
+    box = _target_mailbox(address, create)
+    try:
+        total, raws = _sources(path)
+    except (OSError, mboxlib.Error) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="PATH")
+    if total == 0:
+        raise click.BadParameter(f"{path} holds no .eml files", param_hint="PATH")
+    stored = 0
+    with _bar(total, f"Importing into {box.address}") as bar:
+        for raw in raws:
+            try:
+                stored += len(handler.deliver(raw, [box.address], mail_from="", peer="flask import"))
+            except handler.DeliveryError:
+                pass  # deliver() logged the refusal; the summary counts it
+            bar.update(1)
+    click.echo(f"Imported {stored} of {total} messages into {box.address}.")
+    if stored < total:
+        raise click.ClickException(f"{total - stored} messages were not stored (see the log).")
+
+
+# --------------------------------------------------------------------------
+# wiring
+
+def init_app(app: Flask) -> None:
+    """Register the health and metrics routes, request counting and Flask-Migrate."""
+    app.register_blueprint(bp)
+    app.after_request(_record_request)
+    # render_as_batch: SQLite cannot ALTER most things; batch mode copies the table
+    migrate.init_app(app, db, directory=str(MIGRATIONS_DIR), render_as_batch=True, compare_type=True)
+
+
+def register_cli(app: Flask) -> None:
+    """Add the maintenance commands (``flask db`` comes from Flask-Migrate)."""
+    for command in (purge_command, stats_command, reparse_command, import_command):
+        app.cli.add_command(command)
