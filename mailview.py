@@ -114,14 +114,15 @@ LINK = re.compile(r"\bhttps?://[^\s<>\"']+", re.I)
 
 def linkify_text(text: str) -> Markup:
     """Escape plain text and turn its http(s) URLs into links that open in a new
-    tab without a referrer: the verification link is why people use temp mail."""
-    escaped = str(escape(text or ""))
-
-    def link(match: re.Match) -> str:
-        url = match.group(0)
-        trail = ""
-        while url and url[-1] in ".,;:!?)]":
-            url, trail = url[:-1], url[-1] + trail
-        return (f'<a href="{url}" target="_blank" rel="noopener noreferrer">{url}</a>{trail}')
-
-    return Markup(LINK.sub(link, escaped))
+    tab without a referrer: the verification link is why people use temp mail.
+    URLs are found in the raw text and each piece is escaped on its own, so an
+    entity such as ``&#34;`` can never end up inside a link."""
+    text = text or ""
+    out, pos = [], 0
+    for match in LINK.finditer(text):
+        url = match.group(0).rstrip(".,;:!?)]")
+        out.append(escape(text[pos:match.start()]))
+        out.append(Markup('<a href="{0}" target="_blank" rel="noopener noreferrer">{0}</a>').format(url))
+        pos = match.start() + len(url)
+    out.append(escape(text[pos:]))
+    return Markup("").join(out)

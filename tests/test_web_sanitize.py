@@ -1,0 +1,112 @@
+"""Unit tests of the HTML-mail sanitiser and the plain-text linkifier (no app needed)."""
+from __future__ import annotations
+
+import pytest
+
+from mailview import clean_style, linkify_text, sanitize_html
+
+CIDS = {"logo@mail": "/m/tok/messages/1/attachments/7"}
+
+
+def clean(html: str, remote: bool = False):
+    return sanitize_html(html, CIDS.get, remote)
+
+
+@pytest.mark.parametrize("hostile, forbidden", [
+    ("<script>alert(1)</script><p>ok</p>", ["<script", "alert"]),
+    ('<img src="x" onerror="alert(1)">', ["onerror", "alert"]),
+    ('<a href="javascript:alert(1)">x</a>', ["javascript", "alert"]),
+    ('<a href="JaVaScRiPt&#58;alert(1)">x</a>', ["alert"]),
+    ('<form action="https://evil.example/"><input name="pw"><button>Go</button></form>',
+     ["<form", "<input", "<button", "evil.example"]),
+    ('<p style="background:url(https://evil.example/t.gif)">x</p>', ["url(", "evil.example"]),
+    ('<p style="color:red;background-image:url(//evil.example/t.gif)">x</p>', ["url(", "evil.example"]),
+    ('<p style="color: \\75 rl(https://evil.example)">x</p>', ["evil.example", "\\75"]),
+    ("<style>body{background:url(https://evil.example/x)}</style><p>x</p>", ["<style", "evil.example"]),
+    ('<iframe src="https://evil.example"></iframe>', ["<iframe", "evil.example"]),
+    ('<object data="https://evil.example/x.swf"></object>', ["<object", "evil.example"]),
+    ('<svg><script>alert(1)</script></svg>', ["<svg", "alert"]),
+    ('<meta http-equiv="refresh" content="0;url=https://evil.example">', ["<meta", "evil.example"]),
+    ('<link rel="stylesheet" href="https://evil.example/x.css">', ["<link", "evil.example"]),
+    ('<base href="https://evil.example/">', ["<base", "evil.example"]),
+    ('<table background="https://evil.example/bg.gif"><tr><td>x</td></tr></table>', ["evil.example"]),
+    ('<img srcset="https://evil.example/a.png 1x">', ["evil.example"]),
+    ('<div onmouseover="alert(1)">x</div>', ["onmouseover", "alert"]),
+])
+def test_hostile_markup_is_removed(hostile, forbidden):
+    out = clean(hostile).html
+    for needle in forbidden:
+        assert needle.lower() not in out.lower(), (hostile, out)
+
+
+def test_remote_images_are_blocked_and_counted():
+    result = clean('<img src="https://t.example/a.png" alt="A"><img src="http://t.example/b.png">'
+                   '<img src="//t.example/c.png">')
+    assert "t.example" not in result.html and result.blocked_images == 3
+    assert 'alt="A"' in result.html
+
+
+def test_remote_images_are_kept_when_the_reader_asks():
+    result = clean('<img src="https://t.example/a.png">', remote=True)
+    assert 'src="https://t.example/a.png"' in result.html and result.blocked_images == 0
+
+
+def test_cid_images_point_at_the_attachment():
+    result = clean('<img src="cid:logo@mail"><img src="cid:unknown@mail">')
+    assert result.html == '<img src="/m/tok/messages/1/attachments/7"><img>'
+    assert result.blocked_images == 0
+
+
+def test_inline_data_images_stay_and_other_data_urls_go():
+    png = "data:image/png;base64,iVBORw0KGgo="
+    assert f'src="{png}"' in clean(f'<img src="{png}">').html
+    assert "data:" not in clean('<img src="data:text/html;base64,PHNjcmlwdD4=">').html
+    assert "data:" not in clean('<a href="data:text/html,<script>alert(1)</script>">x</a>').html
+
+
+def test_links_open_in_a_new_tab_without_referrer():
+    out = clean('<a href="https://example.org/confirm?t=1">Confirm</a>').html
+    assert out == ('<a href="https://example.org/confirm?t=1" target="_blank" '
+                   'rel="noopener noreferrer">Confirm</a>')
+
+
+def test_relative_links_into_this_site_are_dropped():
+    out = clean('<a href="/web/address/delete">x</a><a href="mailto:a@b.c">m</a>').html
+    assert "/web/address" not in out and 'href="mailto:a@b.c"' in out
+
+
+def test_formatting_and_tables_survive():
+    out = clean('<table width="100%" cellpadding="4"><tr><td align="center" bgcolor="#eeeeee">'
+                '<b>Bold</b> <em>em</em></td></tr></table><h1>T</h1><ul><li>i</li></ul>').html
+    for kept in ('<table width="100%" cellpadding="4">', '<td align="center" bgcolor="#eeeeee">',
+                 "<b>Bold</b>", "<em>em</em>", "<h1>T</h1>", "<li>i</li>"):
+        assert kept in out
+
+
+def test_head_and_title_text_do_not_leak_into_the_body():
+    out = clean("<html><head><title>Secret title</title></head><body><p>Body</p></body></html>").html
+    assert out == "<p>Body</p>"
+
+
+@pytest.mark.parametrize("style, expected", [
+    ("color: red; font-weight: bold", "color: red; font-weight: bold"),
+    ("COLOR:#123;position:fixed;top:0", "color: #123"),
+    ("background:url(x)", None),
+    ("background-color: expression(alert(1))", None),
+    ("width: 100px; behavior: url(x.htc)", "width: 100px"),
+    ("", None),
+])
+def test_style_filter(style, expected):
+    assert clean_style(style) == expected
+
+
+def test_linkify_escapes_text_and_links_urls():
+    out = str(linkify_text('<script>x</script> Visit https://example.org/a?b=1&c=2. Or "http://x.test"'))
+    assert "<script>" not in out and "&lt;script&gt;" in out
+    assert ('<a href="https://example.org/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer">'
+            "https://example.org/a?b=1&amp;c=2</a>.") in out
+    assert 'href="http://x.test"' in out
+
+
+def test_linkify_leaves_javascript_alone():
+    assert "<a" not in str(linkify_text("javascript:alert(1)"))
