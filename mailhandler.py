@@ -107,7 +107,8 @@ def clean(value) -> str:
 
 def decode_bytes(data: bytes, charset: Optional[str]) -> str:
     """Decode text whatever its label says: the declared charset (or its
-    superset), else UTF-8, else Windows-1252; undecodable bytes become U+FFFD."""
+    superset), else UTF-8 (when most of it is), else Windows-1252;
+    undecodable bytes become U+FFFD."""
     name = (charset or "").strip().strip('"').lower()
     name = CHARSET_SUPERSETS.get(name, name)
     if name and name != "cp1252":
@@ -115,10 +116,11 @@ def decode_bytes(data: bytes, charset: Optional[str]) -> str:
             return data.decode(name, "replace")
         except (LookupError, UnicodeError, ValueError, TypeError):
             pass  # unknown or unusable label: guess below
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
+    text = data.decode("utf-8", "replace")
+    bad = text.count("\ufffd")
+    if bad and sum(1 for ch in text if ch > "\x7f") <= 2 * bad:
+        return data.decode("cp1252", "replace")  # mostly not UTF-8: a legacy 8-bit text
+    return text
 
 
 def html_to_text(html: str) -> str:

@@ -1,0 +1,215 @@
+"""parse_message and deliver() without a network: MIME shapes, charsets,
+hostile names, storage failures, and generated malformed input."""
+from __future__ import annotations
+
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from sqlalchemy import func, select
+
+import mailhandler
+import models
+from models import Attachment, Domain, Mailbox, Message, db
+
+DATA = Path(__file__).parent / "data"
+CHARSET_SAMPLES = {
+    "iso-8859-1": "Grüße aus Köln, ça va? ñ",
+    "windows-1252": "Smart “quotes” – and € sign",
+    "koi8-r": "Привет, мир! Съешь ещё этих булок",
+    "shift_jis": "こんにちは世界、テスト",
+    "gb2312": "你好，世界。测试邮件",
+}
+
+
+def add_box(name: str, domain: str = "example.com") -> Mailbox:
+    return Mailbox.create(name, Domain.by_name(domain), 3600)
+
+
+def test_alternative_with_attachment_and_inline_image():
+    msg = EmailMessage()
+    msg["From"] = '"Ann Example" <ann@example.org>'
+    msg["To"] = "bob@example.com"
+    msg["Cc"] = "carl@example.com"
+    msg["Subject"] = "Report"
+    msg["Message-ID"] = "<abc@example.org>"
+    msg.set_content("plain body\r\n")
+    msg.add_alternative('<p>html <img src="cid:logo1"></p>', subtype="html")
+    msg.get_payload()[1].add_related(b"\x89PNG\r\n\x1a\nxx", "image", "png", cid="<logo1>")
+    msg.add_attachment(bytes(range(256)), maintype="application", subtype="octet-stream",
+                       filename="data.bin")
+    fields = mailhandler.parse_message(msg.as_bytes())
+    assert (fields["from_name"], fields["from_email"]) == ("Ann Example", "ann@example.org")
+    assert fields["to"] == "bob@example.com" and fields["cc"] == "carl@example.com"
+    assert fields["message_id"] == "<abc@example.org>"
+    assert fields["body_text"] == "plain body\n"
+    assert 'src="cid:logo1"' in fields["body_html"]
+    image, data = fields["attachments"]
+    assert (image["content_id"], image["inline"], image["content_type"]) == ("logo1", True, "image/png")
+    assert image["filename"] == "image.png"
+    assert (data["filename"], data["data"], data["inline"]) == ("data.bin", bytes(range(256)), False)
+
+
+def test_html_only_gets_text_from_html():
+    raw = (b"From: a@b.c\r\nSubject: h\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<html><head><style>p{}</style></head><body><p>Hello</p><p>World &amp; co</p></body></html>")
+    fields = mailhandler.parse_message(raw)
+    assert fields["body_text"] == "Hello\n\nWorld & co" or fields["body_text"].split() == ["Hello", "World", "&", "co"]
+    assert "<p>Hello</p>" in fields["body_html"]
+
+
+@pytest.mark.parametrize("charset", list(CHARSET_SAMPLES))
+def test_legacy_charsets_in_8bit_body_and_encoded_subject(charset):
+    text = CHARSET_SAMPLES[charset]
+    msg = EmailMessage()
+    msg["Subject"] = text  # RFC 2047 encoded-words (utf-8) in the header
+    msg["From"] = "x@y.z"
+    body = text.encode(charset)
+    raw = (msg.as_bytes().split(b"\n\n")[0].replace(b"\n", b"\r\n")
+           + f"\r\nContent-Type: text/plain; charset={charset}\r\n"
+             "Content-Transfer-Encoding: 8bit\r\n\r\n".encode() + body + b"\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert fields["subject"] == text
+    assert fields["body_text"].strip() == text
+
+
+def test_rfc2047_subject_in_legacy_charset_and_rfc2231_filename():
+    raw = (b"From: =?koi8-r?b?8NLJ18XU?= <p@example.org>\r\n"
+           b"Subject: =?iso-8859-1?q?Gr=FC=DFe?= =?windows-1252?q?_=80?=\r\n"
+           b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+           b"Content-Type: text/plain\r\n\r\nhi\r\n--XX\r\n"
+           b"Content-Type: application/pdf\r\n"
+           b"Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9%20%E2%82%AC.pdf\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--XX--\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert fields["from_name"] == "Привет"
+    assert fields["subject"] == "Grüße €"
+    (att,) = fields["attachments"]
+    assert (att["filename"], att["data"]) == ("résumé €.pdf", b"%PDF-")
+
+
+def test_broken_charsets_and_raw_8bit_headers_never_raise():
+    raw = ("Subject: Grüße\r\nFrom: Jürgen <j@example.org>\r\n"
+           "Content-Type: text/plain; charset=x-no-such-charset\r\n\r\nkörper, grüße, schön\r\n").encode("utf-8")
+    raw += b"\xff\xfe\x00 tail"
+    fields = mailhandler.parse_message(raw)
+    assert fields["subject"] == "Grüße" and fields["from_name"] == "Jürgen"
+    assert "körper" in fields["body_text"] and "\x00" not in fields["body_text"]
+
+
+def test_nested_message_is_an_eml_attachment():
+    inner = b"From: i@example.org\r\nSubject: Inner one\r\n\r\ninner body\r\n"
+    raw = (b"From: o@example.org\r\nSubject: outer\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: text/plain\r\n\r\nouter body\r\n--B\r\n"
+           b"Content-Type: message/rfc822\r\n\r\n" + inner + b"--B--\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert fields["body_text"].strip() == "outer body"
+    (att,) = fields["attachments"]
+    assert att["filename"] == "Inner one.eml" and att["content_type"] == "message/rfc822"
+    assert b"inner body" in att["data"]
+
+
+@pytest.mark.parametrize("path", sorted((DATA / "cpython").glob("msg_*.txt")), ids=lambda p: p.name)
+def test_cpython_samples_parse(path):
+    fields = mailhandler.parse_message(path.read_bytes())
+    assert fields["subject"] or fields["body_text"] or fields["attachments"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000))
+def test_parse_never_raises_on_random_bytes(raw):
+    fields = mailhandler.parse_message(raw)
+    assert set(fields) >= {"from_email", "subject", "body_text", "body_html", "attachments"}
+    assert all("\x00" not in str(v) for k, v in fields.items() if k != "attachments")
+
+
+HEADER_NAMES = st.sampled_from(["Subject", "From", "To", "Cc", "Content-Type", "Content-Disposition",
+                                "Content-Transfer-Encoding", "Content-ID", "Message-ID", "Date"])
+HEADER_VALUES = st.one_of(
+    st.text(max_size=60),
+    st.sampled_from(['multipart/mixed; boundary="b"', "multipart/alternative", "text/html; charset=klingon",
+                     "base64", "quoted-printable", "x-uuencode", "=?utf-8?b?!!!?=", "=?x?q?a?=", "<>",
+                     'attachment; filename*=utf-8\'\'%FF%FE', '"\\" <@>', "<../../app.py>",
+                     'inline; filename="../../../etc/passwd"', "message/rfc822"]))
+BODIES = st.one_of(st.binary(max_size=500), st.sampled_from([
+    b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--", b"--b\r\n--b\r\n\r\n", b"=ZZ=\r\n", b"@@@@",
+    b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: in\r\n\r\nbody\r\n--b--\r\n"]))
+
+
+@st.composite
+def malformed_messages(draw) -> bytes:
+    headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=8))
+    head = b"".join(f"{k}: {v}".encode("utf-8", "surrogateescape") + b"\r\n" for k, v in headers)
+    return head + draw(st.sampled_from([b"\r\n", b"", b"\n"])) + draw(BODIES)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=malformed_messages())
+def test_malformed_messages_are_stored_never_crash(app, raw):
+    with app.app_context():
+        if Mailbox.find_live("fuzz@example.com") is None:
+            add_box("fuzz")
+        msgs = mailhandler.deliver(raw, ["fuzz@example.com"])
+        stored = db.session.get(Message, msgs[0].id)
+        assert models.file_path(stored.raw_path).read_bytes() == raw
+        for att in stored.attachments:
+            path = models.file_path(att.stored_path)
+            assert Path(app.config["UPLOADS_DIR"]).resolve() in path.parents and path.is_file()
+
+
+def test_hostile_names_stay_inside_uploads(app):
+    raw = (b"From: e@evil.example\r\nSubject: x\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: image/png\r\nContent-ID: <../../app.py>\r\n\r\nPNG\r\n"
+           b"--B\r\nContent-Type: text/plain\r\n"
+           b'Content-Disposition: attachment; filename="../../../etc/passwd"\r\n\r\nroot:x\r\n--B--\r\n')
+    with app.app_context():
+        add_box("victim")
+        (msg,) = mailhandler.deliver(raw, ["victim@example.com"])
+        uploads = Path(app.config["UPLOADS_DIR"]).resolve()
+        names = {a.filename: a for a in msg.attachments}
+        assert set(names) == {"image.png", "passwd"}
+        assert names["image.png"].content_id == "../../app.py"
+        for att in msg.attachments:
+            assert ".." not in att.stored_path and uploads in models.file_path(att.stored_path).parents
+        assert models.file_path(names["passwd"].stored_path).read_bytes() == b"root:x"
+
+
+def test_store_failure_rolls_back_rows_and_files(app, monkeypatch):
+    with app.app_context():
+        add_box("solid")
+        raw = b"Subject: s\r\nContent-Type: application/zip\r\n\r\nPK"
+
+        def broken_commit():
+            raise OSError("disk full")
+        monkeypatch.setattr(mailhandler, "commit_durably", broken_commit)
+        with pytest.raises(mailhandler.StoreFailed):
+            mailhandler.deliver(raw, ["solid@example.com"])
+        assert db.session.scalar(select(func.count()).select_from(Message)) == 0
+        assert db.session.scalar(select(func.count()).select_from(Attachment)) == 0
+        assert [p for p in Path(app.config["UPLOADS_DIR"]).rglob("*") if p.is_file()] == []
+
+
+def test_refusals_and_catch_all(app_factory):
+    app = app_factory({"catch_all": True})
+    with app.app_context():
+        with pytest.raises(mailhandler.RelayDenied):
+            mailhandler.deliver(b"Subject: x\r\n\r\nx", ["who@elsewhere.org"])
+        with pytest.raises(mailhandler.TooLarge):
+            mailhandler.deliver(b"x" * (mailhandler.max_message_bytes() + 1), ["a@example.com"])
+        (msg,) = mailhandler.deliver(b"Subject: x\r\n\r\nx", ["New.Person@Example.com"], "s@o.org")
+        assert Mailbox.find_live("new.person@example.com").id == msg.mailbox_id
+        assert msg.envelope_from == "s@o.org"
+        assert models.Stat.snapshot()["total_addresses"] == 1
+
+
+def test_unknown_user_without_catch_all(app):
+    with app.app_context():
+        add_box("known")
+        with pytest.raises(mailhandler.UnknownRecipient):
+            mailhandler.deliver(b"Subject: x\r\n\r\nx", ["nobody@example.com"])
+        with pytest.raises(mailhandler.UnknownRecipient):
+            mailhandler.check_recipient("nobody@example.com")
+        with pytest.raises(mailhandler.RelayDenied):
+            mailhandler.check_recipient("known@example.net")
+        mailhandler.check_recipient("KNOWN@example.com")
