@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 from flask import Flask
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 
 import models
@@ -13,6 +13,7 @@ domains_cli = AppGroup("domains", help="Add and list the mail domains.")
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command() -> None:
     """Create the tables (or apply pending migrations) and the configured domains."""
     import ops

@@ -13,6 +13,7 @@ import json
 import logging
 import mailbox as mboxlib
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Callable, Iterator, Optional
 import click
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, abort, jsonify, request
+from flask.cli import with_appcontext
 from flask_migrate import Migrate
 from flask_migrate import upgrade as migrate_upgrade
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
@@ -136,6 +138,7 @@ def check_uploads() -> str:
     """``ok`` when a file can really be created in the uploads folder (a bare
     permission check would pass for root and miss a stale network mount)."""
     try:
+        models.uploads_dir().mkdir(parents=True, exist_ok=True)  # as the first stored file would
         with tempfile.TemporaryFile(dir=models.uploads_dir()):
             return "ok"
     except OSError as exc:
@@ -231,10 +234,11 @@ def run_purge(batch_size: int = 500, grace_seconds: float = 3600, orphans: bool 
 
 def _bar(length: int, label: str):
     # stderr: a cron job's stdout then carries only the summary lines
-    return click.progressbar(length=length, label=label, file=click.get_text_stream("stderr"))
+    return click.progressbar(length=length, label=label, file=sys.stderr)
 
 
 @click.command("purge")
+@with_appcontext
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=500, show_default=True,
               help="Rows per transaction.")
 @click.option("--grace", "grace_seconds", type=click.IntRange(0), default=3600, show_default=True,
@@ -258,6 +262,7 @@ def purge_command(batch_size: int, grace_seconds: int, no_orphans: bool) -> None
 
 
 @click.command("stats")
+@with_appcontext
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def stats_command(as_json: bool) -> None:
     """Show what the database and the uploads folder hold."""
@@ -281,6 +286,7 @@ def _mailhandler():
 
 
 @click.command("reparse")
+@with_appcontext
 @click.option("--id", "ids", type=click.IntRange(1), multiple=True,
               help="Only this message id (repeatable); default every message.")
 def reparse_command(ids: tuple[int, ...]) -> None:
@@ -345,6 +351,7 @@ def _target_mailbox(address: str, create: bool) -> Mailbox:
 
 
 @click.command("import")
+@with_appcontext
 @click.argument("path", type=click.Path(exists=True, readable=True, path_type=Path))
 @click.option("--to", "address", required=True, help="Deliver every message to this address.")
 @click.option("--create", is_flag=True, help="Create the mailbox when it does not exist.")

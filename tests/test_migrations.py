@@ -1,0 +1,176 @@
+"""Schema migrations: `flask db upgrade` on an empty database and on a filled
+one made before migrations existed; create-on-first-start and Alembic agree."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from datetime import datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from flask_migrate.cli import db as db_cli
+from sqlalchemy import create_engine, inspect, select, text
+
+import ops
+from app import create_app, resolve_db_url
+from conftest import ROOT, TEST_DOMAINS
+from models import Domain, Mailbox, Message, db
+
+HEAD = ScriptDirectory(str(ops.MIGRATIONS_DIR)).get_current_head()
+
+
+@pytest.fixture
+def fresh_url(backend, tmp_path, request):
+    """An empty database of its own (the shared test database is wiped by app_factory)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/migrate.db"
+    name = "tempmail_mig_" + request.node.name.split("[")[0][-40:].lower()
+    return request.getfixturevalue("postgres").create_database(name)
+
+
+@pytest.fixture
+def make_app(fresh_url, tmp_path, clock):
+    made = []
+
+    def make():
+        app = create_app({"TESTING": True, "CLOCK": clock, "FSYNC": False, "TEMPMAIL": {
+            "database_url": fresh_url, "uploads_dir": str(tmp_path / "uploads"), "domains": TEST_DOMAINS}})
+        made.append(app)
+        return app
+    yield make
+    for app in made:
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+def versions(conn) -> list[str]:
+    return list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+
+
+def schema_diffs(conn) -> list:
+    return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), db.metadata)
+
+
+def drop_everything(app) -> None:
+    with app.app_context():
+        db.drop_all()
+        with db.engine.begin() as conn:
+            conn.execute(text("DROP TABLE alembic_version"))
+
+
+def test_upgrade_on_an_empty_database_builds_the_models_schema(make_app):
+    app = make_app()
+    drop_everything(app)  # run the revision scripts themselves, not create_all
+    result = app.test_cli_runner().invoke(db_cli, ["upgrade"])
+    assert result.exit_code == 0, result.output
+    with app.app_context(), db.engine.connect() as conn:
+        assert versions(conn) == [HEAD]
+        assert schema_diffs(conn) == []
+        assert ops.prepare_database() == "current"
+
+
+def test_first_start_creates_and_stamps(make_app):
+    app = make_app()
+    with app.app_context(), db.engine.connect() as conn:
+        assert versions(conn) == [HEAD]
+        assert schema_diffs(conn) == []
+    result = app.test_cli_runner().invoke(db_cli, ["upgrade"])
+    assert result.exit_code == 0, result.output
+
+
+def fill_like_the_previous_release(url: str) -> None:
+    """Tables as ``db.create_all()`` made them before migrations existed, with data."""
+    engine = create_engine(resolve_db_url(url))
+    db.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(Domain.__table__.insert().values(id=1, name="example.com", type="free",
+                                                      custom=False, active=True))
+        conn.execute(Mailbox.__table__.insert().values(
+            id=7, address="kept@example.com", username="kept", domain_id=1, token="t",
+            created_at=datetime(2030, 1, 1), expires_at=datetime(2030, 1, 2)))
+        conn.execute(Message.__table__.insert().values(
+            id=42, public_id="p" * 46, mailbox_id=7, envelope_from="", envelope_to="", from_email="a@b.c",
+            from_name="", to="", cc="", subject="survives the upgrade", body_text="", body_html="",
+            is_read=False, size=1, received_at=datetime(2030, 1, 1)))
+    engine.dispose()
+
+
+def test_upgrade_keeps_the_data_of_a_filled_database(fresh_url, make_app, config_file_for):
+    fill_like_the_previous_release(fresh_url)
+    env = dict(os.environ, TEMPMAIL_CONFIG=str(config_file_for(fresh_url)))
+    # the real command line, as the deployment guide tells an operator to run it
+    proc = subprocess.run([str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    app = make_app()
+    with app.app_context():
+        assert db.session.scalar(select(Message.subject).where(Message.id == 42)) == "survives the upgrade"
+        with db.engine.connect() as conn:
+            assert versions(conn) == [HEAD]
+            assert schema_diffs(conn) == []
+
+
+@pytest.fixture
+def config_file_for(tmp_path):
+    def write(url: str):
+        import json
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({"database_url": url, "uploads_dir": str(tmp_path / "uploads"),
+                                    "domains": TEST_DOMAINS, "secret_key": "test"}))
+        return path
+    return write
+
+
+def test_pending_revision_is_reported_then_applied(make_app, tmp_path, monkeypatch):
+    """A later release adds a revision: start-up says `behind` (and creates
+    nothing behind Alembic's back); `flask init-db` upgrades, keeping rows."""
+    app = make_app()
+    with app.app_context():
+        Mailbox.create("stays", Domain.by_name("example.com"), 3600)
+    scripts = tmp_path / "migrations"
+    shutil.copytree(ops.MIGRATIONS_DIR, scripts)
+    (scripts / "versions" / "0002_probe.py").write_text(
+        "from alembic import op\nimport sqlalchemy as sa\n"
+        f"revision = '0002'\ndown_revision = '{HEAD}'\nbranch_labels = None\ndepends_on = None\n\n"
+        "def upgrade():\n    with op.batch_alter_table('mailboxes') as batch:\n"
+        "        batch.add_column(sa.Column('probe', sa.Integer(), nullable=True))\n\n"
+        "def downgrade():\n    with op.batch_alter_table('mailboxes') as batch:\n"
+        "        batch.drop_column('probe')\n")
+    monkeypatch.setattr(ops, "MIGRATIONS_DIR", scripts)
+    with app.app_context():
+        assert ops.prepare_database() == "behind"
+        result = app.test_cli_runner().invoke(args=["init-db"])
+        assert result.exit_code == 0 and "Database ready (upgraded)." in result.stdout, result.output
+        columns = [c["name"] for c in inspect(db.engine).get_columns("mailboxes")]
+        assert "probe" in columns
+        assert db.session.scalar(select(Mailbox.address)) == "stays@example.com"
+        with db.engine.connect() as conn:
+            assert versions(conn) == ["0002"]
+
+
+def test_workers_starting_together_agree(make_app):
+    app = make_app()
+    drop_everything(app)
+    states, errors = [], []
+
+    def start():
+        try:
+            with app.app_context():
+                states.append(ops.prepare_database())
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(states) == ["created", "current", "current", "current"]
+    with app.app_context(), db.engine.connect() as conn:
+        assert versions(conn) == [HEAD]
