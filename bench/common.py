@@ -401,3 +401,30 @@ def ensure_profilers() -> None:
         log("installing bench/requirements.txt into .venv")
         subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "-r",
                         str(BENCH / "requirements.txt")], check=True)
+
+
+# --------------------------------------------------------------------------
+# mail to fill mailboxes with
+
+def sample_message(rcpt: str, n: int, attachment: bytes | None = None, subject: str | None = None):
+    """A realistic small message: text and HTML alternatives, optionally a file."""
+    from email.message import EmailMessage
+    msg = EmailMessage()
+    msg["From"] = f"Sender {n} <sender{n}@source.test>"
+    msg["To"] = rcpt
+    msg["Subject"] = subject or f"Bench message {n}: your code is 48{n:04d}"
+    msg.set_content(f"Hello,\n\nyour one-time code is 48{n:04d}.\n\n-- \nBench\n")
+    msg.add_alternative(f"<p>Hello,</p><p>your one-time code is <b>48{n:04d}</b>.</p>", subtype="html")
+    if attachment is not None:
+        msg.add_attachment(attachment, maintype="application", subtype="pdf", filename=f"invoice-{n}.pdf")
+    return msg
+
+
+def send_messages(port: int, rcpt: str, count: int, attach_every: int = 5) -> None:
+    """Deliver ``count`` messages to ``rcpt`` over one SMTP session; every
+    ``attach_every``-th carries a 20 KB attachment."""
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        for n in range(count):
+            blob = os.urandom(20 * 1024) if attach_every and n % attach_every == 0 else None
+            smtp.send_message(sample_message(rcpt, n, blob), "sender@source.test", [rcpt])
