@@ -263,7 +263,8 @@ def message_body(token: Optional[str], msg_id: int):
     # CSP host-sources may carry a path: allow exactly this message's attachments.
     att_url = scope.for_frame().url("attachment", msg_id=msg.id, att_id=0)
     own = request.host_url.rstrip("/") + att_url.rsplit("/", 1)[0] + "/"
-    images = f"{own} data:" + (" https:" if remote else "")
+    # Asked-for remote images come over http too: plenty of mail still links them so.
+    images = f"{own} data:" + (" https: http:" if remote else "")
     resp.headers["Content-Security-Policy"] = (
         f"default-src 'none'; img-src {images}; style-src 'unsafe-inline'; base-uri 'none'; "
         f"form-action 'none'; frame-ancestors 'self'; sandbox {FRAME_SANDBOX}")
