@@ -509,11 +509,19 @@ def register_cli(app: Flask) -> None:
     app.cli.add_command(imapingest.imap_poll_command)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """``python mailhandler.py pipe ...`` for MTAs: the app's commands, and exit
+    75 (try again later) when the app cannot even start, e.g. the database is down."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from flask.cli import FlaskGroup
-
     from app import create_app
+    try:
+        app = create_app()
+    except Exception as exc:
+        print(f"mailhandler: cannot start: {exc}", file=sys.stderr)
+        return StoreFailed.exit_code
+    with app.app_context():
+        return app.cli.main(args=argv, prog_name="mailhandler.py", standalone_mode=True) or 0
 
-    FlaskGroup(create_app=lambda: create_app(), add_default_commands=False).main(
-        prog_name="mailhandler.py")
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
