@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Optional
 
 from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redirect,
@@ -171,7 +172,8 @@ def summary(scope: Scope, msg: Message) -> dict:
     """One row of the inbox list as the page's JSON shows it."""
     return {"id": msg.id, "from_name": msg.from_name, "from_email": msg.from_email,
             "subject": msg.subject, "received_at": models.fmt_iso(msg.received_at),
-            "received": models.fmt_local(msg.received_at), "is_read": bool(msg.is_read),
+            "received": short_time(msg.received_at), "received_full": models.fmt_local(msg.received_at),
+            "is_read": bool(msg.is_read),
             "attachments": len(msg.attachments), "url": scope.url("message_page", msg_id=msg.id)}
 
 
@@ -372,6 +374,15 @@ def init_app(app: Flask) -> None:
     app.after_request(security_headers)
     app.jinja_env.filters.setdefault("localtime", models.fmt_local)
     app.jinja_env.filters.setdefault("duration", duration)
+    app.jinja_env.filters.setdefault("shorttime", short_time)
+
+
+def short_time(value: datetime) -> str:
+    """"14:05" for today's mail, "3 Nov" for older (the list has little room)."""
+    zone = models.local_zone()
+    local = value.replace(tzinfo=timezone.utc).astimezone(zone)
+    today = models.now().replace(tzinfo=timezone.utc).astimezone(zone).date()
+    return local.strftime("%H:%M") if local.date() == today else f"{local.day} {local:%b}"
 
 
 def duration(seconds: int) -> str:

@@ -142,6 +142,7 @@
     dot.setAttribute("aria-hidden", "true");
     var when = el("time", "when", m.received);
     when.setAttribute("datetime", m.received_at);
+    when.title = m.received_full;
     var subject = el("span", "subject");
     if (!m.is_read) { subject.appendChild(el("span", "visually-hidden", "Unread: ")); }
     subject.appendChild(document.createTextNode(m.subject || "(no subject)"));
@@ -223,6 +224,12 @@
       etag = null;
       pollNow();
     }).catch(function () { form.submit(); });
+  });
+
+  // Destructive forms ask first; without JavaScript they simply submit.
+  document.addEventListener("submit", function (ev) {
+    var question = ev.target.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) { ev.preventDefault(); }
   });
 
   poll();

@@ -116,6 +116,7 @@ def test_inbox_json_and_conditional_requests(app, client):
     assert fresh.status_code == 200 and fresh.headers["ETag"] != tag
     row = fresh.json["messages"][0]
     assert row["subject"] == "Welcome" and row["is_read"] is False and row["url"] == f"/web/messages/{msg_id}"
+    assert re.fullmatch(r"\d\d:\d\d", row["received"]) and row["received_full"] in row["received_at"].replace("T", " ")
 
     tag = fresh.headers["ETag"]
     client.get(f"/web/messages/{msg_id}")  # reading changes the unread mark
