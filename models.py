@@ -430,7 +430,14 @@ def check_username(username: str) -> str:
 
 def new_public_id() -> str:
     """An opaque, unguessable message id: 46 random characters of [A-Za-z0-9]."""
-    return "".join(_secrets.choice(PUBLIC_ID_ALPHABET) for _ in range(PUBLIC_ID_LENGTH))
+    # One 320-bit draw written in base 62 (46 digits hold 273 bits; the bias
+    # of the reduction is below 2**-46) instead of 46 urandom calls per message.
+    number = int.from_bytes(_secrets.token_bytes(40), "big")
+    digits = []
+    for _ in range(PUBLIC_ID_LENGTH):
+        number, digit = divmod(number, 62)
+        digits.append(PUBLIC_ID_ALPHABET[digit])
+    return "".join(digits)
 
 
 class Message(db.Model):
