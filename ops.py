@@ -232,9 +232,9 @@ def run_purge(batch_size: int = 500, grace_seconds: float = 3600, orphans: bool 
 # --------------------------------------------------------------------------
 # commands
 
-def _bar(length: int, label: str):
+def _bar(length: int, label: str, hidden: bool = False):
     # stderr: a cron job's stdout then carries only the summary lines
-    return click.progressbar(length=length, label=label, file=sys.stderr)
+    return click.progressbar(length=length, label=label, file=sys.stderr, hidden=hidden)
 
 
 @click.command("purge")
@@ -244,17 +244,20 @@ def _bar(length: int, label: str):
 @click.option("--grace", "grace_seconds", type=click.IntRange(0), default=3600, show_default=True,
               help="Unreferenced files younger than this many seconds are left alone.")
 @click.option("--no-orphans", is_flag=True, help="Skip the orphaned-file sweep.")
-def purge_command(batch_size: int, grace_seconds: int, no_orphans: bool) -> None:
+@click.option("--quiet", is_flag=True, help="Print warnings only (for cron, which mails any output).")
+def purge_command(batch_size: int, grace_seconds: int, no_orphans: bool, quiet: bool) -> None:
     """Delete expired mailboxes, messages over the cap and orphaned files."""
     todo = models.count_expired()
-    with _bar(todo["mailboxes"] + todo["messages"], "Purging expired mail") as bar:
+    with _bar(todo["mailboxes"] + todo["messages"], "Purging expired mail", hidden=quiet) as bar:
         result = run_purge(batch_size, grace_seconds, not no_orphans, bar.update)
-    click.echo(f"Removed {result['mailboxes']} expired mailboxes and {result['messages']} messages.")
     cap = models.max_messages_per_mailbox()
-    click.echo(f"Removed {result['trimmed']} messages over the cap of {cap} per mailbox."
-               if cap else "No per-mailbox cap configured (max_messages_per_mailbox).")
+    if not quiet:
+        click.echo(f"Removed {result['mailboxes']} expired mailboxes and {result['messages']} messages.")
+        click.echo(f"Removed {result['trimmed']} messages over the cap of {cap} per mailbox."
+                   if cap else "No per-mailbox cap configured (max_messages_per_mailbox).")
+        if not no_orphans:
+            click.echo(f"Removed {len(result['orphan_files'])} orphaned files.")
     if not no_orphans:
-        click.echo(f"Removed {len(result['orphan_files'])} orphaned files.")
         for kind, ids in result["missing"].items():
             if ids:
                 shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")

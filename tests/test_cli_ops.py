@@ -64,6 +64,18 @@ def test_purge_command_reports_missing_files_and_applies_the_cap(app_factory):
     assert f"Warning: 1 messages whose stored file is gone (ids {last_id})." in result.stdout
 
 
+def test_purge_command_quiet_prints_warnings_only(app, runner):
+    with app.app_context():
+        msg = models.store_message(new_box(), {"subject": "x"}, eml(1))
+        db.session.commit()
+        models.file_path(msg.raw_path).unlink()
+        msg_id = msg.id
+    result = runner.invoke(args=["purge", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"Warning: 1 messages whose stored file is gone (ids {msg_id}).\n"
+    assert runner.invoke(args=["purge", "--quiet", "--no-orphans"]).output == ""
+
+
 def test_purge_command_bad_arguments(runner):
     result = runner.invoke(args=["purge", "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size" in result.output

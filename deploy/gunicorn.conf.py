@@ -1,0 +1,19 @@
+"""gunicorn settings for deploy/systemd/tempmail-web.service.
+
+With PROMETHEUS_MULTIPROC_DIR set, every worker writes its metrics to that
+folder and /metrics adds them up; a worker that exits must be marked dead so
+its live gauges stop counting.
+"""
+import os
+
+bind = "127.0.0.1:8000"
+workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
+threads = 4
+accesslog = "-"
+forwarded_allow_ips = "127.0.0.1"
+
+
+def child_exit(_server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(worker.pid)
