@@ -7,7 +7,6 @@ import sys
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import text
 
 import ops
 from conftest import ROOT

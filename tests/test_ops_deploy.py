@@ -130,6 +130,16 @@ def test_systemd_units_run_unprivileged(runner):
     assert Path(LMTP_SOCKET).parent.name == mail["RuntimeDirectory"]
 
 
+def test_purge_timer_runs_the_purge_command(runner):
+    timer = unit(DEPLOY / "systemd/tempmail-purge.timer")
+    assert timer["Timer"]["OnCalendar"] == "hourly" and timer["Install"]["WantedBy"] == "timers.target"
+    service = unit(DEPLOY / "systemd/tempmail-purge.service")["Service"]
+    assert service["Type"] == "oneshot" and service["User"] == "tempmail"
+    argv = shlex.split(service["ExecStart"])
+    assert argv[1:4] == ["--app", "app", "purge"]
+    assert runner.invoke(args=argv[3:]).exit_code == 0
+
+
 def test_gunicorn_config_loads_the_app(config_file, backend):
     if backend != "sqlite":
         pytest.skip("checks gunicorn's configuration, not the database")
