@@ -11,6 +11,7 @@ known weaknesses) lives in ``smtpserver.py``; this module registers its CLI.
 """
 from __future__ import annotations
 
+import binascii
 import email.header
 import email.utils
 import logging
@@ -22,6 +23,7 @@ import sys
 from datetime import timedelta
 from email import policy
 from email.message import Message as EmailMessage
+from email.feedparser import BytesFeedParser
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Iterable, Optional
@@ -39,6 +41,7 @@ log = logging.getLogger("tempmail.mail")
 
 MAX_DEPTH = 30  # MIME nesting we follow; deeper parts are kept only in the raw .eml
 MAX_NAME = 200
+PARSE_CHUNK = 1 << 20
 # Labels senders use for charsets whose real-world content is a superset
 # (what browsers do too): decoding with the superset never loses characters.
 CHARSET_SUPERSETS = {
@@ -190,7 +193,7 @@ def parse_message(raw: bytes) -> dict:
     fields = {"from_email": "", "from_name": "", "to": "", "cc": "", "subject": "", "date": None,
               "message_id": None, "body_text": "", "body_html": "", "attachments": []}
     try:
-        msg = BytesParser(policy=policy.default).parsebytes(raw)
+        msg = parse_bytes(raw)
     except Exception:
         log.warning("unparsable message of %d bytes kept raw", len(raw))
         fields["body_text"] = decode_bytes(bytes(raw[:1 << 20]), None).replace("\x00", "")
@@ -211,6 +214,29 @@ def parse_message(raw: bytes) -> dict:
     if not fields["body_text"] and fields["body_html"]:
         fields["body_text"] = clean(html_to_text(fields["body_html"]))
     return fields
+
+
+def parse_bytes(raw: bytes) -> EmailMessage:
+    """The stdlib parser fed in slices: ``parsebytes`` would first make a str
+    copy of the whole message, which doubles the peak memory of a big one."""
+    parser = BytesFeedParser(policy=policy.default)
+    with memoryview(raw) as view:
+        for start in range(0, len(view), PARSE_CHUNK):
+            parser.feed(bytes(view[start:start + PARSE_CHUNK]))
+    return parser.close()
+
+
+def part_bytes(part: EmailMessage) -> bytes:
+    """The decoded body of a leaf part. Base64 is decoded straight from the
+    payload (the stdlib first splits it into lines and joins them again,
+    several copies of a 25 MiB attachment); anything odd goes the stdlib way."""
+    payload = part.get_payload()
+    if isinstance(payload, str) and str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
+        try:
+            return binascii.a2b_base64(payload)
+        except (binascii.Error, ValueError):
+            pass  # bad padding, stray bytes: the stdlib repairs what it can
+    return part.get_payload(decode=True) or b""
 
 
 def collect_parts(part: EmailMessage, texts: list, htmls: list, attachments: list, depth: int) -> None:
@@ -242,7 +268,7 @@ def nested_message(part: EmailMessage, payload: list) -> dict:
 
 
 def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attachments: list) -> None:
-    data = part.get_payload(decode=True) or b""
+    data = part_bytes(part)
     disposition = part.get_content_disposition()
     filename = part.get_filename()
     if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:

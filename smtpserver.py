@@ -234,8 +234,8 @@ class SMTPChannel(salmon_server.SMTPChannel):
         if b"\r\n." in buf:
             buf = buf.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2: drop the leading dot
         del buf[:2]
-        job = Job(bytes(buf), list(self.rcpttos), self.mail_from_text, self.peer_text, self)
-        del buf
+        # The bytearray itself is the message: no further copy of a big one.
+        job = Job(buf, list(self.rcpttos), self.mail_from_text, self.peer_text, self)
         self._set_post_data_state()
         self.pending = True
         self.held, self.ac_in_buffer = self.ac_in_buffer, b""
