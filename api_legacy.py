@@ -50,6 +50,11 @@ def generate():
     domain = Domain.by_name(wanted) if wanted else Domain.by_name(free[0])
     if domain is None or domain.type != "free":
         return fail("Invalid domain. Use one of the domains listed by /domains.", 400)
+    wait = models.retry_after("mailbox_create", request.remote_addr or "-")
+    if wait:
+        resp = fail("Too many addresses generated from your network. Try again later.", 429)
+        resp[0].headers["Retry-After"] = str(wait)
+        return resp
     username = request.args.get("username")
     if username is not None and username.strip() == "":
         username = None  # PHP's empty($_GET['username']) meant "random"

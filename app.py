@@ -16,6 +16,7 @@ from flask import Flask, jsonify, request
 from flask_cors import CORS
 from flask_wtf.csrf import CSRFProtect
 from itsdangerous import BadSignature, URLSafeSerializer
+from werkzeug.middleware.proxy_fix import ProxyFix
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -134,6 +135,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     )
     app.config.update(test_config)
     app.json.sort_keys = False
+    if conf.get("behind_proxy"):
+        # nginx / Passenger in front: trust one hop of X-Forwarded-For/-Proto so
+        # rate limits see the client's address and cookies get Secure on HTTPS.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
     db.init_app(app)
     register_parts(app)
     with app.app_context():

@@ -295,6 +295,74 @@ class QuotaUsage(db.Model):
         return used
 
 
+def insert_ignore(model, index_elements: list[str], **values) -> None:
+    """INSERT a row unless one with the same unique key exists (a concurrent
+    creator included): ``ON CONFLICT DO NOTHING`` on SQLite and PostgreSQL."""
+    dialect = db.session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        db.session.execute(insert(model).values(**values).on_conflict_do_nothing(
+            index_elements=index_elements))
+        return
+    try:  # other databases: a savepoint absorbs the lost creation race
+        with db.session.begin_nested():
+            db.session.add(model(**values))
+    except IntegrityError:
+        pass
+
+
+class RateCounter(db.Model):
+    """Fixed-window counters for abuse limits (mailbox creation per client IP,
+    sign-in attempts), kept in the database so every worker process shares them."""
+    __tablename__ = "rate_counters"
+    __table_args__ = (UniqueConstraint("bucket", "window"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    bucket: Mapped[str] = mapped_column(String(200))
+    window: Mapped[int] = mapped_column(Integer, index=True)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+
+    @staticmethod
+    def _window(seconds: int) -> int:
+        return int(now().replace(tzinfo=timezone.utc).timestamp()) // max(1, seconds)
+
+    @staticmethod
+    def hit(bucket: str, seconds: int) -> int:
+        """Count one event for ``bucket`` in the current window and commit;
+        returns the window's count including this one (atomic UPDATE)."""
+        window, bucket = RateCounter._window(seconds), bucket[:200]
+        insert_ignore(RateCounter, ["bucket", "window"], bucket=bucket, window=window, hits=0)
+        where = (RateCounter.bucket == bucket, RateCounter.window == window)
+        db.session.execute(update(RateCounter).where(*where).values(hits=RateCounter.hits + 1))
+        hits = db.session.scalar(select(RateCounter.hits).where(*where))
+        # old windows are worthless: drop them now and then, on the writer's dime
+        if hits == 1:
+            db.session.execute(delete(RateCounter).where(RateCounter.window < window - 1,
+                                                         RateCounter.bucket == bucket))
+        db.session.commit()
+        return hits
+
+    @staticmethod
+    def peek(bucket: str, seconds: int) -> int:
+        """The current window's count for ``bucket`` without counting."""
+        return db.session.scalar(select(RateCounter.hits).where(
+            RateCounter.bucket == bucket[:200], RateCounter.window == RateCounter._window(seconds))) or 0
+
+
+def retry_after(name: str, bucket: str) -> int:
+    """Count one event against the abuse limit ``name`` for ``bucket`` (e.g. a
+    client IP): 0 when it is allowed, else the seconds until the window ends."""
+    limit, seconds = rate_limit(name)
+    if limit <= 0 or RateCounter.hit(f"{name}:{bucket}", seconds) <= limit:
+        return 0
+    return seconds - int(now().replace(tzinfo=timezone.utc).timestamp()) % seconds
+
+
+def rate_limit(name: str) -> tuple[int, int]:
+    """``(limit, window_seconds)`` of the configured abuse limit ``name``; limit 0 = off."""
+    entry = (cfg("rate_limits") or {}).get(name) or {}
+    return int(entry.get("limit", 0)), int(entry.get("window_seconds", 60))
+
+
 class Mailbox(db.Model):
     __tablename__ = "mailboxes"
     id: Mapped[int] = mapped_column(primary_key=True)

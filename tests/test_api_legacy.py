@@ -304,3 +304,16 @@ def test_attachment_path_never_from_sender(app, client, mailbox):
         assert root in models.file_path(stored).parents and "passwd" not in stored
     att = client.get(f"/email/{msg_id}").get_json()["attachments"][0]
     assert client.get(att["file_path"]).data == b"x"
+
+
+def test_generate_rate_limited_per_client(app_factory, clock):
+    app = app_factory({"rate_limits": {"mailbox_create": {"limit": 3, "window_seconds": 60}}})
+    client = app.test_client()
+    codes = [client.get("/generate").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    resp = client.get("/api.php/generate")
+    assert resp.get_json()["success"] is False and 0 < int(resp.headers["Retry-After"]) <= 60
+    other = client.get("/generate", environ_base={"REMOTE_ADDR": "10.9.9.9"})
+    assert other.status_code == 200  # another client is not punished
+    clock.advance(61)
+    assert client.get("/generate").status_code == 200
