@@ -359,10 +359,11 @@ class MailServer:
         self.channels: set = set()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.replies: collections.deque = collections.deque()
-        self.running = False
-        self._wake_r, self._wake_w = os.pipe()
+        self.running = self.draining = False
+        wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self.wakeup = Wakeup(self._wake_r, self)
+        self.wakeup = Wakeup(wake_r, self)
+        os.close(wake_r)  # the dispatcher works on its own duplicate
         self.smtp = SMTPReceiver(self, host, port, reuse_port)
         self.port = self.smtp.port
         self.lmtp = LMTPReceiver(self, lmtp_socket) if lmtp_socket else None
@@ -380,14 +381,21 @@ class MailServer:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, finish the messages already received, close everything."""
-        self.running = False
+        """Stop accepting, store and answer the messages already received,
+        then close every connection."""
+        io_thread, writer = self.threads or (None, None)
+        self.draining = True
         self.poke()
         self.jobs.put(None)
-        for thread in self.threads:
-            thread.join(timeout=30)
-        for fd in (self._wake_w,):
-            os.close(fd)
+        if writer is not None:
+            writer.join(timeout=120)
+        self.running = False
+        self.poke()
+        if io_thread is not None:
+            io_thread.join(timeout=30)
+        else:
+            asyncore.close_all(map=self.map)
+        os.close(self._wake_w)
 
     def poke(self) -> None:
         try:
@@ -411,6 +419,8 @@ class MailServer:
             next_purge = time.monotonic() + self.purge_interval
             while self.running:
                 asyncore.loop(timeout=1.0, use_poll=True, map=self.map, count=1)
+                if self.draining and self.smtp.accepting:
+                    self.close_listeners()
                 now = time.monotonic()
                 if now >= next_tick:
                     self.close_idle(now)
@@ -419,8 +429,17 @@ class MailServer:
                     self.jobs.put(PURGE)
                     next_purge = now + self.purge_interval
             self.send_replies()
+            for channel in list(self.channels):
+                if channel.pending:  # arrived after the writer stopped: the sender retries
+                    channel.push("421 4.3.2 Shutting down, try again later")
+                    channel.initiate_send()
             asyncore.close_all(map=self.map)
             db.session.remove()
+
+    def close_listeners(self) -> None:
+        self.smtp.close()
+        if self.lmtp is not None:
+            self.lmtp.close()
 
     def accepted(self, channel_class, conn: socket.socket, addr) -> None:
         """A new connection: a channel for it, or 421 beyond the connection limit."""
@@ -460,8 +479,12 @@ class MailServer:
                 if batch is PURGE:
                     self.purge()
                     continue
-                store_batch(batch)
+                try:
+                    store_batch(batch)
+                except Exception:  # never leave a client without its answer
+                    log.exception("writer failed")
                 for job in batch:
+                    job.reply = job.reply or mailhandler.StoreFailed().smtp_reply
                     self.replies.append((job.channel, job.reply))
                 self.poke()
             db.session.remove()
