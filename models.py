@@ -408,12 +408,7 @@ class Mailbox(db.Model):
         if username is None:
             return Mailbox._create_random(domain, lifetime, user_id, session_id)
         username = check_username(username)
-        address = f"{username}@{domain.name}"
-        old = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
-        if old is not None:
-            if old.is_live:
-                raise MailboxError("taken")
-            old.delete()
+        address = Mailbox._claim(f"{username}@{domain.name}")
         t = now()
         box = Mailbox(address=address, username=username, domain=domain, created_at=t,
                       expires_at=t + timedelta(seconds=lifetime), user_id=user_id,
@@ -427,6 +422,18 @@ class Mailbox(db.Model):
             db.session.rollback()
             raise MailboxError("taken")
         return box
+
+    @staticmethod
+    def _claim(address: str) -> str:
+        """Make ``address`` free to take: a live owner makes it "taken"; an
+        expired one is deleted with its mail (the unique index still settles
+        a race between two claimants at commit)."""
+        old = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
+        if old is not None:
+            if old.is_live:
+                raise MailboxError("taken")
+            old.delete()
+        return address
 
     @staticmethod
     def _create_random(domain: Domain, lifetime: int, user_id, session_id) -> "Mailbox":
@@ -445,14 +452,9 @@ class Mailbox(db.Model):
         """Move this mailbox to ``username@domain`` keeping its messages; commits.
         Raises MailboxError like ``create``."""
         username = check_username(username)
-        address = f"{username}@{domain.name}"
-        if address == self.address:
+        if f"{username}@{domain.name}" == self.address:
             return self
-        old = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
-        if old is not None:
-            if old.is_live:
-                raise MailboxError("taken")
-            old.delete()
+        address = Mailbox._claim(f"{username}@{domain.name}")
         self.address, self.username, self.domain = address, username, domain
         try:
             Stat.bump(total_addresses=1)
