@@ -14,6 +14,7 @@ from __future__ import annotations
 import binascii
 import email.header
 import email.utils
+import hashlib
 import logging
 import mimetypes
 import os
@@ -35,6 +36,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import select
 
 import models
+import ops
 from models import Domain, Mailbox, Stat, db
 
 log = logging.getLogger("tempmail.mail")
@@ -59,6 +61,7 @@ class DeliveryError(Exception):
 
     smtp_code = "451 4.3.0"
     exit_code = 75  # EX_TEMPFAIL
+    reason = "error"  # the metrics label: a short fixed word per class
 
     def __init__(self, detail: str = ""):
         super().__init__(detail)
@@ -75,17 +78,17 @@ class DeliveryError(Exception):
 
 class UnknownRecipient(DeliveryError):
     """User unknown"""
-    smtp_code, exit_code = "550 5.1.1", 67  # EX_NOUSER
+    smtp_code, exit_code, reason = "550 5.1.1", 67, "user_unknown"  # EX_NOUSER
 
 
 class RelayDenied(DeliveryError):
     """Relay access denied"""
-    smtp_code, exit_code = "550 5.7.1", 67
+    smtp_code, exit_code, reason = "550 5.7.1", 67, "relay_denied"
 
 
 class TooLarge(DeliveryError):
     """Message size exceeds fixed maximum message size"""
-    smtp_code, exit_code = "552 5.3.4", 65  # EX_DATAERR
+    smtp_code, exit_code, reason = "552 5.3.4", 65, "too_big"  # EX_DATAERR
 
 
 class StoreFailed(DeliveryError):
@@ -380,12 +383,15 @@ def forced_failure() -> None:
 
 
 def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = "",
-            commit: bool = True) -> list[models.Message]:
+            commit: bool = True, dedupe: bool = True) -> list[models.Message]:
     """Store ``raw`` once per live mailbox among ``recipients``; the one entry
     point of every receiver. Raises UnknownRecipient, RelayDenied, TooLarge or
     StoreFailed. With ``commit=False`` (the daemon's group commit) refusals are
     still raised before anything is written, but storage errors propagate as
-    they are and the caller rolls back and commits with ``commit_durably``."""
+    they are and the caller rolls back and commits with ``commit_durably``.
+    A sender's retry of a message already stored is answered with the stored
+    copy (``earlier_copy``); ``dedupe=False`` (an operator's deliberate
+    ``flask import``) always stores."""
     try:
         if len(raw) > max_message_bytes():
             raise TooLarge(f"Message size exceeds fixed maximum message size ({max_message_bytes()})")
@@ -396,12 +402,14 @@ def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = 
             db.session.rollback()  # a catch-all mailbox flushed for nothing
         log_rejected(exc, mail_from, recipients, len(raw), peer)
         raise
+    envelope_from, digest = clean(mail_from)[:998], hashlib.sha256(raw).hexdigest()
     fields = parse_message(raw)
     attachments = fields.pop("attachments")
     db.session.info["defer_fsync"] = True
     try:
-        msgs = [models.store_message(box, dict(fields, envelope_from=clean(mail_from)[:998],
-                                               envelope_to=box.address), raw, attachments)
+        msgs = [(dedupe and earlier_copy(box, digest, envelope_from))
+                or store_copy(box, dict(fields, envelope_from=envelope_from, envelope_to=box.address),
+                              raw, attachments)
                 for box in boxes]
         db.session.flush()
         lines = describe(msgs, peer)  # before the commit expires the rows
@@ -416,9 +424,41 @@ def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = 
         log_rejected(failure, mail_from, recipients, len(raw), peer)
         raise failure from exc
     if commit:
-        for line in lines:
-            log.info(line)
+        log_accepted(lines)
     return msgs
+
+
+def log_accepted(lines: list[str]) -> None:
+    """One log line (and one metrics count) per stored copy, once durable."""
+    for line in lines:
+        ops.count_message("accepted")
+        log.info(line)
+
+
+def earlier_copy(box: Mailbox, digest: str, envelope_from: str) -> Optional[models.Message]:
+    """The copy of these very bytes from the same envelope sender that ``box``
+    got within ``dedupe_window_seconds`` (default 3600, 0 = off), or None.
+
+    A sender that lost our 250 (the daemon was killed after its commit, the
+    connection dropped) sends the same bytes again; answering with the stored
+    copy instead of a second one makes every retry land exactly once. Mail
+    that differs in any byte (another Date or Message-ID) is never merged."""
+    window = int(models.cfg("dedupe_window_seconds", 3600) or 0)
+    if window <= 0:
+        return None
+    since = models.now() - timedelta(seconds=window)
+    return db.session.scalar(select(models.Message).where(
+        models.Message.mailbox_id == box.id, models.Message.raw_sha256 == digest,
+        models.Message.envelope_from == envelope_from, models.Message.received_at >= since).limit(1))
+
+
+def store_copy(box: Mailbox, fields: dict, raw: bytes, attachments: list) -> models.Message:
+    """Store one copy for ``box`` and apply the per-mailbox cap
+    (``max_messages_per_mailbox``) in the same transaction, so a mailbox never
+    holds more than the cap once the delivery is durable."""
+    msg = models.store_message(box, fields, raw, attachments)
+    models.trim_mailbox(box.id)
+    return msg
 
 
 def commit_durably() -> None:
@@ -450,6 +490,7 @@ def describe(msgs: list, peer: str) -> list[str]:
 
 
 def log_rejected(exc: DeliveryError, mail_from: str, recipients, size: int, peer: str) -> None:
+    ops.count_message("rejected", exc.reason)
     log.info("rejected %s from=<%s> to=%s size=%d peer=%s", exc.smtp_reply, mail_from,
              ",".join(f"<{r}>" for r in recipients), size, peer)
 

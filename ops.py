@@ -213,11 +213,13 @@ def prepare_database(upgrade: bool = False) -> str:
 # retention
 
 def run_purge(batch_size: int = 500, grace_seconds: float = 3600, orphans: bool = True,
-              progress: Optional[Callable[[int], None]] = None) -> dict:
+              progress: Optional[Callable[[int], None]] = None, trim: bool = True) -> dict:
     """One full retention pass, as ``flask purge`` and the mail daemon's timer
-    run it: expired mailboxes, the per-mailbox cap, then orphaned files."""
+    run it: expired mailboxes, the per-mailbox cap, then orphaned files. The
+    daemon's timer passes ``trim=False``: ``deliver()`` caps each mailbox as
+    it stores, so a scan of every mailbox each minute would be wasted work."""
     result = models.purge_expired(batch_size, progress)
-    result["trimmed"] = models.trim_all_mailboxes(batch_size)
+    result["trimmed"] = models.trim_all_mailboxes(batch_size) if trim else 0
     result["orphan_files"] = models.remove_orphan_files(grace_seconds, batch_size) if orphans else []
     result["missing"] = models.find_missing_files(batch_size) if orphans else {}
     PURGE_RUNS.inc()
@@ -374,7 +376,8 @@ def import_command(path: Path, address: str, create: bool) -> None:
     with _bar(total, f"Importing into {box.address}") as bar:
         for raw in raws:
             try:
-                stored += len(handler.deliver(raw, [box.address], mail_from="", peer="flask import"))
+                stored += len(handler.deliver(raw, [box.address], mail_from="", peer="flask import",
+                                               dedupe=False))
             except handler.DeliveryError:
                 pass  # deliver() logged the refusal; the summary counts it
             bar.update(1)
