@@ -37,7 +37,7 @@ from salmon import server as salmon_server
 from salmon._vendor import asynchat, asyncore, smtpd
 
 import mailhandler
-import models
+import ops
 from mailhandler import DeliveryError, TooLarge
 from models import db
 
@@ -510,9 +510,7 @@ class MailServer:
 
     def purge(self) -> None:
         try:
-            totals = models.purge_expired()
-            if totals["mailboxes"]:
-                log.info("purged %(mailboxes)d mailboxes, %(messages)d messages", totals)
+            ops.run_purge(orphans=False, trim=False)
         except Exception:
             db.session.rollback()
             log.exception("purge failed")
@@ -537,8 +535,7 @@ def store_batch(jobs: list[Job]) -> None:
         store_singly(jobs)
         return
     for job in jobs:
-        for line in job.lines:
-            mailhandler.log.info(line)
+        mailhandler.log_accepted(job.lines)
         job.raw = b""
 
 

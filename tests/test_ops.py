@@ -116,3 +116,16 @@ def test_multiprocess_metrics_add_up_across_processes(backend, tmp_path, config_
     out = subprocess.run([sys.executable, "-c", scrape], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout
     assert 'tempmail_messages_total{outcome="rejected",reason="relay_denied"} 3.0' in out
+
+
+def test_metrics_count_messages_by_outcome(app, client):
+    import mailhandler
+    address = client.get("/generate?username=counted").get_json()["email"]
+    with app.app_context():
+        accepted = sample("tempmail_messages_total", outcome="accepted", reason="")
+        unknown = sample("tempmail_messages_total", outcome="rejected", reason="user_unknown")
+        mailhandler.deliver(b"Subject: hi\r\n\r\nbody\r\n", [address], "a@example.org")
+        with pytest.raises(mailhandler.UnknownRecipient):
+            mailhandler.deliver(b"Subject: hi\r\n\r\nbody\r\n", ["ghost@example.com"], "a@example.org")
+        assert sample("tempmail_messages_total", outcome="accepted", reason="") == accepted + 1
+        assert sample("tempmail_messages_total", outcome="rejected", reason="user_unknown") == unknown + 1
