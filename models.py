@@ -277,17 +277,7 @@ class QuotaUsage(db.Model):
         in Python), so concurrent requests in several worker processes each add
         exactly one: PostgreSQL serialises them on the row lock, SQLite on its
         write lock. The row is created first, ignoring a concurrent creator."""
-        dialect = db.session.get_bind().dialect.name
-        if dialect in ("postgresql", "sqlite"):
-            insert = pg_insert if dialect == "postgresql" else sqlite_insert
-            db.session.execute(insert(QuotaUsage).values(user_id=user_id, period=period, used=0)
-                               .on_conflict_do_nothing(index_elements=["user_id", "period"]))
-        elif QuotaUsage.used_in(user_id, period) == 0:
-            try:  # other databases: a savepoint absorbs the lost creation race
-                with db.session.begin_nested():
-                    db.session.add(QuotaUsage(user_id=user_id, period=period, used=0))
-            except IntegrityError:
-                pass
+        insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
         where = (QuotaUsage.user_id == user_id, QuotaUsage.period == period)
         db.session.execute(update(QuotaUsage).where(*where).values(used=QuotaUsage.used + 1))
         used = db.session.scalar(select(QuotaUsage.used).where(*where))  # still under our lock
@@ -361,6 +351,18 @@ def rate_limit(name: str) -> tuple[int, int]:
     """``(limit, window_seconds)`` of the configured abuse limit ``name``; limit 0 = off."""
     entry = (cfg("rate_limits") or {}).get(name) or {}
     return int(entry.get("limit", 0)), int(entry.get("window_seconds", 60))
+
+
+def mailbox_cap_reached() -> bool:
+    """True while ``max_live_mailboxes`` (0 or absent = no cap) live mailboxes
+    exist. Every way of creating an address refuses until some expire, so a
+    flood spread over many client addresses still cannot grow the tables
+    without bound."""
+    cap = int(cfg("max_live_mailboxes") or 0)
+    if cap <= 0:
+        return False
+    live = db.session.scalar(select(func.count(Mailbox.id)).where(Mailbox.expires_at > now())) or 0
+    return live >= cap
 
 
 class Mailbox(db.Model):
