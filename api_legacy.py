@@ -55,6 +55,10 @@ def generate():
         resp = fail("Too many addresses generated from your network. Try again later.", 429)
         resp[0].headers["Retry-After"] = str(wait)
         return resp
+    if models.mailbox_cap_reached():
+        resp = fail("No new addresses can be created right now. Try again later.", 503)
+        resp[0].headers["Retry-After"] = "60"
+        return resp
     username = request.args.get("username")
     if username is not None and username.strip() == "":
         username = None  # PHP's empty($_GET['username']) meant "random"

@@ -228,6 +228,16 @@ def domains():
 @bp.post("/emails")
 def create_email():
     domain = plan_domain(input_value("domain"))
+    # A per-client-IP limit of its own (rate_limits.api_mailbox_create, off
+    # unless configured): keys already meter every call through the plan's
+    # quota, and one integration legitimately creates many mailboxes at once.
+    wait = models.retry_after("api_mailbox_create", request.remote_addr or "-")
+    if wait:
+        response = fail(429, "Too many addresses created from your network. Try again later.")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    if models.mailbox_cap_reached():
+        raise ApiError(503, "No new addresses can be created right now. Try again later.")
     lifetime = int(user().plan_config().get("mailbox_lifetime_seconds") or 600)
     try:
         box = Mailbox.create(None, domain, lifetime, user_id=user().id)

@@ -181,11 +181,35 @@ def messages_of(box: Mailbox) -> list[Message]:
     return list(db.session.scalars(box.messages_query(newest_first=True).limit(200)))
 
 
+def creation_refusal() -> Optional[tuple[str, int, int]]:
+    """Why this client may not get a new address now, as (message, HTTP
+    status, Retry-After seconds), or None. Counts one attempt against the
+    per-client-IP ``mailbox_create`` limit shared with both APIs: every
+    cookie-less visit of ``/`` would otherwise create a mailbox."""
+    wait = models.retry_after("mailbox_create", request.remote_addr or "-")
+    if wait:
+        return "Too many addresses were created from your network. Try again later.", 429, wait
+    if models.mailbox_cap_reached():
+        return "No new addresses can be created right now. Try again later.", 503, 60
+    return None
+
+
+def refused_page(refusal: tuple[str, int, int]):
+    message, status, wait = refusal
+    resp = page("inbox_gone.html", reason="limit", message=message)
+    resp.status_code = status
+    resp.headers["Retry-After"] = str(wait)
+    return resp
+
+
 @bp.get("/")
 def index():
     """The temp-mail page: the visitor's address, created on the first visit."""
     box = session_box()
     if box is None and not session.get("released"):
+        refusal = creation_refusal()
+        if refusal:
+            return refused_page(refusal)
         box = new_session_box()
         if box is None:
             return page("inbox_gone.html", reason="no-domain"), 503
@@ -339,6 +363,12 @@ def change_address():
 @bp.post("/web/address/new")
 def new_address():
     """Drop the current address with its mail and hand out a new random one."""
+    refusal = creation_refusal()
+    if refusal:  # refused before the old address is given up
+        resp = done(refusal[0], "error", refusal[1])
+        resp = resp if not isinstance(resp, tuple) else make_response(*resp)
+        resp.headers["Retry-After"] = str(refusal[2])
+        return resp
     old = session_box()
     if old is not None:
         old.delete()
