@@ -74,7 +74,8 @@ def int_arg(name: str, default: int | None, maximum: int) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    # isdigit() alone lets "²" and 5,000-digit numbers through to int(), which raise.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or int(raw) > maximum:
         json_abort(400, success=False, error=f"Invalid {name}. Use a whole number from 0 to {maximum}.")
     return int(raw)
 
