@@ -623,13 +623,33 @@ class Stat(db.Model):
 
     @staticmethod
     def bump(total_addresses: int = 0, total_received: int = 0) -> None:
-        """Add to the counters inside the caller's transaction (one atomic UPDATE)."""
-        # synchronize_session=False: the ORM's in-memory evaluation of this
-        # UPDATE cost more than storing a message; the commit expires the row anyway.
-        db.session.execute(update(Stat).where(Stat.id == 1).values(
-            total_addresses=Stat.total_addresses + total_addresses,
-            total_received=Stat.total_received + total_received, last_updated=now())
-            .execution_options(synchronize_session=False))
+        """Add to the counters inside the caller's transaction (one atomic UPDATE).
+
+        Inside ``Stat.deferred()`` (the mail daemon's group commit) the amounts
+        are summed instead and written by one UPDATE just before the commit."""
+        pending = db.session.info.get("stat_deferred")
+        if pending is not None:
+            pending[0] += total_addresses
+            pending[1] += total_received
+            return
+        # A Core UPDATE of the table: the ORM's bulk-update machinery (even with
+        # synchronize_session=False) cost more than storing a message.
+        table = Stat.__table__
+        db.session.execute(update(table).where(table.c.id == 1).values(
+            total_addresses=table.c.total_addresses + total_addresses,
+            total_received=table.c.total_received + total_received, last_updated=now()))
+
+    @staticmethod
+    def defer() -> None:
+        """Start summing ``bump`` calls in this session (see ``flush_deferred``)."""
+        db.session.info["stat_deferred"] = [0, 0]
+
+    @staticmethod
+    def flush_deferred() -> None:
+        """Write the sums collected since ``defer`` (one UPDATE) and stop deferring."""
+        pending = db.session.info.pop("stat_deferred", None)
+        if pending is not None and (pending[0] or pending[1]):
+            Stat.bump(total_addresses=pending[0], total_received=pending[1])
 
     @staticmethod
     def snapshot() -> dict:
@@ -670,7 +690,9 @@ def store_message(mailbox: Mailbox, fields: dict, raw: bytes,
     msg = Message(mailbox_id=mailbox.id, received_at=now(), size=len(raw), **fields)
     msg.raw_path = write_file(raw, ".eml")
     msg.raw_sha256 = hashlib.sha256(raw).hexdigest()
-    msg.attachments.extend(attachment_rows(attachments))
+    # Assigned, not extended: a pending object's extended collection is not
+    # marked loaded, and reading it later (the log line) cost one SELECT.
+    msg.attachments = attachment_rows(attachments)
     db.session.add(msg)
     Stat.bump(total_received=1)
     return msg
@@ -963,10 +985,14 @@ def write_file(data: bytes, suffix: str) -> str:
     """Store ``data`` durably under a server-chosen name; returns the path relative to uploads."""
     sub = now().strftime("%Y%m%d")
     folder = uploads_dir() / sub
-    folder.mkdir(parents=True, exist_ok=True)
     rel = f"{sub}/{uuid.uuid4().hex}{suffix}"
     tmp = folder / (uuid.uuid4().hex + ".tmp")
-    with open(tmp, "wb") as fh:
+    try:
+        fh = open(tmp, "wb")
+    except FileNotFoundError:  # a new day (or the purge removed the empty folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(tmp, "wb")
+    with fh:
         fh.write(data)
         fh.flush()
         # mailhandler.deliver sets "defer_fsync" and syncs a whole batch of
