@@ -59,7 +59,7 @@ def run_session(port: int, payload: bytes) -> str:
             return "closed"
     except socket.timeout:
         return "open"
-    except (ConnectionResetError, BrokenPipeError):
+    except OSError:  # reset, broken pipe, or already closed by the daemon before our half-close
         return "reset"
 
 
