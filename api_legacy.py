@@ -11,7 +11,7 @@ from __future__ import annotations
 from urllib.parse import unquote
 
 from flask import Blueprint, abort, jsonify, make_response, request, send_file
-from sqlalchemy import select
+from sqlalchemy import Integer, bindparam, func, select
 
 import models
 from models import Attachment, Domain, Mailbox, MailboxError, Message, Stat, db
@@ -84,24 +84,53 @@ def int_arg(name: str, default: int | None, maximum: int) -> int | None:
 def inbox(email: str):
     # Flask has already decoded %40 once; some clients encode twice.
     address = unquote(email) if "%" in email else email
-    box = Mailbox.find_live(address)
+    box = live_mailbox_row(address)
     if box is None:
         return jsonify(error="Email not found", searched_for=address,
                        hint="Generate this email first via /generate endpoint"), 404
     limit = int_arg("limit", None, 1000)
     offset = int_arg("offset", 0, 10**9)
-    # Only the summary columns, as plain rows: building whole Message objects
-    # (bodies included) was most of the cost of listing a large mailbox.
-    query = (select(Message.id, Message.from_email, Message.from_name, Message.subject,
-                    Message.is_read, Message.received_at)
-             .where(Message.mailbox_id == box.id).order_by(Message.id).offset(offset))
-    if limit is not None:
-        query = query.limit(limit)
-    emails = [Message.to_legacy_summary(row) for row in db.session.execute(query)]
+    # Only the summary columns, as plain rows, from statements built once
+    # and run as Core: whole Message objects (bodies included), then building
+    # and caching the statement per request were most of the cost.
+    conn = db.session.connection()
+    params = {"mailbox_id": box.id, "offset": offset}
+    if limit is None:
+        rows = conn.execute(INBOX_ALL, params)
+    else:
+        rows = conn.execute(INBOX_PAGE, dict(params, limit=limit))
+    zone = models.local_zone()  # once, not once per message
+    emails = [{"id": row.id, "from_email": row.from_email, "from_name": row.from_name,
+               "subject": row.subject, "is_read": int(row.is_read),  # PHP/MySQL TINYINT
+               "received_at": models.fmt_local(row.received_at, zone)}
+              for row in rows]
     # Unpaged, the list is the whole mailbox (same transaction): no COUNT needed.
-    total = len(emails) if limit is None and offset == 0 else box.message_count()
-    return jsonify(success=True, email=box.address, created_at=models.fmt_local(box.created_at),
-                   expires_at=models.fmt_local(box.expires_at), total=total, emails=emails)
+    total = len(emails) if limit is None and offset == 0 else conn.scalar(INBOX_COUNT, params) or 0
+    return jsonify(success=True, email=box.address, created_at=models.fmt_local(box.created_at, zone),
+                   expires_at=models.fmt_local(box.expires_at, zone), total=total, emails=emails)
+
+
+_messages = Message.__table__
+INBOX_ALL = (select(_messages.c.id, _messages.c.from_email, _messages.c.from_name, _messages.c.subject,
+                    _messages.c.is_read, _messages.c.received_at)
+             .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
+             .offset(bindparam("offset", type_=Integer)))
+INBOX_PAGE = INBOX_ALL.limit(bindparam("limit", type_=Integer))
+INBOX_COUNT = (select(func.count()).select_from(_messages)
+               .where(_messages.c.mailbox_id == bindparam("mailbox_id")))
+_mailboxes = Mailbox.__table__
+INBOX_BOX = (select(_mailboxes.c.id, _mailboxes.c.address, _mailboxes.c.created_at, _mailboxes.c.expires_at)
+             .where(_mailboxes.c.address == bindparam("address")))
+
+
+def live_mailbox_row(address: str):
+    """``Mailbox.find_live`` as a plain row of the four columns the inbox
+    shows (no ORM object, no joined domain), or None."""
+    address = (address or "").strip().lower()
+    if not models.plausible(address, 320):
+        return None
+    row = db.session.connection().execute(INBOX_BOX, {"address": address}).first()
+    return row if row is not None and row.expires_at > models.now() else None
 
 
 def live_message(raw_id: str) -> Message:

@@ -74,11 +74,12 @@ def local_zone() -> ZoneInfo:
     return ZoneInfo(current_app.config["TEMPMAIL"].get("timezone") or "UTC")
 
 
-def fmt_local(value: Optional[datetime]) -> Optional[str]:
-    """``YYYY-MM-DD HH:MM:SS`` in the configured zone, as the PHP API printed MySQL DATETIMEs."""
+def fmt_local(value: Optional[datetime], zone: Optional[ZoneInfo] = None) -> Optional[str]:
+    """``YYYY-MM-DD HH:MM:SS`` in the configured zone (or ``zone``, for a caller
+    formatting many values), as the PHP API printed MySQL DATETIMEs."""
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc).astimezone(local_zone()).strftime("%Y-%m-%d %H:%M:%S")
+    return value.replace(tzinfo=timezone.utc).astimezone(zone or local_zone()).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def fmt_iso(value: datetime) -> str:
