@@ -417,6 +417,13 @@ class Mailbox(db.Model):
                       expires_at=t + timedelta(seconds=lifetime), user_id=user_id,
                       session_id=session_id, token=_secrets.token_hex(8))
         db.session.add(box)
+        Mailbox._commit_claim()
+        return box
+
+    @staticmethod
+    def _commit_claim() -> None:
+        """Count the newly taken address and commit; a clash on the unique
+        address index means a concurrent claimant won, so it is "taken"."""
         try:
             db.session.flush()
             Stat.bump(total_addresses=1)
@@ -424,7 +431,6 @@ class Mailbox(db.Model):
         except IntegrityError:
             db.session.rollback()
             raise MailboxError("taken")
-        return box
 
     @staticmethod
     def _claim(address: str) -> str:
@@ -459,12 +465,7 @@ class Mailbox(db.Model):
             return self
         address = Mailbox._claim(f"{username}@{domain.name}")
         self.address, self.username, self.domain = address, username, domain
-        try:
-            Stat.bump(total_addresses=1)
-            db.session.commit()
-        except IntegrityError:
-            db.session.rollback()
-            raise MailboxError("taken")
+        Mailbox._commit_claim()
         return self
 
     def messages_query(self, newest_first: bool = False):

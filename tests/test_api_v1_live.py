@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import ast
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 import requests
 
 import models
+from conftest import free_port, wait_for_port
 from models import ApiKey, Mailbox, QuotaUsage, User, db
 from seeds import SEEDS, examples
 from shapes import assert_same_shape
@@ -24,25 +23,6 @@ from shapes import assert_same_shape
 ROOT = Path(__file__).resolve().parent.parent
 SEED_BASE = "https://v1.tempmailg.com"
 SEED_MESSAGE_ID = "ap94AWDg123ELQz07vrVB9dLXlbqZM5NGwYxOJKko8n6m1"
-
-
-# tests/conftest.py has free_port/wait_for_port, but ``import conftest`` is
-# ambiguous once tests/browser/ has a conftest of its own; these are the same.
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 @contextmanager
