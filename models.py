@@ -29,6 +29,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm.attributes import set_committed_value
 from werkzeug.security import check_password_hash, generate_password_hash
 
 
@@ -36,7 +37,10 @@ class Base(DeclarativeBase):
     pass
 
 
-db = SQLAlchemy(model_class=Base)
+# Rows stay readable after a commit without a refresh query: cheaper, and a
+# row another worker deletes meanwhile cannot turn a finished answer into a
+# 500 (ObjectDeletedError on the refresh).
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 
 USERNAME_RE = re.compile(r"^[a-z0-9]{3,20}$")
 PUBLIC_ID_ALPHABET = string.ascii_letters + string.digits
@@ -551,9 +555,12 @@ class Message(db.Model):
         return msg if msg is not None and msg.mailbox.is_live else None
 
     def mark_read(self) -> None:
-        """Set the read flag and commit (only writes when it changes)."""
+        """Set the read flag and commit (only writes when it changes). A plain
+        UPDATE, so a message deleted meanwhile by another request matches no
+        row instead of failing this one with a stale-data error."""
         if not self.is_read:
-            self.is_read = True
+            db.session.execute(update(Message).where(Message.id == self.id).values(is_read=True))
+            set_committed_value(self, "is_read", True)
             db.session.commit()
 
     def attachment_named(self, name: str) -> Optional["Attachment"]:
