@@ -18,11 +18,6 @@ from models import Attachment, Domain, Mailbox, MailboxError, Message, Stat, db
 
 bp = Blueprint("legacy", __name__)
 
-ERRORS = {
-    "invalid": "Invalid username. Use 3-20 alphanumeric characters only.",
-    "reserved": "This username is reserved and cannot be used.",
-    "taken": "Username already taken. Please choose another one.",
-}
 
 
 def fail(message: str, status: int):
@@ -65,7 +60,7 @@ def generate():
     try:
         box = Mailbox.create(username, domain, int(models.cfg("mailbox_lifetime_seconds", 86400)))
     except MailboxError as exc:
-        return fail(ERRORS[exc.code], 409 if exc.code == "taken" else 400)
+        return fail(exc.message, 409 if exc.code == "taken" else 400)
     return jsonify(success=True, email=box.address, username=box.username,
                    domain=box.domain.name, expires_at=models.fmt_local(box.expires_at))
 
@@ -182,15 +177,24 @@ def attachment_file(att_id: int, name: str):
 
 def send_stored(att: Attachment):
     """Send an attachment's bytes as a download that no browser renders inline."""
+    resp = stored_download(att.stored_path, att.content_type or "application/octet-stream",
+                           att.filename or "attachment")
+    if resp is None:
+        json_abort(404, error="Attachment file missing")
+    return resp
+
+
+def stored_download(rel: str | None, mimetype: str, name: str):
+    """A stored file (attachment or raw .eml) as a download that no browser
+    renders inline or sniffs; None when the file is gone, so each caller
+    answers in its own error shape."""
     try:
-        path = models.file_path(att.stored_path)
+        path = models.file_path(rel) if rel else None
     except ValueError:
         path = None
     if path is None or not path.exists():
-        json_abort(404, error="Attachment file missing")
-    resp = send_file(path, mimetype=att.content_type or "application/octet-stream",
-                     as_attachment=True, download_name=att.filename or "attachment",
-                     max_age=0)
+        return None
+    resp = send_file(path, mimetype=mimetype, as_attachment=True, download_name=name, max_age=0)
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return resp

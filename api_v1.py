@@ -27,13 +27,6 @@ bp = Blueprint("api_v1", __name__)
 log = logging.getLogger("tempmail.api")
 
 DOMAIN_TYPES = ("free", "premium")
-USERNAME_ERRORS = {
-    "invalid": "Invalid username. Use 3-20 alphanumeric characters only.",
-    "reserved": "This username is reserved and cannot be used.",
-    # 422 rather than 409: the User API's documented error codes are
-    # 401/403/404/405/422/429, and clients branch on those.
-    "taken": "Username already taken. Please choose another one.",
-}
 HTTP_MESSAGES = {400: "Bad request.", 401: "Unauthenticated.", 403: "Forbidden.",
                  404: "Not found.", 405: "Method not allowed.", 413: "Request too large.",
                  415: "Unsupported media type.", 422: "Invalid input.",
@@ -253,7 +246,9 @@ def switch_email(current: str, username: str, domain: str):
     try:
         box.rename(username, target)
     except MailboxError as exc:
-        raise ApiError(422, USERNAME_ERRORS[exc.code])
+        # 422 rather than 409 for a taken name: the User API's documented error
+        # codes are 401/403/404/405/422/429, and clients branch on those.
+        raise ApiError(422, exc.message)
     return ok(data=box.to_v1())
 
 

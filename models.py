@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session as FlaskSession
-from sqlalchemy import (event, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
+from sqlalchemy import (event, Boolean, DateTime, ForeignKey, Index, Integer,
                         String, Text, UniqueConstraint, delete, func, select, update)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -55,11 +55,23 @@ WORDS = ("apple", "maple", "river", "cloud", "tiger", "ocean", "amber", "cedar",
 
 
 class MailboxError(Exception):
-    """A mailbox could not be created; ``code`` names why (invalid, reserved, taken, domain)."""
+    """A mailbox could not be created; ``code`` names why (invalid, reserved,
+    taken) and ``message`` says it in the words of the PHP original, which
+    both APIs and the web page show as they are."""
+
+    MESSAGES = {
+        "invalid": "Invalid username. Use 3-20 alphanumeric characters only.",
+        "reserved": "This username is reserved and cannot be used.",
+        "taken": "Username already taken. Please choose another one.",
+    }
 
     def __init__(self, code: str):
         super().__init__(code)
         self.code = code
+
+    @property
+    def message(self) -> str:
+        return self.MESSAGES.get(self.code, self.MESSAGES["invalid"])
 
 
 # --------------------------------------------------------------------------

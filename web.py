@@ -21,13 +21,13 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redirect,
-                   render_template, request, send_file, session, url_for)
+                   render_template, request, session, url_for)
 from sqlalchemy import case, func, select
 
 import app as tempmail
 import mailview
 import models
-from api_legacy import ERRORS, send_stored
+from api_legacy import send_stored, stored_download
 from models import Domain, Mailbox, MailboxError, Message, db
 
 bp = Blueprint("web", __name__)
@@ -314,15 +314,9 @@ def attachment(token: Optional[str], msg_id: int, att_id: int):
 def message_raw(token: Optional[str], msg_id: int):
     """The message exactly as it was received, as a ``.eml`` download."""
     msg = scope_for(token).message(msg_id)
-    try:
-        path = models.file_path(msg.raw_path) if msg.raw_path else None
-    except ValueError:
-        path = None
-    if path is None or not path.exists():
+    resp = stored_download(msg.raw_path, "message/rfc822", f"message-{msg.id}.eml")
+    if resp is None:
         abort(404)
-    resp = send_file(path, mimetype="message/rfc822", as_attachment=True,
-                     download_name=f"message-{msg.id}.eml", max_age=0)
-    resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return resp
 
 
@@ -356,7 +350,7 @@ def change_address():
     try:
         scope.box.rename(request.form.get("username", ""), domain)
     except MailboxError as exc:
-        return done(ERRORS.get(exc.code, ERRORS["invalid"]), "error", 409 if exc.code == "taken" else 400)
+        return done(exc.message, "error", 409 if exc.code == "taken" else 400)
     return done(f"Your address is now {scope.box.address}.")
 
 
