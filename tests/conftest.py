@@ -158,7 +158,12 @@ def app_factory(backend, tmp_path, request, clock):
         return app
 
     yield make
-    for app in made:
+    dispose(made)
+
+
+def dispose(apps) -> None:
+    """Close every connection the apps' engines hold (PostgreSQL counts them)."""
+    for app in apps:
         with app.app_context():
             db.session.remove()
             db.engine.dispose()

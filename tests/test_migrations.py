@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, inspect, select, text
 
 import ops
 from app import create_app, resolve_db_url
-from conftest import ROOT, TEST_DOMAINS
+from conftest import ROOT, TEST_DOMAINS, dispose
 from models import Domain, Mailbox, Message, db
 
 HEAD = ScriptDirectory(str(ops.MIGRATIONS_DIR)).get_current_head()
@@ -42,10 +42,7 @@ def make_app(fresh_url, tmp_path, clock):
         made.append(app)
         return app
     yield make
-    for app in made:
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+    dispose(made)
 
 
 def versions(conn) -> list[str]:

@@ -48,6 +48,17 @@ def only_message(client, address: str) -> dict:
     return client.get(f"/api.php/email/{summary['id']}").get_json()
 
 
+def reply_codes_until_bye(sock) -> list[bytes]:
+    """Read a pipelined session's replies up to ``221 Bye``; the final line
+    code of each reply (multi-line EHLO answers count once)."""
+    replies = b""
+    while not replies.endswith(b"221 Bye\r\n"):
+        chunk = sock.recv(4096)
+        assert chunk, replies
+        replies += chunk
+    return [line[:3] for line in replies.split(b"\r\n") if line[3:4] == b" "]
+
+
 def test_message_over_smtp_shows_in_api_with_attachments(app, client, mail_server):
     make_boxes(app, "alice")
     blob = os.urandom(150_000) + b"\r\n.\r\n\x00"  # binary, with a bare end-of-data lookalike
@@ -164,12 +175,7 @@ def test_pipelined_transactions_and_garbage_commands(app, client, mail_server):
               b"RCPT TO:<broken\r\n\xff\xfe\r\nQUIT\r\n")
     with socket.create_connection(("127.0.0.1", mail_server.port), timeout=20) as sock:
         sock.sendall(script)
-        replies = b""
-        while not replies.endswith(b"221 Bye\r\n"):
-            chunk = sock.recv(4096)
-            assert chunk, replies
-            replies += chunk
-    codes = [line[:3] for line in replies.split(b"\r\n") if line[3:4] == b" "]
+        codes = reply_codes_until_bye(sock)
     assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250",
                      b"503", b"501", b"221"]
     subjects = [m["subject"] for m in inbox(client, "ida@example.com")]
@@ -189,12 +195,7 @@ def test_lmtp_unix_socket_unstuffs_dots_and_answers_per_recipient(app, client, t
             sock.sendall(b"LHLO mx\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<jon@example.com>\r\n"
                          b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<kim@example.com>\r\nDATA\r\n"
                          b"Subject: lmtp\r\n\r\n..starts with a dot\r\n...two\r\n.\r\nQUIT\r\n")
-            replies = b""
-            while not replies.endswith(b"221 Bye\r\n"):
-                chunk = sock.recv(4096)
-                assert chunk, replies
-                replies += chunk
-        codes = [line[:3] for line in replies.split(b"\r\n") if line[3:4] == b" "]
+            codes = reply_codes_until_bye(sock)
         assert codes == [b"220", b"250", b"250", b"250", b"550", b"250", b"354", b"250", b"250", b"221"]
         lmtp = smtplib.LMTP(path, local_hostname="mx")
         lmtp.sendmail("s@example.org", ["kim@example.com"], b"Subject: again\r\n\r\nx\r\n")
