@@ -19,15 +19,13 @@ from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from models import ApiKey, RateCounter, User, cfg, db
+import limits
+from models import ApiKey, User, cfg, db
 
 bp = Blueprint("accounts", __name__)
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MIN_PASSWORD, MAX_PASSWORD = 8, 200
-# Failed sign-ins allowed per window: per IP + e-mail (guessing one account's
-# password) and per IP alone (trying many accounts).
-LOGIN_LIMITS = {"login": (10, 900), "login_ip": (50, 900)}
 # Compared against when the e-mail is unknown, so a wrong address takes as long
 # as a wrong password and response times do not reveal who has an account.
 _DUMMY_HASH = generate_password_hash("not a real password")
@@ -90,30 +88,11 @@ def safe_next(target: Optional[str]) -> str:
 # --------------------------------------------------------------------------
 # login rate limiting
 
-def limit_of(name: str) -> tuple[int, int]:
-    """(failures allowed, window seconds); config ``rate_limits.<name>`` overrides."""
-    entry = (cfg("rate_limits") or {}).get(name) or {}
-    default_limit, default_window = LOGIN_LIMITS[name]
-    return int(entry.get("limit", default_limit)), int(entry.get("window_seconds", default_window))
-
-
 def login_buckets(email: str) -> list[tuple[str, str]]:
+    """The limits a sign-in attempt counts against: per IP + e-mail (guessing
+    one account's password) and per IP alone (trying many accounts)."""
     ip = request.remote_addr or "-"
-    return [("login", f"login:{ip}:{email}"), ("login_ip", f"login_ip:{ip}")]
-
-
-def login_blocked(email: str) -> bool:
-    """True once this client has used up its failed attempts for the window."""
-    for name, bucket in login_buckets(email):
-        limit, window = limit_of(name)
-        if limit > 0 and RateCounter.peek(bucket, window) >= limit:
-            return True
-    return False
-
-
-def record_failed_login(email: str) -> None:
-    for name, bucket in login_buckets(email):
-        RateCounter.hit(bucket, limit_of(name)[1])
+    return [("login", f"{ip}:{email}"), ("login_ip", ip)]
 
 
 def authenticate(email: str, password: str) -> Optional[User]:
@@ -154,7 +133,7 @@ def register(email: str, password: str) -> Optional[User]:
 
 @bp.route("/signup", methods=["GET", "POST"])
 def signup():
-    if not cfg("registration_open", True):
+    if not cfg("registration_open"):
         return render_template("account/closed.html"), 403
     email = (request.form.get("email") or "").strip().lower()
     if request.method == "POST":
@@ -177,14 +156,17 @@ def signin():
     next_url = request.values.get("next") or ""
     if request.method == "GET":
         return render_template("account/signin.html", email=email, next_url=next_url)
-    if login_blocked(email):
+    # A failure is reserved before the password is checked and given back on
+    # success: counting afterwards let parallel guesses all pass the check.
+    if limits.take_all(login_buckets(email)):
         flash("Too many failed attempts. Wait 15 minutes and try again.", "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 429
     user = authenticate(email, request.form.get("password") or "")
     if user is None:
-        record_failed_login(email)
         flash("Wrong e-mail address or password.", "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 401
+    for name, bucket in login_buckets(email):
+        limits.give_back(name, bucket)
     sign_in_session(user)
     return redirect(safe_next(next_url))
 
@@ -201,7 +183,7 @@ def signout():
 # API Management
 
 def management_context(user: User, new_key: Optional[str] = None) -> dict:
-    quota = user.quota_status()
+    quota = limits.quota_status(user)
     used_pct = min(100, round(100 * quota["used"] / quota["limit"])) if quota["limit"] else 100
     return {"user": user, "key": user.live_key(), "new_key": new_key, "quota": quota, "used_pct": used_pct,
             "reset": quota["reset"].isoformat(), "reset_text": quota["reset"].strftime("%Y-%m-%d %H:%M (UTC%z)"),
@@ -242,7 +224,7 @@ def revoke_key():
 def inject_account():
     """Templates (the header's account links) see the signed-in user."""
     return {"account_user": current_user() if has_request_context() else None,
-            "registration_open": cfg("registration_open", True)}
+            "registration_open": cfg("registration_open")}
 
 
 def init_app(app: Flask) -> None:

@@ -8,6 +8,8 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from models import ApiKey, QuotaUsage, User, db
+import limits  # noqa: E402
+import clock  # noqa: E402
 
 PASSWORD = "correct horse 42"
 TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -229,9 +231,9 @@ def test_revoke_key(app, client):
 def test_management_page_shows_plan_quota_and_base_url(app):
     user_id = make_user(app)
     with app.app_context():
-        db.session.add(QuotaUsage(user_id=user_id, period=QuotaUsage.current_period(), used=1234))
+        db.session.add(QuotaUsage(user_id=user_id, period=limits.quota_period(), used=1234))
         db.session.commit()
-        reset = QuotaUsage.next_reset().isoformat()
+        reset = clock.next_month_start().isoformat()
     client = app.test_client()
     sign_in(client)
     # a browser that reached this server as mail.example.net:8080, with the session cookie
