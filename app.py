@@ -6,8 +6,6 @@ the configuration, sets up the database and assembles them.
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
 import secrets
@@ -28,75 +26,13 @@ import apidocs
 import cli
 import models
 import ops
+import settings
 import web
 from models import db
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("tempmail")
 csrf = CSRFProtect()
-
-DEFAULTS = {
-    "site_name": "TempMail",
-    "domains": [],
-    "database_url": "sqlite:///instance/tempmail.db",
-    "uploads_dir": "uploads",
-    "timezone": "UTC",
-    "mailbox_lifetime_seconds": 86400,
-    "reserved_usernames": [],
-    "max_message_bytes": 26214400,
-    "smtp": {"host": "127.0.0.1", "port": 2525, "processes": 1, "max_connections": 500,
-             "idle_timeout": 300, "purge_interval": 60, "hostname": None},
-    "lmtp": {"socket": None},
-    "catch_all": False,
-    "max_messages_per_mailbox": 0,
-    "max_live_mailboxes": 0,
-    "dedupe_window_seconds": 3600,
-    "storage": {"backend": "filesystem", "min_free_bytes": None},
-    "legacy_api": {"enabled": True},
-    "metrics": {"enabled": True, "token": None},
-    "rate_limits": {"mailbox_create": {"limit": 30, "window_seconds": 60},
-                    "api_mailbox_create": {"limit": 0, "window_seconds": 60},
-                    "login": {"limit": 10, "window_seconds": 900},
-                    "login_ip": {"limit": 50, "window_seconds": 900}},
-    "plans": {
-        "free": {"monthly_quota": 50000, "domain_types": ["free"], "mailbox_lifetime_seconds": 600},
-        "premium": {"monthly_quota": 500000, "domain_types": ["free", "premium"],
-                    "mailbox_lifetime_seconds": 3600},
-    },
-    "registration_open": True,
-    "cors_origins": "*",
-}
-
-
-def load_config(root: Path = ROOT) -> dict:
-    """Read ``$TEMPMAIL_CONFIG`` or ``config.json``, falling back to the example
-    with a warning; then apply ``DATABASE_URL`` / ``SECRET_KEY`` from the environment."""
-    path = Path(os.environ.get("TEMPMAIL_CONFIG") or root / "config.json")
-    if not path.is_absolute():
-        path = root / path
-    if not path.exists():
-        log.warning("%s not found; using config.example.json", path)
-        path = root / "config.example.json"
-    conf = copy.deepcopy(DEFAULTS)
-    if path.exists():
-        with open(path, encoding="utf-8") as fh:
-            deep_merge(conf, json.load(fh))
-    if os.environ.get("DATABASE_URL"):
-        conf["database_url"] = os.environ["DATABASE_URL"]
-    if os.environ.get("SECRET_KEY"):
-        conf["secret_key"] = os.environ["SECRET_KEY"]
-    return conf
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """Merge ``over`` into ``base``: nested sections key by key, anything else replaced."""
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
-
 
 def resolve_db_url(url: str, root: Path = ROOT) -> str:
     """Make a relative SQLite path relative to the project folder, not the CWD."""
@@ -146,11 +82,13 @@ def _sqlite_pragmas(dbapi_conn, _record):
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the Flask application. ``test_config`` overrides Flask settings, and
-    its ``TEMPMAIL`` key overrides entries of the TempMail configuration."""
+    its ``TEMPMAIL`` key is deep-merged over the TempMail configuration.
+    Raises ``settings.ConfigError`` for an unknown key or a wrong type."""
     app = Flask(__name__, instance_path=str(ROOT / "instance"), instance_relative_config=True)
     test_config = dict(test_config or {})
-    conf = load_config()
-    deep_merge(conf, test_config.pop("TEMPMAIL", {}))
+    # Defaults, config file, environment, then the caller's overrides, each
+    # checked against the schema in settings.py (ConfigError names a bad key).
+    conf = settings.load(ROOT, test_config.pop("TEMPMAIL", None))
     app.config["TEMPMAIL"] = conf
     app.config.update(
         SECRET_KEY=conf.get("secret_key") or instance_secret(Path(app.instance_path)),
