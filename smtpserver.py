@@ -165,7 +165,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
         line = b"".join(self.received_lines)
         self.received_lines, self.num_bytes = [], 0
         log.info("refused command with a bare CR or LF from %s: %s", self.peer_text,
-                 line[:200].decode("utf-8", "replace"))
+                 logsafe.escape(line[:200].decode("utf-8", "replace")))  # also where no filter is installed
         self.push("501 5.5.2 Syntax error: bare CR or LF in command")
 
     def handle_error(self) -> None:

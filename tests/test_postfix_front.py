@@ -110,6 +110,13 @@ class PrivatePostfix:
                               capture_output=True, timeout=60)
 
 
+@pytest.fixture(params=["sqlite"])
+def backend(request):
+    """Once, on SQLite: what is tested here is the hand-over from Postfix;
+    storing UTF-8 on both databases is tests/test_smtp_protocol.py's part."""
+    return request.param
+
+
 @pytest.fixture
 def workdir():
     """A folder the postfix user can traverse (pytest's tmp_path is 0700)."""
