@@ -24,6 +24,7 @@ import api_legacy
 import api_v1
 import apidocs
 import cli
+import logsafe
 import models
 import ops
 import settings
@@ -107,6 +108,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
     db.init_app(app)
     register_parts(app)
+    # Control characters in anything logged (addresses, paths, headers) are
+    # escaped, so no client can forge a log line.
+    logsafe.install([app.logger.name, "gunicorn.error", "gunicorn.access"])
     with app.app_context():
         ops.prepare_database()  # creates the tables, or stamps/checks the migration revision
         models.ensure_seed_rows()

@@ -96,10 +96,14 @@ class Recipient:
 
 def parse_recipient(given: str) -> Recipient:
     """Split an envelope address: lower-cased, brackets gone, ``+tag`` apart."""
-    addr = (given or "").strip().strip("<>").strip().lower()
+    addr = (given or "").strip().strip("<>").strip()
     local, _, domain = addr.rpartition("@")
     local, plus, tag = local.partition("+")
-    return Recipient(given, local, domain, tag[:MAX_TAG] if plus and tag else None)
+    # Lower-case only what is ASCII: Unicode case folding would turn a KELVIN
+    # SIGN into "k" and let a look-alike name reach someone else's mailbox.
+    local = local.lower() if local.isascii() else local
+    tag = tag.lower() if tag.isascii() else tag
+    return Recipient(given, local, domain.lower(), tag[:MAX_TAG] if plus and tag else None)
 
 
 def decide(rcpt: Recipient, domain_known: bool, expires_at: Optional[datetime]) -> str:

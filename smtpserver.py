@@ -20,6 +20,7 @@ processes can share the port with SO_REUSEPORT (``smtp.processes``).
 from __future__ import annotations
 
 import collections
+import grp
 import logging
 import os
 import queue
@@ -38,6 +39,7 @@ from flask.cli import with_appcontext
 from salmon import server as salmon_server
 from salmon._vendor import asynchat, asyncore, smtpd
 
+import logsafe
 import mailhandler
 import mailpolicy
 import retention
@@ -80,7 +82,8 @@ class SMTPChannel(salmon_server.SMTPChannel):
         self.mail_server = self.smtp_server = mail_server
         self.conn, self.addr, self.peer = conn, addr, addr
         self.data_size_limit = mail_server.data_size_limit
-        self.enable_SMTPUTF8, self._decode_data = False, False
+        # SMTPUTF8 (RFC 6531) is offered; stock smtp_MAIL then takes the parameter.
+        self.enable_SMTPUTF8, self._decode_data = True, False
         self._emptystring, self._linesep, self._dotsep, self._newline = b"", b"\r\n", ord(b"."), b"\n"
         # The stock limits dict is shared by every channel; one per connection here.
         self.command_size_limits = collections.defaultdict(lambda: smtpd.SMTPChannel.command_size_limit)
@@ -116,6 +119,16 @@ class SMTPChannel(salmon_server.SMTPChannel):
         self.last_active = time.monotonic()
         super().handle_read()
 
+    def push(self, msg: str) -> None:
+        """Send ``msg`` (lines joined by CRLF) with nothing in it the session
+        cannot carry: control characters, bare CR and LF among them, become
+        visible escapes, and so does non-ASCII text unless the client asked
+        for SMTPUTF8 in this transaction (stock push raised UnicodeEncodeError
+        on an address like Ünï@ quoted in a refusal)."""
+        ascii_only = not self.require_SMTPUTF8
+        lines = [logsafe.escape(line, ascii_only) for line in msg.split("\r\n")]
+        asynchat.async_chat.push(self, ("\r\n".join(lines) + "\r\n").encode("utf-8"))
+
     def resume(self, reply: str) -> None:
         """Send the final reply of a stored (or refused) message, then go on
         with whatever the client pipelined behind it."""
@@ -139,12 +152,24 @@ class SMTPChannel(salmon_server.SMTPChannel):
         if self.smtp_state == self.DATA:
             self.end_of_data()
             return
+        if any(b"\r" in part or b"\n" in part for part in self.received_lines):
+            self.refuse_bare_line_break()
+            return
         try:
             super().found_terminator()
         except Exception as exc:  # undecodable command line, broken address syntax...
             self.received_lines = []
             log.debug("bad command from %s: %r", self.peer_text, exc)
             self.push("501 5.5.2 Syntax error")
+
+    def refuse_bare_line_break(self) -> None:
+        """A command holding a CR or LF that is not part of its CRLF: refused
+        whole (RFC 5321 2.3.8), so no part of it can pass for a line of its own."""
+        line = b"".join(self.received_lines)
+        self.received_lines, self.num_bytes = [], 0
+        log.info("refused command with a bare CR or LF from %s: %s", self.peer_text,
+                 logsafe.escape(line[:200].decode("utf-8", "replace")))  # also where no filter is installed
+        self.push("501 5.5.2 Syntax error: bare CR or LF in command")
 
     def handle_error(self) -> None:
         log.exception("connection from %s failed", self.peer_text)
@@ -156,7 +181,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
 
     # -- commands --------------------------------------------------------
     def ehlo_lines(self) -> list[str]:
-        return [self.fqdn, f"SIZE {self.data_size_limit}", "8BITMIME", "PIPELINING", "HELP"]
+        return [self.fqdn, f"SIZE {self.data_size_limit}", "8BITMIME", "SMTPUTF8", "PIPELINING", "HELP"]
 
     def smtp_EHLO(self, arg: Optional[str]) -> None:
         if not arg:
@@ -167,7 +192,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
             return
         self._set_rset_state()
         self.seen_greeting, self.extended_smtp = arg, True
-        self.command_size_limits["MAIL"] += 26
+        self.command_size_limits["MAIL"] += 26 + 10  # SIZE= and SMTPUTF8 (RFC 1870, RFC 6531)
         lines = self.ehlo_lines()
         # One send for the whole reply: several small writes cost a delayed ACK each.
         self.push("\r\n".join([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]))
@@ -184,6 +209,10 @@ class SMTPChannel(salmon_server.SMTPChannel):
             mailhandler.log_rejected(exc, arg or "", [], int(size.group(1)), self.peer_text)
             self.push(exc.smtp_reply)
             return
+        address, _ = self._getaddr(self._strip_command_keyword("FROM:", arg or ""))
+        if logsafe.UNSAFE.search(address or ""):
+            self.push("501 5.1.7 Bad sender address syntax")  # RFC 5321 4.1.2: no controls
+            return
         super().smtp_MAIL(arg)
 
     def smtp_RCPT(self, arg: Optional[str]) -> None:
@@ -196,12 +225,14 @@ class SMTPChannel(salmon_server.SMTPChannel):
         address, params = self._getaddr(self._strip_command_keyword("TO:", arg or ""))
         if not address:
             self.push("501 Syntax: RCPT TO: <address>")
+        elif logsafe.UNSAFE.search(address):
+            self.push("501 5.1.3 Bad recipient address syntax")  # RFC 5321 4.1.2: no controls
         elif params.strip():
             self.push("555 RCPT TO parameters not recognized or not implemented")
         elif len(self.rcpttos) >= MAX_RECIPIENTS:
             self.push("452 4.5.3 Too many recipients")
         else:
-            self.check_and_add(address)
+            self.check_and_add(ascii_domain(address))
 
     def refuse(self, exc: DeliveryError, mail_from: str, recipients: list, size: int) -> None:
         mailhandler.log_rejected(exc, mail_from, recipients, size, self.peer_text)
@@ -255,6 +286,19 @@ class SMTPChannel(salmon_server.SMTPChannel):
         self.pending = True
         self.held, self.ac_in_buffer = self.ac_in_buffer, b""
         self.mail_server.submit(job)
+
+
+def ascii_domain(address: str) -> str:
+    """``address`` with an internationalised domain (RFC 6531 allows U-labels
+    in the envelope) in its A-label form, the form configured domains take;
+    unchanged when it is ASCII already or not a valid IDN."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address
 
 
 class LMTPChannel(SMTPChannel):
@@ -324,6 +368,13 @@ class LMTPReceiver(salmon_server.LMTPReceiver):
             os.unlink(path)  # left over from a daemon that was killed
         self.create_socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.bind(path)
+        # Before listen(): until then a connect() is refused, whatever the
+        # mode the umask gave the new socket file.
+        try:
+            set_socket_access(path, mail_server.app.config["TEMPMAIL"].get("lmtp") or {})
+        except ValueError:
+            self.close()
+            raise
         self.listen(BACKLOG)
 
     def handle_accept(self) -> None:
@@ -335,6 +386,37 @@ class LMTPReceiver(salmon_server.LMTPReceiver):
         asyncore.dispatcher.close(self)
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
+
+
+def socket_access(conf: dict) -> tuple[int, int]:
+    """(mode, gid) for the LMTP socket from ``lmtp.mode`` (an octal string,
+    default "0660") and ``lmtp.group`` (a group name or id; null: the
+    daemon's own group). Raises ValueError naming the key."""
+    mode, group = conf.get("mode", "0660"), conf.get("group")
+    if not isinstance(mode, str) or not re.fullmatch(r"0?[0-7]{3}", mode):
+        raise ValueError(f'lmtp.mode must be an octal string such as "0660", not {mode!r}')
+    if group is None:
+        return int(mode, 8), os.getegid()
+    try:
+        if isinstance(group, str):
+            return int(mode, 8), grp.getgrnam(group).gr_gid
+        if isinstance(group, int) and not isinstance(group, bool):
+            return int(mode, 8), grp.getgrgid(group).gr_gid
+    except (KeyError, OverflowError):
+        pass
+    raise ValueError(f"lmtp.group: no such group {group!r}")
+
+
+def set_socket_access(path: str, conf: dict) -> None:
+    """Give the socket file the configured group and mode, so that Postfix
+    (in that group) can connect however the daemon was started: by systemd
+    with a UMask, or by hand as root, where the umask leaves it 0755."""
+    mode, gid = socket_access(conf)
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError as exc:
+        raise ValueError(f"lmtp.group: this daemon may not give {path} to group {gid}: {exc}") from exc
+    os.chmod(path, mode)
 
 
 class Wakeup(asyncore.file_dispatcher):
@@ -353,6 +435,11 @@ class Wakeup(asyncore.file_dispatcher):
         except BlockingIOError:
             pass
         self.mail_server.send_replies()
+
+    def handle_error(self) -> None:
+        # asyncore's default closes the dispatcher, and without the pipe no
+        # client would get a reply after DATA again: log and keep it open.
+        log.exception("answering after DATA failed")
 
 
 class MailServer:
@@ -482,7 +569,10 @@ class MailServer:
     def send_replies(self) -> None:
         while self.replies:
             channel, reply = self.replies.popleft()
-            channel.resume(reply)
+            try:
+                channel.resume(reply)
+            except Exception:  # that client's trouble closes that client, not the wake-up pipe
+                channel.handle_error()
 
     # -- writer thread -----------------------------------------------------
     def writer_loop(self) -> None:
@@ -690,6 +780,7 @@ def smtpd_command(host: Optional[str], port: Optional[int], processes: Optional[
     lmtp_socket = conf["lmtp"]["socket"]
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logsafe.install()  # control characters escaped in every line the daemon logs
     if port == 0 and processes > 1:
         raise click.BadParameter("several processes need a fixed port", param_hint="--port")
     click.echo(f"TempMail mail daemon: SMTP on {host}:{port}"
