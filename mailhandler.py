@@ -392,7 +392,7 @@ def stage(raw: bytes, targets: list, envelope_from: str, batch: DeliveryBatch, d
     fields: Optional[dict] = None
     msgs = []
     for box, tag in targets:
-        earlier = earlier_copy(box, sha, envelope_from, batch) if dedupe else None
+        earlier = earlier_copy(box, tag, sha, envelope_from, batch) if dedupe else None
         if earlier is None and fields is None:
             fields = parse_message(raw)
         msgs.append(earlier or store_copy(box, tag, dict(fields or {}), raw, sha, envelope_from, batch))
@@ -429,9 +429,10 @@ def attachment_rows(parts: Iterable[dict], pending: storage.PendingBlobs) -> lis
             for part in parts]
 
 
-def earlier_copy(box: Mailbox, sha: str, envelope_from: str, batch: DeliveryBatch) -> Optional[Message]:
+def earlier_copy(box: Mailbox, tag: Optional[str], sha: str, envelope_from: str,
+                 batch: DeliveryBatch) -> Optional[Message]:
     """The copy of these very bytes from the same envelope sender that ``box``
-    got within ``dedupe_window_seconds`` (0 = off), or None.
+    (under the same ``tag``) got within ``dedupe_window_seconds`` (0 = off), or None.
 
     A sender that lost our 250 (the daemon was killed after its commit, the
     connection dropped) sends the same bytes again; answering with the stored
@@ -440,14 +441,15 @@ def earlier_copy(box: Mailbox, sha: str, envelope_from: str, batch: DeliveryBatc
     window = int(models.cfg("dedupe_window_seconds") or 0)
     if window <= 0:
         return None
-    for (box_id, _tag, digest, sender), msg in batch.copies.items():
-        if box_id == box.id and digest == sha and sender == envelope_from:
-            return msg  # stored earlier in this batch: no query, no flush
+    key = (box.id, tag, sha, envelope_from)
+    if key in batch.copies:
+        return batch.copies[key]  # stored earlier in this batch: no query, no flush
     since = now() - timedelta(seconds=window)
     with db.session.no_autoflush:
         return db.session.scalar(select(Message).where(
-            Message.raw_sha256 == sha, Message.mailbox_id == box.id,
-            Message.envelope_from == envelope_from, Message.received_at >= since).limit(1))
+            Message.raw_sha256 == sha, Message.mailbox_id == box.id, Message.tag.is_(tag) if tag is None
+            else Message.tag == tag, Message.envelope_from == envelope_from,
+            Message.received_at >= since).limit(1))
 
 
 def store_message(box: Mailbox, fields: dict, raw: bytes, attachments: Iterable[dict] = ()) -> Message:

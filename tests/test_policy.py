@@ -27,14 +27,15 @@ def served(request, app_factory):
 
 
 def rcpt_then_data(port: int, address: str) -> tuple[int, int | None]:
+    # Distinct bytes per address: a resent identical message is stored once (dedupe).
     """RCPT's code, and DATA's final code when RCPT was accepted."""
     with smtplib.SMTP("127.0.0.1", port, timeout=20) as conn:
         conn.ehlo("client.test")
-        conn.mail("sender@example.org")
+        conn.mail("sender@example.org", ["SMTPUTF8"])  # UTF-8 local parts are sent as such
         code, _ = conn.rcpt(address)
         if code != 250:
             return code, None
-        code_data, _ = conn.data(b"Subject: policy\r\n\r\nbody\r\n")
+        code_data, _ = conn.data(f"Subject: policy {address!r}\r\n\r\nbody\r\n".encode("ascii", "replace"))
         return code, code_data
 
 
