@@ -4,20 +4,25 @@ settings `make run` uses too), and the client address that IP limits key on
 (a forged X-Forwarded-For, for each deployment's documented setting)."""
 from __future__ import annotations
 
+import http.client
 import re
+import shutil
 import statistics
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from werkzeug.security import generate_password_hash
 
 import mailhandler
 import models
 from app import email_token
 from models import Domain, Mailbox, RateCounter, User, db
+
+from conftest import free_port, wait_for_port  # tests/conftest.py
 
 from .helpers import ROOT, Gunicorn, build_message, record, write_config
 
@@ -165,16 +170,19 @@ def test_logs_never_hold_a_mailbox_token(app, tmp_path):
 # client addresses behind proxies
 
 # How each deployment reaches the app: who is REMOTE_ADDR, and what becomes of
-# an X-Forwarded-For header the client sends itself.
+# an X-Forwarded-For header the client sends itself. nginx and gunicorn alone
+# run for real below; Passenger cannot run here, and this is what its WSGI
+# loader hands the app (the client's address as REMOTE_ADDR, headers untouched).
 TOPOLOGIES = {
     # nginx with `proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for`
     "nginx": lambda real, forged: ("127.0.0.1", f"{forged}, {real}"),
-    # Passenger gives the client's address as REMOTE_ADDR and passes its headers on untouched
     "passenger": lambda real, forged: (real, forged),
     # gunicorn (or `make run`) facing clients itself
-    "direct": lambda real, forged: (real, forged),
+    "gunicorn alone": lambda real, forged: (real, forged),
 }
 ROW_RE = re.compile(r"^\|\s*(?P<name>[^|]+?)\s*\|[^|]*\|\s*`\"behind_proxy\": (?P<value>true|false)`\s*\|\s*$", re.M)
+LIMITS = {"mailbox_create": {"limit": 3, "window_seconds": 3600}}
+NGINX_CACHE = ROOT / "test-artifacts" / "nginx"
 
 
 def documented_settings() -> dict[str, bool]:
@@ -189,10 +197,68 @@ def documented_settings() -> dict[str, bool]:
     return found
 
 
-def generate_from(client, real: str, forged: str, topology: str) -> int:
-    remote, xff = TOPOLOGIES[topology](real, forged)
-    return client.get("/generate", headers={"X-Forwarded-For": xff},
-                      environ_base={"REMOTE_ADDR": remote}).status_code
+def nginx_binary() -> Path | None:
+    """nginx, installed or unpacked from the Debian package into test-artifacts/
+    (not installed: nothing else runs it); None when neither is possible."""
+    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx", NGINX_CACHE / "root/usr/sbin/nginx"):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    NGINX_CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["apt-get", "download", "nginx"], cwd=NGINX_CACHE, check=True, timeout=120,
+                       capture_output=True)
+        subprocess.run(["dpkg-deb", "-x", str(next(NGINX_CACHE.glob("nginx_*.deb"))),
+                        str(NGINX_CACHE / "root")], check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError, StopIteration):
+        return None
+    return NGINX_CACHE / "root/usr/sbin/nginx"
+
+
+def shipped_nginx_parts() -> tuple[str, str]:
+    """From deploy/nginx/tempmail.conf: its http-level lines (the masking maps
+    and log format) and the proxy_set_header lines of its proxying location."""
+    text = (ROOT / "deploy/nginx/tempmail.conf").read_text()
+    http_level = "\n".join(re.findall(r"^(?:map .*?^\}|log_format .*?;)$", text, re.M | re.S))
+    proxying = next(block for block in re.findall(r"location / \{(.*?)\}", text, re.S) if "proxy_pass" in block)
+    return http_level, "\n".join(re.findall(r"^\s*(proxy_set_header .*?;)", proxying, re.M))
+
+
+class Nginx:
+    """nginx in the foreground (no master, no daemon) in front of ``upstream``,
+    with the shipped proxy headers and access-log format."""
+
+    def __init__(self, binary: Path, folder: Path, upstream: int):
+        self.binary, self.folder, self.port = binary, folder, free_port()
+        folder.mkdir(exist_ok=True)
+        http_level, headers = shipped_nginx_parts()
+        temp = " ".join(f"{kind}_temp_path {folder}/{kind};" for kind in
+                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (folder / "nginx.conf").write_text(
+            f"pid {folder}/nginx.pid;\nevents {{}}\nhttp {{\n{temp}\n{http_level}\n"
+            f"server {{ listen 127.0.0.1:{self.port}; access_log {folder}/access.log tempmail;\n"
+            f"location / {{ proxy_pass http://127.0.0.1:{upstream};\n{headers}\n}} }} }}\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Nginx":
+        self.proc = subprocess.Popen([str(self.binary), "-p", str(self.folder), "-e", str(self.folder / "error.log"),
+                                      "-c", str(self.folder / "nginx.conf"), "-g", "daemon off; master_process off;"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def get_from(port: int, path: str, source: str, headers: dict) -> int:
+    """A GET from the loopback address ``source`` (all of 127/8 is this machine)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 def buckets(app) -> list[str]:
@@ -200,32 +266,81 @@ def buckets(app) -> list[str]:
         return sorted(db.session.scalars(select(RateCounter.bucket)))
 
 
-def run_topology(app_factory, topology: str, behind_proxy: bool) -> tuple[list[int], int, list[str]]:
+def fresh_app(app_factory, behind_proxy: bool):
+    """An app with limit 3 per IP; the apps of one test share a database, so
+    each run starts with no counters."""
+    app = app_factory({"behind_proxy": behind_proxy, "rate_limits": LIMITS})
+    with app.app_context():
+        db.session.execute(delete(RateCounter))
+        db.session.commit()
+    return app
+
+
+def simulated_run(app_factory, topology: str, behind_proxy: bool) -> tuple[list[int], int, list[str]]:
     """Six /generate calls from one client that forges a new X-Forwarded-For
-    each time, then one from another client; limit 3 per IP."""
-    app = app_factory({"behind_proxy": behind_proxy,
-                       "rate_limits": {"mailbox_create": {"limit": 3, "window_seconds": 3600}}})
+    each time, then one from another client, as the app sees them in ``topology``."""
+    app = fresh_app(app_factory, behind_proxy)
     client = app.test_client()
-    forged = [generate_from(client, "198.51.100.7", f"10.9.8.{n}", topology) for n in range(6)]
-    other = generate_from(client, "198.51.100.8", "10.9.8.200", topology)
-    return forged, other, buckets(app)
+
+    def call(real: str, forged: str) -> int:
+        remote, xff = TOPOLOGIES[topology](real, forged)
+        return client.get("/generate", headers={"X-Forwarded-For": xff},
+                          environ_base={"REMOTE_ADDR": remote}).status_code
+    forged = [call("198.51.100.7", f"10.9.8.{n}") for n in range(6)]
+    return forged, call("198.51.100.8", "10.9.8.200"), buckets(app)
 
 
-def test_a_forged_x_forwarded_for_picks_no_bucket(app_factory):
+def real_run(app_factory, tmp_path: Path, behind_proxy: bool, nginx: Path | None):
+    """The same over real sockets: clients at 127.0.0.7 and 127.0.0.8, to
+    gunicorn, or to nginx in front of it. Also opens a mailbox page through
+    nginx to read its access log. -> (forged, other, buckets, nginx log)."""
+    app = fresh_app(app_factory, behind_proxy)
+    name = "nginx" if nginx else "alone"
+    with app.app_context():
+        token = email_token(Mailbox.create(f"proxied{name}", Domain.by_name("example.com"), 86400))
+    web = Gunicorn(write_config(app, tmp_path / f"{name}.json"), tmp_path / f"{name}.log", workers=1).start()
+    proxy = Nginx(nginx, tmp_path / "nginx", web.port).start() if nginx else None
+    port = proxy.port if proxy else web.port
+    try:
+        forged = [get_from(port, "/generate", "127.0.0.7", {"X-Forwarded-For": f"10.9.8.{n}"}) for n in range(6)]
+        other = get_from(port, "/generate", "127.0.0.8", {"X-Forwarded-For": "10.9.8.200"})
+        if proxy:
+            assert get_from(port, f"/m/{token}", "127.0.0.7", {"Referer": f"http://x/m/{token}/inbox"}) == 200
+    finally:
+        if proxy:
+            proxy.stop()
+        web.stop()
+    log = (tmp_path / "nginx/access.log").read_text() if proxy else ""
+    return forged, other, buckets(app), log, token
+
+
+def test_a_forged_x_forwarded_for_picks_no_bucket(app_factory, tmp_path):
     settings = documented_settings()
-    results = {}
-    for topology, behind_proxy in settings.items():
-        forged, other, keys = run_topology(app_factory, topology, behind_proxy)
-        results[topology] = (behind_proxy, forged, other, keys)
-        record("leaks", f"{topology} (documented behind_proxy={str(behind_proxy).lower()}): one client forging "
-               f"X-Forwarded-For 6 times -> {forged}, another client -> {other}; buckets {keys}")
+    nginx = nginx_binary()
+    results = {"passenger": simulated_run(app_factory, "passenger", settings["passenger"])}
+    forged, other, keys, nginx_log, token = real_run(app_factory, tmp_path, settings["gunicorn alone"], None)
+    results["gunicorn alone"] = (forged, other, keys)
+    if nginx is not None:
+        forged, other, keys, nginx_log, token = real_run(app_factory, tmp_path, settings["nginx"], nginx)
+        results["nginx"] = (forged, other, keys)
+    else:  # no nginx to be had on this machine: what the app would see from it
+        results["nginx"] = simulated_run(app_factory, "nginx", settings["nginx"])
+    how = {"nginx": "real nginx + gunicorn" if nginx else "simulated (no nginx binary here)",
+           "gunicorn alone": "real gunicorn", "passenger": "simulated Passenger environ"}
+    for topology, (forged, other, keys) in results.items():
+        record("leaks", f"{topology} ({how[topology]}, documented behind_proxy={str(settings[topology]).lower()}): "
+               f"one client forging X-Forwarded-For 6 times -> {forged}, another client -> {other}; buckets {keys}")
     # why Passenger must not set it: nothing there appends the real address
-    wrong, _, wrong_keys = run_topology(app_factory, "passenger", True)
+    wrong, _, wrong_keys = simulated_run(app_factory, "passenger", True)
     record("leaks", f"passenger with behind_proxy=true (the old advice): forged X-Forwarded-For -> {wrong}, "
            f"{len(wrong_keys)} buckets: the client picks its own")
-    for topology, (behind_proxy, forged, other, keys) in results.items():
+    if nginx is not None:
+        record("leaks", f"nginx access log (deploy/nginx/tempmail.conf's format): token present "
+               f"{token in nginx_log}, masked lines {nginx_log.count('/m/~')}")
+        assert token not in nginx_log and nginx_log.count("/m/~") == 2
+    assert settings == {"nginx": True, "passenger": False, "gunicorn alone": False}
+    for topology, (forged, other, keys) in results.items():
         assert forged == [200, 200, 200, 429, 429, 429], topology
         assert other == 200, topology
-        assert keys == ["mailbox_create:198.51.100.7", "mailbox_create:198.51.100.8"], (topology, keys)
-    assert settings == {"nginx": True, "passenger": False, "direct": False}
+        assert len(keys) == 2 and "10.9.8" not in " ".join(keys), (topology, keys)
     assert wrong == [200] * 6 and len(wrong_keys) == 7
