@@ -98,7 +98,7 @@ def follow_in_browser(page, base: str, target: str, error: type) -> str:
     page.get_by_label("E-mail address").fill(EMAIL)
     page.get_by_label("Password").fill(PASSWORD)
     try:
-        with page.expect_navigation(wait_until="load"):
+        with page.expect_navigation(wait_until="commit"):
             page.get_by_role("button", name="Sign in").click()
     except error as exc:
         return f"navigation aborted: {str(exc).splitlines()[0]}"
