@@ -25,12 +25,13 @@ venv: $(VENV)/.installed
 init-db: venv
 	$(FLASK) --app app init-db
 
-# The web app (gunicorn) and the mail daemon run together in the foreground;
+# The web app (gunicorn, with deploy/gunicorn.conf.py's settings: logs that
+# mask mailbox tokens) and the mail daemon run together in the foreground;
 # Ctrl-C stops both.
 run: init-db
 	@echo "Web app on http://$(HOST):$(PORT)/ ; mail daemon as configured (flask smtpd)"
 	@trap 'kill 0' INT TERM EXIT; \
-	$(VENV)/bin/gunicorn --bind $(HOST):$(PORT) --workers 2 --threads 4 --access-logfile - wsgi:application & \
+	$(VENV)/bin/gunicorn --config deploy/gunicorn.conf.py --bind $(HOST):$(PORT) --workers 2 wsgi:application & \
 	$(FLASK) --app app smtpd & \
 	wait
 

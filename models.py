@@ -203,6 +203,17 @@ class User(db.Model):
         return [t.lower() for t in self.plan_config().get("domain_types") or ["free"]]
 
 
+class UserSession(db.Model):
+    """A signed-in browser. The session cookie carries a random id and only its
+    SHA-256 is stored here: deleting the row ends that session on the server,
+    whatever copy of the cookie is still around (accounts.py)."""
+    __tablename__ = "user_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class ApiKey(db.Model):
     """A User API key. Only a SHA-256 of the key is stored (keys are 256-bit
     random, so a fast hash is enough and lets every request find its key by

@@ -1,6 +1,8 @@
 """Operations: health check, Prometheus metrics, schema migrations and the
 maintenance commands (``flask purge``, ``stats``, ``reparse``, ``import``).
 
+``/metrics`` answers clients on this machine (loopback) only, unless
+``metrics.token`` is set: then anyone with the token, and no one without.
 Metrics are per process by default. Set ``PROMETHEUS_MULTIPROC_DIR`` to an
 empty folder shared by the gunicorn workers and the mail daemon (see
 ``deploy/gunicorn.conf.py``) and ``/metrics`` adds up every process instead.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hmac
+import ipaddress
 import json
 import logging
 import mailbox as mboxlib
@@ -94,8 +97,29 @@ def metrics_settings() -> dict:
     return {"enabled": bool(conf["enabled"]), "token": conf["token"] or None}
 
 
+# Headers a reverse proxy adds: with one of them on a request from 127.0.0.1
+# while ``behind_proxy`` is off, the real client is elsewhere.
+FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+def from_this_machine() -> bool:
+    """True when the client is a loopback address. Behind a proxy that
+    ``behind_proxy`` does not declare, every request seems to come from the
+    proxy's 127.0.0.1: a request carrying forwarding headers then counts as remote."""
+    try:
+        addr = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        return False
+    addr = getattr(addr, "ipv4_mapped", None) or addr  # ::ffff:127.0.0.1 is loopback too
+    if not addr.is_loopback:
+        return False
+    return bool(models.cfg("behind_proxy")) or not any(h in request.headers for h in FORWARDING_HEADERS)
+
+
 @bp.get("/metrics", endpoint="metrics")
 def metrics_view():
+    """The scrape: for the configured token, else for loopback clients only
+    (each scrape runs COUNT/SUM queries over whole tables)."""
     settings = metrics_settings()
     if not settings["enabled"]:
         abort(404)
@@ -104,6 +128,9 @@ def metrics_view():
         if not hmac.compare_digest(given.encode(), settings["token"].encode()):
             return Response("metrics token required\n", 401, {"WWW-Authenticate": "Bearer"},
                             mimetype="text/plain")
+    elif not from_this_machine():
+        return Response("metrics are served to this machine only; set metrics.token to scrape "
+                        "from elsewhere\n", 403, mimetype="text/plain")
     return Response(metrics_text(), headers={"Content-Type": CONTENT_TYPE_LATEST,
                                              "Cache-Control": "no-store"})
 

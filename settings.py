@@ -231,8 +231,9 @@ SCHEMA: tuple = (
         rate_limit("api_mailbox_create", 0, 60, "new addresses through the User API (keys also count against quota)"),
         rate_limit("login", 10, 900, "failed sign-ins per IP and e-mail"),
         rate_limit("login_ip", 50, 900, "failed sign-ins per IP"),
+        rate_limit("signup", 10, 3600, "well-formed sign-ups per IP"),
     )),
-    Key("behind_proxy", BOOL, False, "trust one proxy hop's X-Forwarded-For/-Proto/-Host (nginx, Passenger)"),
+    Key("behind_proxy", BOOL, False, "trust one proxy hop's X-Forwarded-For/-Proto/-Host (nginx in front: true; Passenger: false)"),
     Key("session_cookie_secure", BOOL, False, "send the session cookie over HTTPS only"),
     Section("metrics", "Prometheus `GET /metrics`", (
         Key("enabled", BOOL, True, "false: `/metrics` answers 404"),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import app as app_module
 import models
 from models import ApiKey, Mailbox, Message, QuotaUsage, User, db
 from seeds import examples

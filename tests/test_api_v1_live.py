@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 
-import models
 from conftest import free_port, wait_for_port
 from models import ApiKey, Mailbox, QuotaUsage, User, db
 from seeds import SEEDS, examples

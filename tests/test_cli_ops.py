@@ -7,7 +7,6 @@ import mailbox
 
 from sqlalchemy import func, select
 
-import models
 from models import Domain, Mailbox, Message, db
 import mailhandler  # noqa: E402
 import storage  # noqa: E402

@@ -138,9 +138,9 @@ def test_pending_revision_is_reported_then_applied(make_app, tmp_path, monkeypat
         Mailbox.create("stays", Domain.by_name("example.com"), 3600)
     scripts = tmp_path / "migrations"
     shutil.copytree(ops.MIGRATIONS_DIR, scripts)
-    (scripts / "versions" / "0099_probe.py").write_text(
+    (scripts / "versions" / "9999_probe.py").write_text(
         "from alembic import op\nimport sqlalchemy as sa\n"
-        f"revision = '0099'\ndown_revision = '{HEAD}'\nbranch_labels = None\ndepends_on = None\n\n"
+        f"revision = 'probe'\ndown_revision = '{HEAD}'\nbranch_labels = None\ndepends_on = None\n\n"
         "def upgrade():\n    with op.batch_alter_table('mailboxes') as batch:\n"
         "        batch.add_column(sa.Column('probe', sa.Integer(), nullable=True))\n\n"
         "def downgrade():\n    with op.batch_alter_table('mailboxes') as batch:\n"
@@ -154,7 +154,7 @@ def test_pending_revision_is_reported_then_applied(make_app, tmp_path, monkeypat
         assert "probe" in columns
         assert db.session.scalar(select(Mailbox.address)) == "stays@example.com"
         with db.engine.connect() as conn:
-            assert versions(conn) == ["0099"]
+            assert versions(conn) == ["probe"]
 
 
 def test_workers_starting_together_agree(make_app):

@@ -47,7 +47,11 @@ def test_healthz_503_when_database_unreachable(app, monkeypatch):
     assert resp.get_json()["database"] == "error: OperationalError"
 
 
-def test_metrics_open_by_default(client, app):
+def test_metrics_served_to_this_machine_by_default(client, app):
+    """Without a token, loopback clients scrape (the test client is 127.0.0.1)
+    and any other address is refused."""
+    remote = client.get("/metrics", environ_base={"REMOTE_ADDR": "192.0.2.10"})
+    assert remote.status_code == 403 and b"metrics.token" in remote.data
     with app.app_context():
         before = sample("tempmail_http_requests_total", route="/generate", method="GET", status="200")
     client.get("/generate")

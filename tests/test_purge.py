@@ -8,7 +8,6 @@ import time
 
 from sqlalchemy import func, select
 
-import models
 from models import Attachment, Domain, Mailbox, Message, db
 import mailhandler  # noqa: E402
 import storage  # noqa: E402

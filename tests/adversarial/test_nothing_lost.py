@@ -19,7 +19,6 @@ import requests
 from sqlalchemy import func, select
 
 import mailhandler
-import models
 from models import Attachment, Domain, Mailbox, Message, db
 
 from .helpers import Daemon, Gunicorn, build_message, record, write_config
