@@ -1,4 +1,5 @@
-"""Identifiers that strangers must not be able to guess.
+"""Names and identifiers: the username rules every front and catch-all
+share, and the ids that strangers must not be able to guess.
 
 * Random usernames: an adjective, a noun and seven digits (``calmotter4821907``):
   128 × 128 × 10^7 ≈ 2^37 names, still readable and at most 19 characters.
@@ -13,11 +14,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import string
 
 from flask import current_app
 
+USERNAME_RE = re.compile(r"^[a-z0-9]{3,20}$")
 PUBLIC_ID_ALPHABET = string.ascii_letters + string.digits
 PUBLIC_ID_LENGTH = 46  # the User API seed's message ids are 46 [A-Za-z0-9]
 ID_BITS = 52
@@ -55,6 +58,41 @@ NOUNS = (
     "acacia", "bonsai", "cobalt", "canary", "harp", "igloo", "koi", "lamb")
 assert len(ADJECTIVES) == 128 and len(NOUNS) == 128
 assert all(len(w) <= 6 and w.isascii() and w.isalpha() for w in ADJECTIVES + NOUNS)
+
+
+class MailboxError(Exception):
+    """A mailbox could not be opened; ``code`` names why and ``message`` says
+    it in the words every front shows (the first three are the PHP
+    original's). ``retry_after`` is set for the temporary refusals."""
+
+    MESSAGES = {
+        "invalid": "Invalid username. Use 3-20 alphanumeric characters only.",
+        "reserved": "This username is reserved and cannot be used.",
+        "taken": "Username already taken. Please choose another one.",
+        "domain": "Invalid domain. Use one of the domains listed by /domains.",
+        "rate_limited": "Too many addresses were created from your network. Try again later.",
+        "full": "No new addresses can be created right now. Try again later.",
+    }
+
+    def __init__(self, code: str, retry_after: int = 0):
+        super().__init__(code)
+        self.code, self.retry_after = code, retry_after
+
+    @property
+    def message(self) -> str:
+        return self.MESSAGES.get(self.code, self.MESSAGES["invalid"])
+
+
+def check_username(username: str) -> str:
+    """Lower-case ``username`` and check it: 3-20 ASCII letters/digits, not reserved."""
+    name = (username or "").strip().lower()
+    # str.isalnum() would let unicode digits and letters through; the PHP
+    # original used ctype_alnum on bytes, i.e. ASCII only.
+    if not USERNAME_RE.match(name) or not name.isascii():
+        raise MailboxError("invalid")
+    if name in {r.lower() for r in current_app.config["TEMPMAIL"]["reserved_usernames"]}:
+        raise MailboxError("reserved")
+    return name
 
 
 def random_username() -> str:

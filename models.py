@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import secrets
 from collections import Counter
 from datetime import datetime, timedelta
@@ -17,31 +16,20 @@ from typing import Iterable, Optional
 from urllib.parse import quote
 
 from flask import current_app
-from flask_sqlalchemy import SQLAlchemy
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
                         String, Text, UniqueConstraint, delete, func, select, update)
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import idgen
 from clock import fmt_local, now
+from database import db, insert_ignore, upsert_add  # noqa: F401  (db is imported from here too)
+from idgen import MailboxError, check_username  # noqa: F401  (the fronts import them from here)
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-# Rows stay readable after a commit without a refresh query: cheaper, and a
-# row another worker deletes meanwhile cannot turn a finished answer into a
-# 500 (ObjectDeletedError on the refresh).
-db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
-
-USERNAME_RE = re.compile(r"^[a-z0-9]{3,20}$")
 # Mailboxes api.php may show: made by /generate, or by catch-all mail. Those a
 # User API key or a browser session made belong to their owner alone.
 LEGACY_ORIGINS = ("api.php", "catch-all")
@@ -56,68 +44,6 @@ def plausible(value: str, max_len: int) -> bool:
     """True when ``value`` can be looked up at all: PostgreSQL rejects NUL in
     text, and no address or domain is longer than the RFCs allow."""
     return 0 < len(value) <= max_len and "\x00" not in value
-
-
-class MailboxError(Exception):
-    """A mailbox could not be opened; ``code`` names why and ``message`` says
-    it in the words every front shows (the first three are the PHP
-    original's). ``retry_after`` is set for the temporary refusals."""
-
-    MESSAGES = {
-        "invalid": "Invalid username. Use 3-20 alphanumeric characters only.",
-        "reserved": "This username is reserved and cannot be used.",
-        "taken": "Username already taken. Please choose another one.",
-        "domain": "Invalid domain. Use one of the domains listed by /domains.",
-        "rate_limited": "Too many addresses were created from your network. Try again later.",
-        "full": "No new addresses can be created right now. Try again later.",
-    }
-
-    def __init__(self, code: str, retry_after: int = 0):
-        super().__init__(code)
-        self.code, self.retry_after = code, retry_after
-
-    @property
-    def message(self) -> str:
-        return self.MESSAGES.get(self.code, self.MESSAGES["invalid"])
-
-
-def check_username(username: str) -> str:
-    """Lower-case ``username`` and check it: 3-20 ASCII letters/digits, not reserved."""
-    name = (username or "").strip().lower()
-    # str.isalnum() would let unicode digits and letters through; the PHP
-    # original used ctype_alnum on bytes, i.e. ASCII only.
-    if not USERNAME_RE.match(name) or not name.isascii():
-        raise MailboxError("invalid")
-    if name in {r.lower() for r in cfg("reserved_usernames")}:
-        raise MailboxError("reserved")
-    return name
-
-
-def insert_ignore(model, index_elements: list[str], **values) -> None:
-    """INSERT a row unless one with the same unique key exists (a concurrent
-    creator included): ``ON CONFLICT DO NOTHING`` on SQLite and PostgreSQL."""
-    dialect = db.session.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        db.session.execute(insert(model).values(**values).on_conflict_do_nothing(
-            index_elements=index_elements))
-        return
-    try:  # other databases: a savepoint absorbs the lost creation race
-        with db.session.begin_nested():
-            db.session.add(model(**values))
-    except IntegrityError:
-        pass
-
-
-def upsert_add(model, key: dict, column: str, amount: int, **extra) -> int:
-    """Add ``amount`` to ``column`` of the row with unique ``key``, creating
-    it (with ``extra``) when missing, as one atomic statement; returns the new
-    value. Concurrent callers each add exactly their amount."""
-    insert = pg_insert if db.session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    col = getattr(model.__table__.c, column)
-    stmt = insert(model).values(**key, **extra, **{column: amount})
-    stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={column: col + amount})
-    return db.session.execute(stmt.returning(col)).scalar_one()
 
 
 # --------------------------------------------------------------------------
