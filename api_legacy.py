@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 import clock
 import idgen
+import mailevents
 import models
 import storage
 from mailpolicy import open_mailbox
@@ -35,6 +36,7 @@ PATHS = rf"^/(api\.php/.*|{ROUTES})$"
 _OWNED = re.compile(rf"^/(api\.php(/.*)?|{ROUTES})$", re.DOTALL)
 # /generate's refusals: the PHP original's codes, plus the abuse limits.
 STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
+MAX_WAIT = 60  # seconds a ?wait= may hold an inbox request
 
 
 def fail(status: int, message: str):
@@ -134,6 +136,14 @@ def inbox(email: str):
                        hint="Generate this email first via /generate endpoint"), 404
     limit = int_arg("limit", None, 1000)
     offset = int_arg("offset", 0, 10**9)
+    wait = int_arg("wait", 0, MAX_WAIT)
+    since = since_arg()
+    if wait:
+        hold_for_mail(box.id, since, wait)
+        box = live_mailbox_row(address)  # it may have expired or gone meanwhile
+        if box is None:
+            return jsonify(error="Email not found", searched_for=address,
+                           hint="Generate this email first via /generate endpoint"), 404
     # Only the summary columns, as plain rows, from statements built once
     # and run as Core: whole Message objects (bodies included), then building
     # and caching the statement per request were most of the cost.
@@ -155,7 +165,36 @@ def inbox(email: str):
                    expires_at=clock.fmt_local(box.expires_at, zone), total=total, emails=emails)
 
 
+def since_arg() -> int:
+    """``since``: the api.php id of a message; waiting then wants a message
+    newer than that one, i.e. with a greater internal id (the shown ids are
+    a keyed permutation, so their order says nothing). Absent or 0: any."""
+    raw = request.args.get("since")
+    if raw is None or raw == "":
+        return 0
+    shown = idgen.parse_shown_id(raw)
+    if shown is None:
+        json_abort(400, success=False, error="Invalid since. Use the id of a message from this inbox.")
+    return idgen.unexpose(shown, "messages") if shown else 0
+
+
+def hold_for_mail(mailbox_id: int, since: int, seconds: int) -> None:
+    """Hold the request until the mailbox has a message above internal id
+    ``since`` or ``seconds`` pass (then the inbox answers as usual)."""
+    def newer() -> bool:
+        params = {"mailbox_id": mailbox_id, "since": since}
+        return db.session.connection().execute(INBOX_NEWER, params).first() is not None
+    try:
+        mailevents.hold_until(mailbox_id, newer, seconds)
+    except mailevents.Busy:
+        resp = make_response(jsonify(success=False, error="Too many waiting requests. Try again in a moment."), 503)
+        resp.headers["Retry-After"] = "1"
+        abort(resp)
+
+
 _messages = Message.__table__
+INBOX_NEWER = (select(_messages.c.id).where(_messages.c.mailbox_id == bindparam("mailbox_id"),
+                                            _messages.c.id > bindparam("since")).limit(1))
 INBOX_ALL = (select(_messages.c.id, _messages.c.from_email, _messages.c.from_name, _messages.c.subject,
                     _messages.c.is_read, _messages.c.received_at)
              .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)

@@ -22,7 +22,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 import clock
+import idgen
 import limits
+import livefeed
+import mailevents
 import storage
 from mailpolicy import open_mailbox
 from models import ApiKey, Attachment, Domain, Mailbox, MailboxError, Message, User, db
@@ -31,10 +34,12 @@ bp = Blueprint("api_v1", __name__)
 log = logging.getLogger("tempmail.api")
 
 DOMAIN_TYPES = ("free", "premium")
+MAX_WAIT = 60  # seconds a ?wait= may hold a listing
+BUSY = "Too many waiting requests. Try again in a moment."
 HTTP_MESSAGES = {400: "Bad request.", 401: "Unauthenticated.", 403: "Forbidden.",
                  404: "Not found.", 405: "Method not allowed.", 413: "Request too large.",
                  415: "Unsupported media type.", 422: "Invalid input.",
-                 429: "Too many requests.", 500: "Internal server error."}
+                 429: "Too many requests.", 500: "Internal server error.", 503: "Service unavailable."}
 
 
 class ApiError(Exception):
@@ -75,7 +80,7 @@ def authenticate():
     if key is None:
         return unauthorized("Invalid or revoked API key.")
     reservation, used = limits.reserve_quota(key.user)
-    g.v1_user = key.user
+    g.v1_user, g.v1_key_id = key.user, key.id
     g.v1_reserved = reservation is not None
     g.v1_quota = reservation or limits.QuotaReservation(key.user_id, "", limits.quota_limit(key.user), used)
     if reservation is None:
@@ -276,17 +281,45 @@ def delete_email(email: str):
     return ok(message="Email has been successfully deleted.")
 
 
-@bp.get("/messages")
-def list_messages():
+def required_email() -> str:
     address = request.args.get("email", "").strip()
     if not address:
         raise ApiError(422, "The email parameter is required.")
+    return address
+
+
+@bp.get("/messages")
+def list_messages():
+    """The mailbox's messages, newest first, that pass ``from``/``subject``/``tag``;
+    with ``wait``, first held until one newer than ``since`` passes them."""
+    address = required_email()
     box = owned_mailbox(address)
+    filt, since, wait = message_filter(), since_arg(box), wait_arg()
+    if wait:
+        wait_for_mail(box.id, since, filt, wait)
+        box = owned_mailbox(address)  # it may have expired or been deleted meanwhile
     # Load every message's attachments in one extra query: lazy loading them
     # one message at a time made a 50-message listing cost 50 more queries.
-    messages = db.session.scalars(box.messages_query(newest_first=True)
+    messages = db.session.scalars(filt.restrict(box.messages_query(newest_first=True))
                                   .options(selectinload(Message.attachments)))
-    return ok(mailbox=box.address, messages=[message_json(m, base_url()) for m in messages])
+    return ok(mailbox=box.address, messages=[message_json(m, base_url()) for m in messages
+                                             if filt.matches(m.from_email, m.from_name, m.subject)])
+
+
+@bp.get("/messages/stream")
+def message_stream():
+    """Server-Sent Events: one ``message`` event per new message (the object
+    of ``GET /messages/{id}`` without ``content``). One quota unit per stream
+    opened: the reservation of ``authenticate`` counts once, for the 200."""
+    if not livefeed.api_origin_allowed():
+        raise ApiError(403, "This origin may not read the stream (see cors_origins).")
+    box = owned_mailbox(required_email())
+    feed = ApiFeed(box, message_filter(), stream_start(box), base_url())
+    try:
+        slot = mailevents.Slot.take(int(mailevents.live_config("max_held_per_process")))
+    except mailevents.Busy:
+        raise ApiError(503, BUSY, 1)
+    return livefeed.stream_response(feed, slot)
 
 
 @bp.get("/messages/<public_id>")
@@ -310,6 +343,113 @@ def attachment(public_id: str, name: str):
     if resp is None:
         raise ApiError(404, "Attachment not found.")
     return resp
+
+
+# --------------------------------------------------------------------------
+# waiting for mail and streaming it
+
+def wait_arg() -> int:
+    raw = request.args.get("wait", "").strip()
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 3 or int(raw) > MAX_WAIT:
+        raise ApiError(422, f"Invalid wait. Use a whole number of seconds from 0 to {MAX_WAIT}.")
+    return int(raw)
+
+
+def since_arg(box: Mailbox) -> int:
+    """``since``: the id of a message of this mailbox; 0 when absent. Public
+    ids are random, so "newer" is decided by the internal id behind it."""
+    raw = request.args.get("since", "").strip()
+    if not raw:
+        return 0
+    found = message_of(box, raw)
+    if found is None:
+        raise ApiError(422, "Invalid since. Use the id of a message of this mailbox.")
+    return found
+
+
+def message_of(box: Mailbox, public_id: str) -> int | None:
+    """The internal id of message ``public_id`` of ``box``, or None."""
+    if len(public_id) != idgen.PUBLIC_ID_LENGTH:
+        return None
+    return db.session.scalar(select(Message.id).where(Message.public_id == public_id,
+                                                      Message.mailbox_id == box.id))
+
+
+def filter_arg(name: str, limit: int) -> str:
+    raw = request.args.get(name, "")
+    if len(raw) > limit or "\x00" in raw:
+        raise ApiError(422, f"Invalid {name}. Use at most {limit} characters.")
+    return raw.strip()
+
+
+def message_filter() -> livefeed.MessageFilter:
+    """``from`` and ``subject`` (case-insensitive substrings), ``tag`` (exact)."""
+    return livefeed.MessageFilter(sender=livefeed.fold(filter_arg("from", livefeed.MAX_FILTER)) or None,
+                                  subject=livefeed.fold(filter_arg("subject", livefeed.MAX_FILTER)) or None,
+                                  tag=livefeed.tag_value(filter_arg("tag", livefeed.MAX_TAG)) or None)
+
+
+def wait_for_mail(mailbox_id: int, since: int, filt: livefeed.MessageFilter, seconds: int) -> None:
+    """Hold the request until a message above ``since`` passes ``filt`` or
+    ``seconds`` pass; each look starts where the previous one ended."""
+    cursor = since
+
+    def arrived() -> bool:
+        nonlocal cursor
+        found, cursor = livefeed.newer_matches(mailbox_id, cursor, filt)
+        return found
+    try:
+        mailevents.hold_until(mailbox_id, arrived, seconds)
+    except mailevents.Busy:
+        raise ApiError(503, BUSY, 1)
+
+
+def stream_start(box: Mailbox) -> int:
+    """Where a stream starts: after the message named by ``Last-Event-ID``
+    (or ``since``), else after the newest message now. A ``Last-Event-ID``
+    naming no message of the mailbox (deleted meanwhile) replays the whole
+    mailbox: mail seen twice rather than mail lost."""
+    last = request.headers.get("Last-Event-ID", "").strip()
+    if last:
+        return message_of(box, last) or 0
+    return since_arg(box) or livefeed.newest_id(box.id)
+
+
+class ApiFeed:
+    """The User API stream of one mailbox (see ``livefeed.events``)."""
+
+    def __init__(self, box: Mailbox, filt: livefeed.MessageFilter, cursor: int, base: str):
+        self.mailbox_id, self.filt, self.cursor, self.base = box.id, filt, cursor, base
+        self.user_id, self.key_id = user().id, g.v1_key_id
+
+    def next_events(self) -> tuple[str, bool]:
+        rows = list(db.session.scalars(self.filt.restrict(select(Message).where(
+            Message.mailbox_id == self.mailbox_id, Message.id > self.cursor)).order_by(Message.id)
+            .limit(livefeed.STREAM_BATCH).options(selectinload(Message.attachments))))
+        if rows:
+            self.cursor = rows[-1].id
+        text = "".join(livefeed.sse("message", stream_json(m, self.base), m.public_id) for m in rows
+                       if self.filt.matches(m.from_email, m.from_name, m.subject))
+        return text, len(rows) == livefeed.STREAM_BATCH
+
+    def still_open(self) -> bool:
+        """The mailbox is live and still this user's, and the key is not revoked."""
+        key_live = select(ApiKey.id).where(ApiKey.id == self.key_id, ApiKey.revoked_at.is_(None)).exists()
+        expires = db.session.scalar(select(Mailbox.expires_at).where(
+            Mailbox.id == self.mailbox_id, Mailbox.user_id == self.user_id, key_live))
+        return expires is not None and expires > clock.now()
+
+    def heartbeat(self) -> str:
+        return ": heartbeat\n\n"
+
+
+def stream_json(msg: Message, base: str) -> dict:
+    """A stream's message: ``GET /messages/{id}``'s object less the body."""
+    data = message_json(msg, base)
+    del data["content"]
+    return data
 
 
 # --------------------------------------------------------------------------

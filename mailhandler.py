@@ -35,6 +35,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
+import mailevents
 import mailpolicy
 import metrics
 import models
@@ -311,15 +312,20 @@ class DeliveryBatch:
 
     def commit(self) -> None:
         """Commit everything staged, durably; StoreFailed (after a rollback) if it cannot be."""
+        # Read before the commit, which expires the rows: the mailboxes whose
+        # waiters (long polls, streams) are told of new mail (mailevents.py).
+        boxes = {msg.mailbox_id for msg in self.copies.values()}
         try:
             self.stage_files()
             if self.received or self.known.created:
                 Stat.bump(total_addresses=self.known.created, total_received=self.received)
+            mailevents.announce(boxes)  # PostgreSQL: NOTIFY inside this transaction
             storage.commit_durably(self.pending)
         except Exception as exc:
             log.exception("commit of %d stored copies failed", self.received)
             self.rollback()
             raise StoreFailed() from exc
+        mailevents.delivered(boxes)  # SQLite: poke the web workers, now that it is visible
         storage.discard(self.freed)
         self.freed = []
 

@@ -257,6 +257,15 @@ SCHEMA: tuple = (
     Section("legacy_api", "the api.php-compatible API", (
         Key("enabled", BOOL, True, "false: every api.php route answers 404"),
     )),
+    Section("live", "held requests: `?wait=` long polls and the Server-Sent Events streams", (
+        Key("max_held_per_process", INT, 1000,
+            "held requests (waits and streams) one web worker process keeps open; more get 503 with "
+            "Retry-After (keep it below gunicorn's threads: deploy/gunicorn.conf.py)", at_least(1)),
+        Key("heartbeat_seconds", NUMBER, 15, "seconds between a stream's heartbeats (a comment line; `ping` events on the web page)",
+            at_least(0.05)),
+        Key("stream_max_seconds", INT, 3600,
+            "a stream ends after this long (clients reconnect with Last-Event-ID)", at_least(1)),
+    )),
     Section("webhooks", "User API webhooks", (
         Key("allow_private", BOOL, False, "allow webhook URLs on loopback, private or link-local addresses"),
     )),

@@ -24,9 +24,12 @@ from typing import Optional
 from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redirect,
                    render_template, request, session, url_for)
 from sqlalchemy import case, func, select
+from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
 import clock
+import livefeed
+import mailevents
 import mailview
 import models
 import storage
@@ -268,6 +271,67 @@ def inbox_json(token: Optional[str]):
     resp.set_etag(tag)
     resp.headers["Cache-Control"] = "no-cache, private"
     return resp
+
+
+@both("/stream")
+def inbox_stream(token: Optional[str]):
+    """Live updates as Server-Sent Events: a ``message`` event (the row of
+    inbox.json) per new message, ``id:`` its id, so the browser's automatic
+    reconnection resumes after the last one it saw (``Last-Event-ID``); a
+    ``ping`` with the time left every ``live.heartbeat_seconds``; ``gone``
+    when the mailbox is. ``?after=`` is the newest id the page showed."""
+    if not livefeed.page_origin_allowed():
+        abort(403)
+    scope = scope_for(token)
+    try:
+        slot = mailevents.Slot.take(int(mailevents.live_config("max_held_per_process")))
+    except mailevents.Busy:
+        resp = jsonify(error="Too many live pages open. Try again in a moment.")
+        resp.status_code, resp.headers["Retry-After"] = 503, "1"
+        return resp
+    return livefeed.stream_response(PageFeed(scope, stream_cursor(scope.box)), slot)
+
+
+def id_value(raw: Optional[str]) -> int:
+    """A message id from a header or a query string, 0 when it is not one."""
+    raw = (raw or "").strip()
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else 0
+
+
+def stream_cursor(box: Mailbox) -> int:
+    """Where the page's stream starts: after the newest message the page (or
+    the stream, on a reconnection) already showed, never past the newest
+    message there is; from now when it names none."""
+    newest = livefeed.newest_id(box.id)
+    shown = max(id_value(request.headers.get("Last-Event-ID")), id_value(request.args.get("after")))
+    return min(shown, newest) if shown else newest
+
+
+class PageFeed:
+    """The page's stream of one mailbox (see ``livefeed.events``)."""
+
+    def __init__(self, scope: Scope, cursor: int):
+        self.scope, self.mailbox_id, self.cursor = scope, scope.box.id, cursor
+        self.left = seconds_left(scope.box)
+
+    def next_events(self) -> tuple[str, bool]:
+        rows = list(db.session.scalars(select(Message).where(
+            Message.mailbox_id == self.mailbox_id, Message.id > self.cursor).order_by(Message.id)
+            .limit(livefeed.STREAM_BATCH).options(selectinload(Message.attachments))))
+        if rows:
+            self.cursor = rows[-1].id
+        text = "".join(livefeed.sse("message", summary(self.scope, m), str(m.id)) for m in rows)
+        return text, len(rows) == livefeed.STREAM_BATCH
+
+    def still_open(self) -> bool:
+        box = db.session.get(Mailbox, self.mailbox_id)
+        if box is None or not box.is_live:
+            return False
+        self.left = seconds_left(box)
+        return True
+
+    def heartbeat(self) -> str:
+        return livefeed.sse("ping", {"expires_in": self.left})
 
 
 # --------------------------------------------------------------------------

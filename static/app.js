@@ -5,12 +5,15 @@
 (function () {
   "use strict";
 
-  var POLL_MS = 2000;          // new mail shows within 3 s of arrival
+  var POLL_MS = 2000;          // polling (only where the stream breaks): new mail within 3 s
+  var STALE_MS = 45000;        // three pings missed: the stream is stuck (a buffering proxy, say)
+  var MAX_ROWS = 200;          // as many as the server lists
   var hero = document.querySelector("[data-inbox-url]");
   if (!hero) { return; }
   document.documentElement.classList.add("js");
 
   var inboxUrl = hero.getAttribute("data-inbox-url");
+  var streamUrl = inboxUrl.replace(/\/inbox\.json$/, "/stream");
   var list = document.getElementById("message-list");
   var empty = document.getElementById("empty");
   var count = document.getElementById("count");
@@ -71,36 +74,93 @@
   }
   if (expires) { tick(); }
 
-  /* ---- live list: conditional polling, 304 while nothing changed ---- */
+  /* ---- live list: a Server-Sent Events stream; polling where it breaks ---- */
   function setLive(state, text) {
     live.classList.remove("on", "off");
     live.classList.add(state);
     live.querySelector(".live-text").textContent = text;
   }
 
-  function poll() {
-    if (document.hidden) { return schedule(); }
+  var source = null, watchdog = null, failures = 0, polling = false;
+
+  function startStream() {
+    if (!window.EventSource) { return startPolling(); }
+    // The page already shows everything up to its newest row: start after it.
+    source = new EventSource(streamUrl + "?after=" + newestId());
+    source.addEventListener("open", function () { failures = 0; setLive("on", "Live"); alive(); });
+    source.addEventListener("message", function (ev) { alive(); addMessage(JSON.parse(ev.data)); });
+    source.addEventListener("ping", function (ev) {
+      alive();
+      deadline = Date.now() + 1000 * JSON.parse(ev.data).expires_in;
+    });
+    source.addEventListener("gone", function () { stopStream(); window.location.reload(); });
+    source.addEventListener("error", function () {
+      // The browser reconnects by itself (resuming after the last event id);
+      // refused outright, or failing again and again, the page polls instead.
+      setLive("off", "Reconnecting…");
+      failures += 1;
+      if (source.readyState === EventSource.CLOSED || failures >= 3) { fallBack(); }
+    });
+    alive();
+  }
+
+  function alive() { clearTimeout(watchdog); watchdog = setTimeout(fallBack, STALE_MS); }
+  function stopStream() { clearTimeout(watchdog); if (source) { source.close(); source = null; } }
+  function fallBack() { stopStream(); startPolling(); }
+  function startPolling() { if (!polling) { polling = true; poll(); } }
+
+  function newestId() {
+    var top = 0;
+    Object.keys(known).forEach(function (id) { top = Math.max(top, Number(id) || 0); });
+    return top;
+  }
+
+  function addMessage(m) {
+    if (known[m.id]) { return; }
+    known[m.id] = true;
+    var li = row(m);
+    li.classList.add("new");
+    list.insertBefore(li, list.firstChild);
+    while (list.children.length > MAX_ROWS) { list.removeChild(list.lastChild); }
+    count.textContent = list.children.length;
+    empty.hidden = true;
+    var unread = list.querySelectorAll(".msg.unread").length;
+    document.title = (unread ? "(" + unread + ") " : "") + document.title.replace(/^\(\d+\) /, "");
+  }
+
+  /* conditional polling, 304 while nothing changed */
+  function fetchList() {
     var headers = { "Accept": "application/json" };
     if (etag) { headers["If-None-Match"] = etag; }
-    fetch(inboxUrl, { headers: headers, cache: "no-store", credentials: "same-origin" })
+    return fetch(inboxUrl, { headers: headers, cache: "no-store", credentials: "same-origin" })
       .then(function (resp) {
-        if (resp.status === 304) { setLive("on", "Live"); return null; }
+        if (resp.status === 304) { return null; }
         if (resp.status === 404) { window.location.reload(); return null; }
         if (!resp.ok) { throw new Error("HTTP " + resp.status); }
         etag = resp.headers.get("ETag");
         return resp.json();
       })
       .then(function (data) {
-        if (data) { render(data); setLive("on", "Live"); }
-      })
-      .catch(function () { setLive("off", "Reconnecting…"); })
-      .then(schedule);
+        if (data) { render(data); }
+        if (polling) { setLive("on", "Live"); }
+      });
+  }
+
+  function poll() {
+    if (document.hidden) { return schedule(); }
+    fetchList().catch(function () { setLive("off", "Reconnecting…"); }).then(schedule);
   }
 
   // One pending timer at most, however many fetches finish.
   function schedule() { clearTimeout(timer); timer = setTimeout(poll, POLL_MS); }
   function pollNow() { clearTimeout(timer); poll(); }
-  document.addEventListener("visibilitychange", function () { if (!document.hidden) { pollNow(); } });
+  document.addEventListener("visibilitychange", function () { if (polling && !document.hidden) { pollNow(); } });
+
+  // After a change made here (read mark, delete): the list once, or the next poll now.
+  function refresh() {
+    etag = null;
+    if (polling) { pollNow(); } else { fetchList().catch(function () { /* the stream goes on */ }); }
+  }
 
   function render(data) {
     deadline = Date.now() + 1000 * data.expires_in;
@@ -178,8 +238,7 @@
         if (focus) { reader.focus(); }
         if (window.matchMedia("(max-width: 760px)").matches) { reader.scrollIntoView({ behavior: "smooth" }); }
         markActive(reader.querySelector("[data-message-id]").getAttribute("data-message-id"));
-        etag = null;           // the read mark changed the list
-        pollNow();
+        refresh();             // the read mark changed the list
       })
       .catch(function () { window.location.href = url; });
   }
@@ -221,8 +280,7 @@
     }).then(function (resp) {
       if (!resp.ok) { throw new Error("HTTP " + resp.status); }
       reader.innerHTML = '<div class="reader-empty"><p>Message deleted.</p></div>';
-      etag = null;
-      pollNow();
+      refresh();
     }).catch(function () { form.submit(); });
   });
 
@@ -232,5 +290,5 @@
     if (question && !window.confirm(question)) { ev.preventDefault(); }
   });
 
-  poll();
+  startStream();
 }());
