@@ -12,7 +12,17 @@ import os
 
 bind = "127.0.0.1:8000"
 workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
-threads = 4
+# Held requests (?wait= long polls, Server-Sent Events streams) each keep a
+# thread asleep, without a database connection, until mail or their time
+# comes: gthread with many threads holds a thousand of them per worker while
+# the other threads go on serving (bench/capacity.py measures it; gevent was
+# not needed, so nothing is monkey-patched under SQLite and psycopg). The
+# thread pool grows on demand, so idle threads cost nothing. live.max_held_per_process
+# (1000 by default) stays below `threads`, so at least TEMPMAIL_THREADS - 1000
+# threads of each worker are always left for ordinary requests.
+worker_class = "gthread"
+threads = int(os.environ.get("TEMPMAIL_THREADS", "1100"))
+worker_connections = threads + 200  # room for kept-alive connections beyond the busy ones
 accesslog = "-"
 logger_class = "logmask.MaskingLogger"
 forwarded_allow_ips = "127.0.0.1"
