@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-SCRIPTS = ["smtp_ingest", "delivery_latency", "http_api", "scale", "memory"]
+SCRIPTS = ["smtp_ingest", "delivery_latency", "http_api", "scale", "memory", "capacity"]
 
 
 def main(argv: list[str] | None = None) -> int:

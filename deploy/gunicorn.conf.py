@@ -9,6 +9,7 @@ line, Referer, the app's own error lines) as /m/~<fingerprint>, so the logs
 open no mailbox (logmask.py).
 """
 import os
+import resource
 
 bind = "127.0.0.1:8000"
 workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
@@ -23,6 +24,19 @@ workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
 worker_class = "gthread"
 threads = int(os.environ.get("TEMPMAIL_THREADS", "1100"))
 worker_connections = threads + 200  # room for kept-alive connections beyond the busy ones
+
+
+def raise_open_files(wanted: int = 8192) -> None:
+    """Every held request is an open socket: a worker holding a thousand
+    needs more than the soft limit of 1,024 open files many systems start
+    with. Raise the soft limit toward the hard one (workers inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+raise_open_files()
 accesslog = "-"
 logger_class = "logmask.MaskingLogger"
 forwarded_allow_ips = "127.0.0.1"

@@ -1,0 +1,285 @@
+"""Capacity: do held requests starve ordinary ones?
+
+``make run``'s deployment (gunicorn with ``--config deploy/gunicorn.conf.py
+--workers 2``, the mail daemon beside it, SQLite) serves ordinary API
+requests with wrk, first with nothing held, then while N connections are
+held open (default 1,000: half ``GET /api.php/inbox/{email}?wait=60`` long
+polls, re-sent as each one ends, half ``GET /api/messages/stream`` Server-
+Sent Events streams). Rounds alternate (none, held, none, held, ...) so the
+machine's own drift hits both sides; the figure is the median of each
+side and their ratio. Each line carries the load average, because the
+machine is shared.
+
+At the end, while everything is still held, one message goes to a
+long-polled mailbox and one to a streamed mailbox: the time from the 250
+to the answer shows the held clients are still served.
+
+    .venv/bin/python bench/capacity.py [--held 1000] [--rounds 3] [--seconds 8] [--threads N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import smtplib
+import threading
+import time
+from email.message import EmailMessage
+from urllib.request import Request, urlopen
+
+import common
+import wrkutil
+from common import log
+
+BOXES = 50  # mailboxes per kind of held request; held requests share them
+
+
+# --------------------------------------------------------------------------
+# the held connections (asyncio, in a thread of this process)
+
+class Held:
+    """N raw HTTP connections kept busy with long polls and streams."""
+
+    def __init__(self, port: int, polls: list[str], streams: list[str], key: str):
+        self.port, self.polls, self.streams, self.key = port, polls, streams, key
+        self.open_polls = self.open_streams = self.answers = self.errors = 0
+        self.events: list[tuple[str, float]] = []  # (what, when) of stream events and poll answers
+        self.loop = asyncio.new_event_loop()
+        self.stop = None
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def start(self, count: int) -> None:
+        """Open ``count`` held connections, half polls, half streams."""
+        self.stop = asyncio.run_coroutine_threadsafe(self._stop_event(), self.loop).result()
+        for n in range(count):
+            if n % 2 == 0:
+                box = self.polls[n // 2 % len(self.polls)]
+                asyncio.run_coroutine_threadsafe(self.poll(box), self.loop)
+            else:
+                box = self.streams[n // 2 % len(self.streams)]
+                asyncio.run_coroutine_threadsafe(self.stream(box), self.loop)
+
+    async def _stop_event(self) -> asyncio.Event:
+        return asyncio.Event()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        time.sleep(1.0)
+
+    async def connect(self):
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
+        return reader, writer
+
+    async def poll(self, box: str) -> None:
+        """A long poll re-sent on the same connection as each one ends."""
+        try:
+            reader, writer = await self.connect()
+            self.open_polls += 1
+            since = ""
+            while not self.stop.is_set():
+                writer.write(f"GET /api.php/inbox/{box}?wait=60&since={since} HTTP/1.1\r\n"
+                             "Host: bench\r\n\r\n".encode())
+                await writer.drain()
+                task = asyncio.ensure_future(read_response(reader))
+                stopper = asyncio.ensure_future(self.stop.wait())
+                done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if task not in done:
+                    task.cancel()
+                    break
+                stopper.cancel()
+                status, body = task.result()
+                self.answers += 1
+                if status != 200:
+                    self.errors += 1
+                    await asyncio.sleep(1)
+                elif json.loads(body)["total"]:
+                    self.events.append((box, time.perf_counter()))
+                    since = json.loads(body)["emails"][-1]["id"]  # wait for newer mail next
+            writer.close()
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.errors += 1
+        finally:
+            self.open_polls = max(0, self.open_polls - 1)
+
+    async def stream(self, box: str) -> None:
+        """A stream read until told to stop; message events are timed."""
+        try:
+            reader, writer = await self.connect()
+            writer.write((f"GET /api/messages/stream?email={box} HTTP/1.1\r\nHost: bench\r\n"
+                          f"Authorization: Bearer {self.key}\r\n\r\n").encode())
+            await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            if status != 200:
+                self.errors += 1
+                writer.close()
+                return
+            self.open_streams += 1
+            stopper = asyncio.ensure_future(self.stop.wait())
+            while not self.stop.is_set():
+                line = asyncio.ensure_future(reader.readline())
+                done, _ = await asyncio.wait({line, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if line not in done:
+                    line.cancel()
+                    break
+                if not line.result():
+                    break
+                if line.result().startswith(b"event: message"):
+                    self.events.append((box, time.perf_counter()))
+            self.open_streams -= 1
+            writer.close()
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            self.errors += 1
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length body (what api.php sends)."""
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, await reader.readexactly(length)
+
+
+# --------------------------------------------------------------------------
+# set-up and measuring
+
+def raise_fd_limit() -> None:
+    """A thousand sockets here and in each worker: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start(box: common.Sandbox, threads: int | None) -> int:
+    """The daemon and gunicorn exactly as ``make run`` starts them (``threads``
+    overrides the config's thread count, for comparison); the port."""
+    box.init_db()
+    box.start_smtpd()
+    port = common.free_port()
+    env = box.env()
+    if threads:
+        env["TEMPMAIL_THREADS"] = str(threads)
+    box.start("gunicorn", [str(common.VENV_BIN / "gunicorn"), "--config", "deploy/gunicorn.conf.py",
+                           "--bind", f"127.0.0.1:{port}", "--workers", "2", "wsgi:application"], port, env=env)
+    return port
+
+
+def http_json(url: str, method: str = "GET", key: str | None = None) -> dict:
+    req = Request(url, method=method, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def send(port: int, to: str, subject: str) -> float:
+    """One message; the moment its 250 arrived."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "bench <b@source.test>", to, subject
+    msg.set_content("capacity probe\n")
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as conn:
+        conn.sendmail("b@source.test", [to], msg.as_bytes())
+        return time.perf_counter()
+
+
+def measure(base: str, key: str, box_legacy: str, box_user: str, seconds: float) -> dict:
+    """Requests per second of the two ordinary reads, one after the other."""
+    legacy = wrkutil.run(f"{base}/api.php/inbox/{box_legacy}", seconds, connections=32)
+    user = wrkutil.run(f"{base}/api/messages?email={box_user}", seconds, connections=32,
+                       headers={"Authorization": f"Bearer {key}"})
+    return {"legacy": legacy, "user": user, "load": os.getloadavg()[0]}
+
+
+def wait_held(held: Held, want: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while held.open_polls + held.open_streams < want and time.monotonic() < deadline:
+        time.sleep(0.5)
+    # a poll counts as open once connected; give the last requests time to land
+    time.sleep(2)
+
+
+def line(kind: str, held_now: int, m: dict) -> str:
+    return (f"| {kind:5} | {held_now:5} | {m['legacy'].rps:9.0f} | {m['legacy'].errors:4} | "
+            f"{m['user'].rps:9.0f} | {m['user'].errors:4} | {m['load']:5.2f} |")
+
+
+def worker_rss(box: common.Sandbox) -> str:
+    gunicorn = next(s for s in box.servers if s.name == "gunicorn")
+    kids = common.child_pids(gunicorn.pid)
+    return ", ".join(f"{common.proc_kib(pid, 'VmRSS') // 1024} MiB / "
+                     f"{len(os.listdir(f'/proc/{pid}/task'))} threads" for pid in kids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--held", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--threads", type=int, help="gunicorn threads per worker (TEMPMAIL_THREADS)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 5 s")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.seconds = 2, 5.0
+    raise_fd_limit()
+    with common.Sandbox("capacity") as box:
+        port = start(box, args.threads)
+        base = f"http://127.0.0.1:{port}"
+        key = box.api_key()
+        polls = [http_json(f"{base}/api.php/generate")["email"] for _ in range(BOXES)]
+        streams = [http_json(f"{base}/api/emails", "POST", key)["data"]["email"] for _ in range(BOXES + 1)]
+        read_legacy, read_user = polls[0], streams[-1]
+        for n in range(5):  # the ordinary reads list a few messages
+            send(box.smtp_port, read_legacy, f"listed {n}")
+            send(box.smtp_port, read_user, f"listed {n}")
+        polls, streams = polls[1:], streams[:-1]
+        print(common.machine_line())
+        print("| held? | open  | api.php inbox rps | err | User API list rps | err | load1 |")
+        print("|-------|-------|-----------|------|-----------|------|-------|")
+        held = Held(port, polls, streams, key)
+        none, busy = [], []
+        for _ in range(args.rounds):
+            m = measure(base, key, read_legacy, read_user, args.seconds)
+            none.append(m)
+            print(line("none", 0, m), flush=True)
+            held.start(args.held)
+            wait_held(held, args.held)
+            opened = held.open_polls + held.open_streams
+            m = measure(base, key, read_legacy, read_user, args.seconds)
+            busy.append(m)
+            print(line("held", opened, m), flush=True)
+            rss = worker_rss(box)
+            probe = probe_held(box, held, polls[0], streams[0])
+            held.close()
+            log(f"workers while held: {rss}; probe {probe}")
+        report(none, busy, held, rss, probe)
+
+
+def probe_held(box: common.Sandbox, held: Held, poll_box: str, stream_box: str) -> str:
+    """Mail to one long-polled and one streamed mailbox while all is held:
+    250 -> answer/event times."""
+    times = []
+    for target in (poll_box, stream_box):
+        count = len(held.events)
+        acked = send(box.smtp_port, target, "probe")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(b == target for b, _ in held.events[count:]):
+            time.sleep(0.005)
+        got = [t for b, t in held.events[count:] if b == target]
+        times.append(f"{(got[0] - acked) * 1000:.0f} ms" if got else "none in 10 s")
+    return f"poll {times[0]}, stream {times[1]}"
+
+
+def report(none: list, busy: list, held: Held, rss: str, probe: str) -> None:
+    med = lambda rows, kind: common.median([m[kind].rps for m in rows])
+    for kind, label in (("legacy", "GET /api.php/inbox/{email}"), ("user", "GET /api/messages")):
+        print(f"{label}: {med(none, kind):.0f} rps with none held, {med(busy, kind):.0f} with "
+              f"held ({100 * med(busy, kind) / med(none, kind):.0f} %)")
+    print(f"gunicorn workers while held: {rss}")
+    print(f"mail while held (250 -> answer): {probe}; held-client errors: {held.errors}")
+    print(common.machine_line())
+
+
+if __name__ == "__main__":
+    main()
