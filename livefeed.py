@@ -184,7 +184,7 @@ def events(feed: Feed) -> Iterator[str]:
             if text:
                 yield text
             now = time.monotonic()
-            if now >= end:
+            if now >= end or mailevents.STOPPING.is_set():
                 return
             if now >= next_beat:
                 if not look(feed.still_open):

@@ -136,6 +136,18 @@ class Hub:
 
 _hubs: dict[tuple, Hub] = {}
 _hubs_lock = threading.Lock()
+# Set when this process begins to stop: held requests end at once (a long
+# poll answers with what there is, a stream closes and its client resumes
+# with Last-Event-ID on another worker) instead of holding the shutdown.
+STOPPING = threading.Event()
+
+
+def shutdown() -> None:
+    """End every held request of this process (gunicorn's SIGTERM, see
+    deploy/gunicorn.conf.py); safe to call from a signal handler."""
+    STOPPING.set()
+    for found in list(_hubs.values()):
+        found.ring_all()
 
 
 def hub_key(engine: Engine) -> tuple:
@@ -171,7 +183,7 @@ def wait_for(mailbox_id: int, probe: Callable[[], bool], seconds: float) -> bool
             finally:
                 db.session.close()
             left = deadline - time.monotonic()
-            if found or left <= 0:
+            if found or left <= 0 or STOPPING.is_set():
                 return found
             waiter.sleep(current.nap(left))
 

@@ -10,6 +10,7 @@ open no mailbox (logmask.py).
 """
 import os
 import resource
+import signal
 
 bind = "127.0.0.1:8000"
 workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
@@ -46,3 +47,17 @@ def child_exit(_server, worker):
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
         multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """On SIGTERM (a stop, or the old workers of a reload), end the held
+    requests at once, long polls answering with what there is and streams
+    closing so their clients resume elsewhere, instead of holding the
+    shutdown for up to graceful_timeout."""
+    stop = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        import mailevents
+        mailevents.shutdown()
+        stop(sig, frame)
+    signal.signal(signal.SIGTERM, handle_exit)

@@ -38,7 +38,8 @@ class Stack:
     def __init__(self, app, tmp, backend: str):
         self.app, self.backend = app, backend
         conf = dict(app.config["TEMPMAIL"], secret_key=app.config["SECRET_KEY"])
-        config = tmp / "config.json"
+        self.tmp = tmp
+        self.config = config = tmp / "config.json"
         config.write_text(json.dumps(conf))
         self.daemon = Daemon(config, tmp / "smtpd.log").start()
         self.web = Gunicorn(config, tmp / "gunicorn.log", workers=2,
@@ -154,6 +155,13 @@ class EventStream:
             if field == "":
                 return {"comment": value.strip()}
             event[field] = value[1:] if value.startswith(" ") else value
+
+    def next_or_end(self) -> dict:
+        """The next event, or {} once the server ended the stream."""
+        try:
+            return self.next()
+        except AssertionError:
+            return {}
 
     def next_message(self) -> dict:
         """The next ``message`` event (skipping heartbeats), data decoded."""
@@ -428,6 +436,28 @@ def test_page_stream_sends_rows_pings_and_resumes(stack):
     resumed = EventStream(f"{stack.url}/web/stream", {"Cookie": cookie, "Last-Event-ID": event["id"]})
     assert resumed.next_message()["data"]["subject"] == "missed by the page"
     resumed.close()
+
+
+def test_a_stopping_worker_ends_its_held_requests_at_once(stack):
+    """SIGTERM (a stop, or the old workers of a reload): the long poll answers
+    with what there is and the stream closes, instead of both holding the
+    shutdown for gunicorn's 30 s graceful timeout."""
+    web = Gunicorn(stack.config, stack.tmp / "stopping.log", workers=1,
+                   extra=["--config", "deploy/gunicorn.conf.py"]).start()
+    address = stack.legacy_mailbox()
+    auth = stack.key("stopping@example.org")
+    stream = EventStream(f"{web.url}/api/messages/stream?email={stack.api_mailbox(auth)}", auth)
+    assert stream.next() == {"comment": "connected"}
+    held = Held(f"{web.url}/api.php/inbox/{address}?wait=60")
+    settle()
+    started = time.monotonic()
+    web.stop()
+    assert held.result().status_code == 200 and held.resp.json()["emails"] == []
+    while "comment" in (event := stream.next_or_end()):
+        pass
+    assert event == {}  # the stream ended
+    assert time.monotonic() - started < 15  # not the 30 s graceful timeout, nor the 60 s wait
+    stream.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
