@@ -70,6 +70,10 @@ def schemas() -> dict:
         "MessageList": obj(status={"const": True}, mailbox=STRING,
                            messages={"type": "array", "items": ref("Message")}),
         "MessageResponse": obj(status={"const": True}, data=ref("Message")),
+        "StreamMessage": {**message, "properties": {k: v for k, v in message["properties"].items()
+                                                    if k != "content"},
+                          "required": [k for k in message["required"] if k != "content"],
+                          "description": "The data of a stream's message event: the Message less content"},
     }
 
 
@@ -97,7 +101,7 @@ def legacy_op(summary: str, ok: str | None, errors: dict, params=(), tag="api.ph
 
 USER_ERRORS = {401: "Missing, invalid or revoked key", 403: "The plan does not allow it",
                404: "Not found or owned by someone else", 422: "Invalid input",
-               429: "Monthly quota exhausted"}
+               429: "Monthly quota exhausted", 503: "Too many requests held by this server now (Retry-After)"}
 
 
 def user_op(summary: str, ok: str | None, codes: tuple, params=()) -> dict:
@@ -106,14 +110,57 @@ def user_op(summary: str, ok: str | None, codes: tuple, params=()) -> dict:
     responses = {"200": ok_resp}
     for code in codes:
         resp = json_body("UserError", USER_ERRORS.get(code, "Error"))
-        if code == 429:
+        if code in (429, 503):
             resp["headers"] = dict(rate_headers(), **{"Retry-After": {
-                "description": "Seconds until the quota resets", "schema": INTEGER}})
+                "description": "Seconds until the quota resets" if code == 429 else "Seconds to wait",
+                "schema": INTEGER}})
         elif code != 401:
             resp["headers"] = rate_headers()
         responses[str(code)] = resp
     responses["405"] = json_body("UserError", "Method not allowed")
     return {"tags": ["User API"], "summary": summary, "parameters": list(params), "responses": responses}
+
+
+def stream_op() -> dict:
+    """``GET /api/messages/stream``: Server-Sent Events, not JSON."""
+    op = user_op("Stream an owned mailbox's new messages (Server-Sent Events)", "MessageList",
+                 (401, 403, 404, 422, 429, 503), [
+                     p("email", "query", STRING, True, "Address of a mailbox you own"),
+                     *filter_params(),
+                     p("since", "query", PUBLIC_ID, False, "Start after this message (like Last-Event-ID)"),
+                     p("Last-Event-ID", "header", PUBLIC_ID, False,
+                       "Resume after this message (sent by EventSource when it reconnects)")])
+    op["description"] = (
+        "One `message` event per new message: `id:` is the message id, `data:` the object of "
+        "GET /api/messages/{id} without `content`. A comment line `: heartbeat` every 15 s; a `gone` "
+        "event when the mailbox expires or is deleted. Without Last-Event-ID or since the stream "
+        "starts with the next message to arrive. Opening a stream counts one request toward the "
+        "quota. A browser page of another site may read it only if cors_origins allows that site.")
+    op["responses"]["200"] = {"description": "An open text/event-stream", "headers": rate_headers(),
+                              "content": {"text/event-stream": {
+                                  "schema": {"type": "string"},
+                                  "example": SSE_EXAMPLE}}}
+    op["responses"]["403"]["description"] = "A page of a site that cors_origins does not allow"
+    return op
+
+
+SSE_EXAMPLE = ("retry: 2000\n: connected\n\n"
+               "id: ap94AWDg123ELQz07vrVB9dLXlbqZM5NGwYxOJKko8n6m1\nevent: message\n"
+               'data: {"is_seen":false,"subject":"Your code","from":"Shop","from_email":"shop@example.org",'
+               '"to":"demo123@example.com","receivedAt":"2026-06-07 19:37:26",'
+               '"id":"ap94AWDg123ELQz07vrVB9dLXlbqZM5NGwYxOJKko8n6m1","html":false,"attachments":[]}\n\n'
+               ": heartbeat\n\n")
+PUBLIC_ID = {"type": "string", "pattern": "^[A-Za-z0-9]{46}$"}
+WAIT = {"type": "integer", "minimum": 0, "maximum": 60}
+
+
+def filter_params() -> list[dict]:
+    return [p("from", "query", {"type": "string", "maxLength": 200}, False,
+              "Only messages whose sender address or name contains this (case-insensitive)"),
+            p("subject", "query", {"type": "string", "maxLength": 200}, False,
+              "Only messages whose subject contains this (case-insensitive)"),
+            p("tag", "query", {"type": "string", "maxLength": 64}, False,
+              "Only messages sent to name+TAG@domain (exact)")]
 
 
 def p(name: str, where: str, schema: dict, required: bool, description: str) -> dict:
@@ -133,11 +180,16 @@ def legacy_paths() -> dict:
                "Custom username; random when absent"),
              p("domain", "query", STRING, False, "A domain listed by /domains")])},
         "/api.php/inbox/{email}": {"get": legacy_op(
-            "List an address's messages (oldest first)", "Inbox",
-            {400: "Invalid limit or offset", 404: "Address unknown or expired"},
+            "List an address's messages (oldest first); with wait, first wait for new mail", "Inbox",
+            {400: "Invalid limit, offset, wait or since", 404: "Address unknown or expired",
+             503: "Too many requests held by this server now (Retry-After)"},
             [p("email", "path", STRING, True, "Full address, URL-encoded or not"),
              p("limit", "query", {"type": "integer", "minimum": 0, "maximum": 1000}, False, "At most this many"),
-             p("offset", "query", {"type": "integer", "minimum": 0}, False, "Skip this many")])},
+             p("offset", "query", {"type": "integer", "minimum": 0}, False, "Skip this many"),
+             p("wait", "query", WAIT, False, "Hold the request up to this many seconds until the inbox "
+               "has a message newer than since (any message without since); then answer as usual"),
+             p("since", "query", {"type": "integer", "minimum": 0}, False,
+               "Id of the newest message you have seen (0 or absent: any message counts as new)")])},
         "/api.php/email/{id}": {
             "get": legacy_op("Read a message (marks it read)", "EmailDetail", missing, [email_id]),
             "delete": legacy_op("Delete a message and its attachments", "Deleted", missing, [email_id])},
@@ -166,8 +218,14 @@ def user_paths() -> dict:
              p("domain", "path", STRING, True, "A domain your plan allows")])},
         "/api/emails/{email}": {"delete": user_op("Delete an owned mailbox", "Done", (401, 404, 429), [owned])},
         "/api/messages": {"get": user_op(
-            "List an owned mailbox's messages", "MessageList", (401, 404, 422, 429),
-            [p("email", "query", STRING, True, "Address of a mailbox you own")])},
+            "List an owned mailbox's messages (newest first); with wait, first wait for new mail",
+            "MessageList", (401, 404, 422, 429, 503),
+            [p("email", "query", STRING, True, "Address of a mailbox you own"),
+             *filter_params(),
+             p("wait", "query", WAIT, False, "Hold the request up to this many seconds until a message "
+               "newer than since that passes the filters is there; then answer as usual (a 200, counted)"),
+             p("since", "query", PUBLIC_ID, False, "Id of the newest message you have seen, of this mailbox")])},
+        "/api/messages/stream": {"get": stream_op()},
         "/api/messages/{id}": {
             "get": user_op("Read an owned message (marks it seen)", "MessageResponse", (401, 404, 429), [msg_id]),
             "delete": user_op("Delete an owned message", "Done", (401, 404, 429), [msg_id])},

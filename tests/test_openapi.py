@@ -3,6 +3,7 @@ server has, and every answer the server really gives (success and error, on
 SQLite and PostgreSQL) validates against the schema documented for it."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -39,6 +40,8 @@ def operation_checker(spec):
             schema = dict(content["application/json"]["schema"], components=components)
             errors = sorted(Draft202012Validator(schema).iter_errors(resp.get_json()), key=str)
             assert not errors, f"{method} {template} {resp.status_code}: {errors[0].message} at {list(errors[0].path)}"
+        elif "text/event-stream" in content:
+            assert resp.mimetype == "text/event-stream", f"{method} {template}: not an event stream"
         else:
             assert not resp.is_json and resp.data, f"{method} {template}: expected file bytes"
         for header in documented.get("headers", {}):
@@ -94,6 +97,9 @@ def test_api_php_answers_match_the_document(app, client, spec):
     calls = [("GET", "/api.php/inbox/{email}", f"/api.php/inbox/{box_address}", 200),
              ("GET", "/api.php/inbox/{email}", "/api.php/inbox/nobody%40example.com", 404),
              ("GET", "/api.php/inbox/{email}", f"/api.php/inbox/{box_address}?limit=many", 400),
+             ("GET", "/api.php/inbox/{email}", f"/api.php/inbox/{box_address}?wait=30", 200),
+             ("GET", "/api.php/inbox/{email}", f"/api.php/inbox/{box_address}?wait=61", 400),
+             ("GET", "/api.php/inbox/{email}", f"/api.php/inbox/{box_address}?wait=1&since=x", 400),
              ("GET", "/api.php/email/{id}", f"/api.php/email/{msg_id}", 200),
              ("GET", "/api.php/email/{id}", "/api.php/email/987654", 404),
              ("GET", "/uploads/attachments/{id}/{filename}", att_path, 200),
@@ -152,6 +158,11 @@ def test_user_api_answers_match_the_document(app, client, spec):
     with app.app_context():
         public_id = message_in(Mailbox.find_live(box)).public_id
     call("GET", "/api/messages", f"/api/messages?email={box}", 200)
+    call("GET", "/api/messages", f"/api/messages?email={box}&wait=30&from=example&subject=WELCOME", 200)
+    call("GET", "/api/messages", f"/api/messages?email={box}&wait=1&since={public_id}&tag=none", 200)
+    call("GET", "/api/messages", f"/api/messages?email={box}&wait=61", 422)
+    call("GET", "/api/messages", f"/api/messages?email={box}&since=unknown", 422)
+    stream_answers_match(app, client, check, auth, box)
     call("GET", "/api/messages", "/api/messages", 422)
     call("GET", "/api/messages", "/api/messages?email=ghost@example.com", 404)
     call("GET", "/api/messages/{id}", f"/api/messages/{public_id}", 200)
@@ -170,3 +181,29 @@ def test_user_api_answers_match_the_document(app, client, spec):
         db.session.execute(update(QuotaUsage).where(QuotaUsage.user_id == user_id).values(used=50000))
         db.session.commit()
     call("POST", "/api/emails", "/api/emails", 429)
+
+
+def stream_answers_match(app, client, check, auth, box):
+    """The stream's errors are JSON as documented; its 200 is an event
+    stream whose message events carry a StreamMessage."""
+    template = "/api/messages/stream"
+    for url, status in (("/api/messages/stream", 422), ("/api/messages/stream?email=ghost@example.com", 404),
+                        (f"/api/messages/stream?email={box}&since=unknown", 422)):
+        resp = client.get(url, headers=auth)
+        assert resp.status_code == status, url
+        check(template, "GET", resp)
+    resp = client.get(f"/api/messages/stream?email={box}", headers=auth, buffered=False)
+    assert resp.status_code == 200
+    check(template, "GET", resp)
+    with app.app_context():
+        message_in(Mailbox.find_live(box))
+    chunks = iter(resp.response)
+    text = ""
+    while "event: message" not in text:
+        text += next(chunks).decode()
+    resp.close()
+    data = json.loads(text.split("event: message\ndata: ", 1)[1].split("\n", 1)[0])
+    spec = client.get("/openapi.json").get_json()
+    schema = dict(spec["components"]["schemas"]["StreamMessage"], components=spec["components"])
+    errors = list(Draft202012Validator(schema).iter_errors(data))
+    assert not errors, errors[0].message
