@@ -18,7 +18,7 @@ import re
 from urllib.parse import unquote
 
 from flask import Blueprint, Flask, abort, jsonify, make_response, request
-from sqlalchemy import Integer, bindparam, func, select
+from sqlalchemy import BigInteger, Integer, bindparam, func, select
 from werkzeug.exceptions import HTTPException
 
 import clock
@@ -193,8 +193,10 @@ def hold_for_mail(mailbox_id: int, since: int, seconds: int) -> None:
 
 
 _messages = Message.__table__
+# ``since`` as BIGINT: the id behind a shown id may be far above any row
+# (and above PostgreSQL's INTEGER), which simply means "nothing newer yet".
 INBOX_NEWER = (select(_messages.c.id).where(_messages.c.mailbox_id == bindparam("mailbox_id"),
-                                            _messages.c.id > bindparam("since")).limit(1))
+                                            _messages.c.id > bindparam("since", type_=BigInteger)).limit(1))
 INBOX_ALL = (select(_messages.c.id, _messages.c.from_email, _messages.c.from_name, _messages.c.subject,
                     _messages.c.is_read, _messages.c.received_at)
              .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
