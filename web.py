@@ -15,7 +15,6 @@ plain links and forms; static/app.js adds live updates and the in-page reader.
 from __future__ import annotations
 
 import hashlib
-import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redir
 from sqlalchemy import case, func, select
 from werkzeug.exceptions import HTTPException
 
+import apierrors
 import clock
 import mailview
 import models
@@ -34,7 +34,6 @@ from mailpolicy import open_mailbox
 from models import Domain, Mailbox, MailboxError, Message, db
 
 bp = Blueprint("web", __name__)
-log = logging.getLogger("tempmail.web")
 MAX_ID = 1 << 62  # larger path ids answer 404 before they reach the database
 # The page's answers to a refused mailbox, as /generate's (PHP) codes.
 STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
@@ -168,16 +167,7 @@ def server_error():
     return page("inbox_gone.html", reason="error"), 500
 
 
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):
-    return http_error(exc)
-
-
-@bp.errorhandler(Exception)
-def _unexpected(exc: Exception):
-    db.session.rollback()
-    log.exception("page request failed: %s %s", request.method, request.path)
-    return server_error()
+apierrors.own_errors(bp, http_error, server_error)
 
 
 def page(template: str, **context):
