@@ -6,9 +6,14 @@ FLASK  := $(VENV)/bin/flask
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the test suite drives for real: Chromium for the browser
-# tests, Dovecot for IMAP ingest, swaks for manual checks.
-TEST_DEBS := chromium dovecot-imapd swaks
+# Debian packages the test suite starts for real, as "command-or-file:package":
+# PostgreSQL's server (tests/conftest.py runs initdb/pg_ctl from
+# /usr/lib/postgresql/*/bin), Chromium for the browser tests, Dovecot for IMAP
+# ingest, swaks for manual checks. Add a line here for anything new a test starts.
+TEST_DEBS := /usr/lib/postgresql/*/bin/initdb:postgresql \
+             chromium:chromium \
+             /usr/sbin/dovecot:dovecot-imapd \
+             swaks:swaks
 
 .PHONY: run test venv system-deps init-db clean bench
 
@@ -25,19 +30,23 @@ init-db: venv
 	$(FLASK) --app app init-db
 
 # The web app (gunicorn) and the mail daemon run together in the foreground;
-# Ctrl-C stops both.
+# Ctrl-C (or TERM) stops both: deploy/run.sh supervises them and shares
+# METRICS_DIR (emptied at start) between them for /metrics.
+METRICS_DIR ?= instance/metrics
 run: init-db
-	@echo "Web app on http://$(HOST):$(PORT)/ ; mail daemon as configured (flask smtpd)"
-	@trap 'kill 0' INT TERM EXIT; \
-	$(VENV)/bin/gunicorn --bind $(HOST):$(PORT) --workers 2 --threads 4 --access-logfile - wsgi:application & \
-	$(FLASK) --app app smtpd & \
-	wait
+	VENV=$(VENV) METRICS_DIR=$(METRICS_DIR) exec deploy/run.sh $(HOST) $(PORT)
 
+# Installs each TEST_DEBS package whose command or file is missing.
 system-deps:
 	@missing=""; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-imapd"; \
-	command -v swaks >/dev/null || missing="$$missing swaks"; \
+	for entry in $(TEST_DEBS); do \
+	  probe=$${entry%:*}; package=$${entry##*:}; \
+	  case $$probe in \
+	    /*) found=""; for f in $$probe; do [ -e "$$f" ] && found=1; done ;; \
+	    *) found=$$(command -v $$probe || true) ;; \
+	  esac; \
+	  [ -n "$$found" ] || missing="$$missing $$package"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -50,4 +59,4 @@ bench: venv
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) instance/tempmail.db* .pytest_cache
+	rm -rf $(VENV) instance/tempmail.db* $(METRICS_DIR)/*.db .pytest_cache
