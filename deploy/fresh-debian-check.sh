@@ -30,7 +30,7 @@ EXTRA_DEBS=python3,python3-venv,make,git,ca-certificates
 host_mirror() {
     # The Debian archive this machine's apt uses (deb822 "URIs:" or one-line "deb" form).
     grep -hsE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* \
-        | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n1 | tr -d ' '
+        | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n1 | tr -d ' ' || true
 }
 MIRROR="${MIRROR:-$(host_mirror)}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
