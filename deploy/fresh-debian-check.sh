@@ -8,7 +8,8 @@
 #    mirror this machine uses (MIRROR, default: the first deb.debian.org-style
 #    URI in /etc/apt/sources.list*), with the same suites (bookworm,
 #    bookworm-updates, bookworm-security);
-# 2. copy in what reaching PyPI needs (/etc/resolv.conf, /etc/pip.conf);
+# 2. copy in what reaching PyPI needs: /etc/resolv.conf, /etc/pip.conf and the
+#    local certificate authorities (/usr/local/share/ca-certificates);
 # 3. git-clone BRANCH (default: the current branch) of this repository into it;
 # 4. inside `chroot`, as a newcomer would: `make run` (wait until the web app
 #    and the mail daemon answer, then Ctrl-C it, i.e. SIGINT to its process
@@ -80,6 +81,12 @@ in_root() {
 make_root
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
 [ -f /etc/pip.conf ] && cp /etc/pip.conf "$ROOTFS/etc/pip.conf"
+# Certificate authorities this machine adds to Debian's (a TLS-inspecting
+# egress proxy's, say): without them pip cannot verify PyPI from inside.
+if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/"
+    chroot "$ROOTFS" update-ca-certificates >/dev/null
+fi
 rm -rf "$ROOTFS/root/tempmail"
 git clone --quiet --branch "$BRANCH" "$HERE" "$ROOTFS/root/tempmail"
 echo "== cloned $BRANCH at $(git -C "$ROOTFS/root/tempmail" log -1 --format='%h %s')"
