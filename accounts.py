@@ -128,12 +128,20 @@ def authenticate(email: str, password: str) -> Optional[User]:
 # --------------------------------------------------------------------------
 # sign up, sign in, sign out
 
+def password_problem(password: str) -> Optional[str]:
+    """What is wrong with ``password``, or None: the one rule for the sign-up
+    form and ``flask users create``."""
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        return f"Choose a password of {MIN_PASSWORD} to {MAX_PASSWORD} characters."
+    return None
+
+
 def signup_errors(email: str, password: str, confirm: str) -> list[str]:
     errors = []
     if not EMAIL_RE.match(email) or len(email) > 254:
         errors.append("Enter a valid e-mail address.")
-    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        errors.append(f"Choose a password of {MIN_PASSWORD} to {MAX_PASSWORD} characters.")
+    if problem := password_problem(password):
+        errors.append(problem)
     if password != confirm:
         errors.append("The two passwords do not match.")
     return errors

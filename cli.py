@@ -7,9 +7,16 @@ from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 
 import models
+from accounts import password_problem
 from models import ApiKey, Domain, User, db
 
 domains_cli = AppGroup("domains", help="Add and list the mail domains.")
+
+
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """``"1 message"``, ``"2 messages"``: a count with its noun in the right number,
+    for the commands' summaries (``plural`` defaults to ``singular + "s"``)."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
 @click.command("init-db")
@@ -59,6 +66,8 @@ def users_create(email: str, plan: str, password: str | None) -> None:
         raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="EMAIL")
     if plan not in (models.cfg("plans") or {}):
         raise click.BadParameter(f"no plan {plan!r} in the configuration", param_hint="--plan")
+    if password is not None and (problem := password_problem(password)):
+        raise click.BadParameter(problem, param_hint="--password")
     if User.by_email(email) is not None:
         raise click.ClickException(f"user {email} already exists")
     User.create(email, plan=plan, password=password)
