@@ -48,7 +48,9 @@ class MakeRun:
         (self.metrics_dir / "counter_999999.db").write_bytes(b"stale")
         self.log = tmp_path / "make-run.log"
         env = dict(os.environ, TEMPMAIL_CONFIG=str(self.config))
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        # Not the settings of an outer make (`make test` runs this suite).
+        for name in ("PROMETHEUS_MULTIPROC_DIR", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+            env.pop(name, None)
         # -o .venv/.installed: the tests already run inside the installed
         # virtualenv; a pip run is not what is tested here.
         cmd = ["make", "--no-print-directory", "-o", ".venv/.installed", "run",
