@@ -8,10 +8,13 @@ PORT   ?= 8000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite starts for real, as "command-or-file:package":
 # PostgreSQL's server (tests/conftest.py runs initdb/pg_ctl from
-# /usr/lib/postgresql/*/bin), Chromium for the browser tests, Dovecot for IMAP
-# ingest, swaks for manual checks. Add a line here for anything new a test starts.
+# /usr/lib/postgresql/*/bin), Chromium for the browser tests and libatomic1
+# for the node driver that Playwright's wheel bundles (a bare Debian lacks
+# it), Dovecot for IMAP ingest, swaks for manual checks. Add a line here for
+# anything new a test starts.
 TEST_DEBS := /usr/lib/postgresql/*/bin/initdb:postgresql \
              chromium:chromium \
+             /usr/lib/*/libatomic.so.1:libatomic1 \
              /usr/sbin/dovecot:dovecot-imapd \
              swaks:swaks
 
