@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 import apierrors
 import clock
+import idgen
 import mailview
 import models
 import storage
@@ -34,7 +35,7 @@ from mailpolicy import open_mailbox
 from models import Domain, Mailbox, MailboxError, Message, db
 
 bp = Blueprint("web", __name__)
-MAX_ID = 1 << 62  # larger path ids answer 404 before they reach the database
+MAX_ID = idgen.MAX_ROW_ID  # larger path ids answer 404 before they reach the database
 # The page's answers to a refused mailbox, as /generate's (PHP) codes.
 STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
 

@@ -112,8 +112,8 @@ def test_path_traversal_and_bad_queries_on_every_route(app):
     assert huge.status_code == 413
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_large_and_negative_integers_everywhere(app):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_large_and_negative_integers_everywhere(app, backend):
     """Every integer parameter of /openapi.json (both APIs), and every integer
     path of the web page, with hypothesis integers from -2^80 to 2^80: no
     5xx, no OverflowError reaching the database."""
