@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 import api_legacy
+import extract
 import models
 from models import ApiKey, Domain, Mailbox, MailboxError, Message, QuotaUsage, User, db
 
@@ -277,6 +278,14 @@ def read_message(public_id: str):
     msg = owned_message(public_id)
     msg.mark_read()
     return ok(data=msg.to_v1(base_url()))
+
+
+@bp.get("/messages/<public_id>/extract")
+def extract_message(public_id: str):
+    """The one-time codes and the links of an owned message. It does not mark
+    the message seen: a test harness polling for a code reads no mail."""
+    msg = owned_message(public_id)
+    return ok(data=extract.extract(msg.subject or "", msg.body_text or "", msg.body_html or ""))
 
 
 @bp.delete("/messages/<public_id>")
