@@ -252,35 +252,41 @@ CODE_WORDS = """
     verification, verify, 2fa, mfa, token, security key,
     codice, codici, password monouso, password temporanea, password usa e getta, verifica,
     mã, xác minh, xác thực, mật khẩu một lần, mật khẩu dùng một lần, mật khẩu tạm thời,
-    kod*, şifre*, doğrulama, parola*
+    kod*, şifre*, doğrulama, parola*, temporary password, temporary passcode, temporary pin
+"""
+# Words of offers: a code in the same sentence as one of them (or as a
+# "%") is a promotion code, in the whole message.
+PROMO_WORDS = """
+    promo, promo code, promo codes, promotional code, discount, discount code, coupon, coupon code,
+    voucher, voucher code, gift code, referral code, sale, checkout,
+    sconto, sconti, saldi, codice sconto, codice promozionale, codici promozionali, codice coupon,
+    codice regalo, mã giảm giá, mã khuyến mãi, mã voucher, giảm giá, khuyến mãi, ưu đãi,
+    indirim, indirim kod*, kupon, kupon kod*, promosyon kod*, hediye kod*, kampanya
 """
 DECOY_WORDS = """
-    promo, promo code, promo codes, promotional code, discount, discount code, coupon, coupon code,
-    voucher, voucher code, gift code, gift card, referral code, postal code, zip code, area code,
+    gift card, postal code, zip code, area code,
     country code, tracking code, order code, error code, source code, qr code, bar code, barcode,
     tax code, sort code, swift code, bank code, branch code, product code, item code, booking code,
     reservation code, airline code, confirmation number, confirmation no,
     order, orders, invoice, receipt, transaction, txn, ref, reference, booking, reservation, account,
     acct, customer, member, membership, ticket, case, tracking, shipment, parcel, package, awb, postal,
     postcode, zip, phone, tel, telephone, call, hotline, fax, mobile, ending, ends in, ext, extension,
+    ending in, ending with, ends with,
     flight, seat, room, gate, total, subtotal, amount, price, balance, qty, quantity, item, sku, model,
     serial, version, build, error, id, iban, vat, tax, contract, policy,
-    codice sconto, codice promozionale, codici promozionali, codice coupon, codice fiscale,
-    codice postale, codice cliente, codice ordine, codice prenotazione, codice di tracciamento,
-    codice di spedizione, codice iban, codice articolo, codice prodotto, codice errore,
-    codice di errore, codice regalo, codice a barre,
+    codice fiscale, codice postale, codice cliente, codice ordine, codice prenotazione,
+    codice di tracciamento, codice di spedizione, codice iban, codice articolo, codice prodotto,
+    codice errore, codice di errore, codice a barre,
     ordine, fattura, ricevuta, scontrino, transazione, riferimento, rif, prenotazione, conto, cliente,
     pratica, spedizione, tracciamento, cap, telefono, cellulare, chiama, chiamare, chiamaci,
     numero verde, totale, subtotale, importo, prezzo, saldo, quantità, articolo, volo, errore, p iva,
     partita iva, termina con, termina in, terminante con, numero di conferma, contratto, polizza,
-    mã đơn hàng, mã đơn, mã giao dịch, mã vận đơn, mã bưu chính, mã bưu điện, mã giảm giá,
-    mã khuyến mãi, mã voucher, mã khách hàng, mã đặt chỗ, mã số*, mã sản phẩm, mã lỗi, mã hóa đơn,
-    mã hoá đơn, mã tham chiếu, mã vùng,
+    mã đơn hàng, mã đơn, mã giao dịch, mã vận đơn, mã bưu chính, mã bưu điện, mã khách hàng,
+    mã đặt chỗ, mã số*, mã sản phẩm, mã lỗi, mã hóa đơn, mã hoá đơn, mã tham chiếu, mã vùng,
     đơn hàng, hóa đơn, hoá đơn, giao dịch, tham chiếu, đặt chỗ, tài khoản, stk, khách hàng, vận đơn,
-    bưu chính, bưu điện, giảm giá, khuyến mãi, điện thoại, tổng đài, gọi, tổng, tổng cộng, tổng tiền,
+    bưu chính, bưu điện, điện thoại, tổng đài, gọi, tổng, tổng cộng, tổng tiền,
     số tiền, thành tiền, giá, số lượng, chuyến bay, thuế, lỗi, hợp đồng,
-    indirim, indirim kod*, kupon, kupon kod*, promosyon kod*, hediye kod*, posta kod*, takip kod*,
-    kargo kod*, sipariş kod*, referans kod*, hata kod*, alan kod*, ürün kod*, vergi kod*, ülke kod*,
+    posta kod*, takip kod*, kargo kod*, sipariş kod*, referans kod*, hata kod*, alan kod*, ürün kod*, vergi kod*, ülke kod*,
     rezervasyon kod*, müşteri kod*,
     sipariş*, fatura*, fiş, makbuz, işlem*, referans, rezervasyon, hesap*, müşteri, takip, kargo,
     gönderi*, telefon, ara, arayın*, çağrı merkezi, toplam, tutar*, fiyat, bakiye, adet, uçuş, vergi,
@@ -288,7 +294,7 @@ DECOY_WORDS = """
 """
 # phrases that are neither, and keep a shorter decoy from matching ("giá trị": valid, not price)
 NEUTRAL_WORDS = "giá trị"
-CODE, DECOY, NEUTRAL = "code", "decoy", "neutral"
+CODE, DECOY, PROMO, NEUTRAL = "code", "decoy", "promo", "neutral"
 MAX_WORD_GAP = 3  # characters between the words of one phrase ("one-time", "l'iscrizione")
 
 
@@ -317,7 +323,7 @@ def phrase_table(groups: dict[str, str]) -> tuple[dict, dict, tuple]:
     return exact, prefixed, stems
 
 
-PHRASES = phrase_table({CODE: CODE_WORDS, DECOY: DECOY_WORDS, NEUTRAL: NEUTRAL_WORDS})
+PHRASES = phrase_table({CODE: CODE_WORDS, DECOY: DECOY_WORDS, PROMO: PROMO_WORDS, NEUTRAL: NEUTRAL_WORDS})
 
 
 def word_is(pattern: str, word: str) -> bool:
@@ -380,7 +386,12 @@ class Candidate:
 class Label:
     start: int
     end: int
-    keyword: bool  # a code word (else a decoy word)
+    kind: str  # CODE, DECOY or PROMO
+
+    @property
+    def keyword(self) -> bool:
+        """A code word (else a word saying the number is something else)."""
+        return self.kind == CODE
 
 
 def find_codes(sources: list[list[str]]) -> list[str]:
@@ -427,12 +438,16 @@ def codes_in_lines(lines: list[str]):
         if not line.strip():
             continue
         labels = find_labels(line)
-        ends = [lab.end for lab in labels]
+        starts, ends = [lab.start for lab in labels], [lab.end for lab in labels]
+        blocker = -1  # end of the last code found: a code word before it vouched for that one
         for cand in find_candidates(line):
-            score = judge(line, cand, labels, ends)
+            score = judge(line, cand, labels, ends, blocker)
             if score is None and alone(line, cand) and not (cand.capitals or cand.year) and introduces(above):
                 score = TIGHT
+            if score not in (None, VETO) and promotion(line, cand, labels, starts):
+                score = VETO  # "Use code WELCOME10 for 10% off"
             if score is not None:
+                blocker = cand.end if score != VETO else blocker
                 yield cand.code, score
         above = (above + [(line, labels)])[-2:]
 
@@ -462,7 +477,7 @@ def find_phrases(text: str, table: tuple) -> list[tuple[int, int, str]]:
 
 def find_labels(line: str) -> list[Label]:
     """Code words and decoy words of a line, in order, none overlapping."""
-    return [Label(start, end, kind == CODE) for start, end, kind in find_phrases(line, PHRASES)]
+    return [Label(start, end, kind) for start, end, kind in find_phrases(line, PHRASES)]
 
 
 def find_candidates(line: str) -> list[Candidate]:
@@ -519,16 +534,19 @@ def token_candidate(match: re.Match) -> Candidate | None:
     return Candidate(token, match.start(), match.end(), alnum=True, capitals=capitals)
 
 
-def judge(line: str, cand: Candidate, labels: list[Label], ends: list[int]) -> int | None:
-    """The candidate's score when a code word stands close to it, else None.
-    A decoy word right before it ("Order #", "Hotline:") rules it out; decoy
-    words further off are passed over ("OTP for transaction 2.500.000 VND: ...")."""
+def judge(line: str, cand: Candidate, labels: list[Label], ends: list[int], blocker: int) -> int | None:
+    """The candidate's score when a code word stands close to it, else None
+    (VETO when a decoy word right before it says what it is: "Order #",
+    "Hotline:"). Decoy words further off are passed over ("OTP for
+    transaction 2.500.000 VND: ..."); a code word before another candidate
+    (at ``blocker``) vouches for that one, not this ("code 4821 at ... 02139")."""
     i = bisect_right(ends, cand.start)  # labels[:i] end before the candidate
     if i and not labels[i - 1].keyword:
         gap = line[labels[i - 1].end:cand.start]
         if len(gap) <= MAX_GAP and FILLER.fullmatch(gap):
             return VETO
-    back = keyword_distance(line, (labels[j] for j in range(i - 1, -1, -1)), cand.start, True)
+    earlier = (labels[j] for j in range(i - 1, -1, -1) if labels[j].end > blocker)
+    back = keyword_distance(line, earlier, cand.start, True)
     if back is not None and back <= TIGHT_WORDS:
         return TIGHT
     if back is not None and back <= BACK_WORDS and not (cand.alnum or cand.year):
@@ -559,14 +577,38 @@ def keyword_distance(line: str, labels, edge: int, backward: bool) -> int | None
     return None
 
 
+def promotion(line: str, cand: Candidate, labels: list[Label], starts: list[int]) -> bool:
+    """Is the candidate in a sentence about an offer (a promotion word or a "%")?"""
+    first, last = sentence_bounds(line, cand.start, cand.end)
+    if "%" in line[first:last]:
+        return True
+    return any(labels[j].kind == PROMO for j in range(bisect_left(starts, first), bisect_left(starts, last)))
+
+
+def sentence_bounds(line: str, start: int, end: int) -> tuple[int, int]:
+    """Start and end of the sentence holding line[start:end], looked for at
+    most MAX_GAP characters away."""
+    first = max(0, start - MAX_GAP)
+    for match in SENTENCE_MARK.finditer(line, first, start):
+        if sentence_ends_at(line, match):
+            first = match.end()
+    last = min(len(line), end + MAX_GAP)
+    for match in SENTENCE_MARK.finditer(line, end, last):
+        if sentence_ends_at(line, match):
+            return first, match.start()
+    return first, last
+
+
+def sentence_ends_at(text: str, match: re.Match) -> bool:
+    """A full stop ends a sentence only before a capital or at the end, so
+    "n. 2026-4481" or "tel. 06 ..." run on."""
+    following = text[match.end():match.end() + 1]
+    return match.group()[0] != "." or not following or following.isupper()
+
+
 def ends_sentence(text: str) -> bool:
-    """Does a sentence end inside ``text``? A full stop counts only before a
-    capital or at the end, so "n. 2026-4481" or "tel. 06 ..." run on."""
-    for match in SENTENCE_MARK.finditer(text):
-        following = text[match.end():match.end() + 1]
-        if match.group()[0] != "." or not following or following.isupper():
-            return True
-    return False
+    """Does a sentence end inside ``text``?"""
+    return any(sentence_ends_at(text, match) for match in SENTENCE_MARK.finditer(text))
 
 
 def alone(line: str, cand: Candidate) -> bool:

@@ -220,6 +220,9 @@ def links(subject="", text="", html="") -> list[tuple[str, str, str]]:
     "Card ending 4821",
     "Transaction ID: 8F3K2L9Q",
     "Meeting ID: 845 2231 9087",
+    "Enter the 6-digit code we sent to your phone ending in 0123",
+    "Use code WELCOME10 for 10% off",
+    "Nhập mã GIAM50K để được ưu đãi 50.000đ",
 ])
 def test_decoys_are_no_codes(text):
     assert codes(text=text) == []
@@ -237,6 +240,11 @@ def test_decoys_are_no_codes(text):
     ("DOĞRULAMA KODUNUZ: 905217", "905217"),
     ("Your temporary voicemail PIN is 0427.", "0427"),
     ("Mã OTP của Quý khách là 391 842, giao dịch 2.500.000 VND", "391842"),
+    ("Your code for order 12345678 is 482913", "482913"),
+    ("Please enter code 4821 to open locker 7 at 10 Main St, Cambridge 02139", "4821"),
+    ("Temporary password: Xk7pQ2mZ", "Xk7pQ2mZ"),
+    ("Your authentication code is ABCDEF", "ABCDEF"),
+    ("Trendyol'a giriş için doğrulama kodunuz 638104'dür.", "638104"),
 ])
 def test_codes_in_each_language(text, expected):
     assert codes(text=text) == [expected]
