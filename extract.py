@@ -17,27 +17,27 @@ bare URL of the texts, in order of appearance, each classified as ``verify``,
 for "click here" links, the sentence around it. Tracking redirects are
 reported as they are: nothing is fetched.
 
-Every input is capped, and every scan here is linear in its input. The HTML is
-read with a small scanner of our own rather than ``html.parser`` (or
-BeautifulSoup on top of it): on Python 3.11.7, ``html.parser`` takes 40 s for
-256 KiB of ``<a<a<a...`` and nh3 39 s for 100,000 nested ``<div>`` (measured),
-while this scanner only ever moves forward.
+Every input is capped, and every scan is linear in its input: the HTML is
+read by ``extract_html`` (a forward-only scanner), words are looked up in the
+tables of ``extract_words``, and every look around a candidate code is
+bounded by MAX_GAP characters.
 """
 from __future__ import annotations
 
-import html as htmllib
 import re
 import unicodedata
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass
+from itertools import islice, takewhile
 from urllib.parse import unquote, urlsplit
+
+from extract_html import CONTEXT_CHARS, MAX_LINK_TEXT, Page, read_html
+from extract_words import CODE, KIND_WORDS, PHRASES, PROMO, WORD, find_phrases, fold, phrase_at
 
 MAX_SUBJECT = 2_000
 MAX_TEXT = 256 * 1024
 MAX_HTML = 512 * 1024
 MAX_URL = 4_096
-MAX_LINK_TEXT = 200
 MAX_CODES = 10
 MAX_LINKS = 200
 MAX_SEEN_LINKS = 1_000  # anchors, and URLs written out in each part, looked at (real mail has far fewer)
@@ -64,289 +64,7 @@ def normalize(value: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# HTML: a forward-only scanner giving block-separated lines and the anchors
-
-BLOCK_TAGS = frozenset(
-    "address article aside blockquote br center dd div dl dt fieldset figure footer form h1 h2 h3 "
-    "h4 h5 h6 header hr li main nav ol p pre section table tbody tfoot thead title tr ul".split())
-CELL_TAGS = frozenset(("td", "th"))
-SKIP_TAGS = frozenset(("script", "style", "template", "noscript", "svg"))
-TAG_NAME = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]{0,40})")
-ATTRIBUTE = re.compile(r"""([^\s=/>"']+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s>]+))?""")
-MAX_TAG_ATTRS = 8_192  # characters of one tag whose attributes are read
-SPACES = re.compile(r"\s+")
-CONTEXT_CHARS = 200  # text kept on each side of an anchor, to classify "click here"
-
-
-@dataclass
-class Anchor:
-    url: str
-    text: str
-    context: str = ""  # the text around it, for "click here" anchors
-
-
-@dataclass
-class Page:
-    lines: list[str] = field(default_factory=list)
-    anchors: list[Anchor] = field(default_factory=list)
-    # the same lines without the anchors' text, where written-out URLs are
-    # looked for (an anchor's text may show its URL shortened with "...")
-    outside: list[str] = field(default_factory=list)
-
-
-class HtmlReader:
-    """Turns HTML into text lines (one per block; table cells separated by a
-    tab) and collects ``<a href>`` anchors with their text."""
-
-    def __init__(self) -> None:
-        self.page = Page()
-        self.current: list[str] = []
-        self.current_outside: list[str] = []
-        self.current_len = 0  # characters in ``current``
-        self.anchor: tuple[str, list[str], int] | None = None  # href, text parts, start in the line
-        self.placed: list[tuple[Anchor, int, int]] = []  # anchors of the current line, with their span
-        self.pre = 0
-
-    def data(self, chunk: str) -> None:
-        text = htmllib.unescape(chunk)
-        if self.pre:
-            parts = text.split("\n")
-            for i, part in enumerate(parts):
-                if i:
-                    self.newline()
-                self.add(part)
-        else:
-            self.add(SPACES.sub(" ", text))
-
-    def add(self, text: str) -> None:
-        if text:
-            self.current.append(text)
-            self.current_len += len(text)
-            if self.anchor is not None:
-                self.anchor[1].append(text)
-                self.current_outside.append(" ")
-            else:
-                self.current_outside.append(text)
-
-    def newline(self) -> None:
-        raw = "".join(self.current)
-        for anchor, start, end in self.placed:
-            around = raw[max(0, start - CONTEXT_CHARS):end + CONTEXT_CHARS]
-            anchor.context = SPACES.sub(" ", around).strip()
-        self.page.lines.append(SPACES.sub(" ", raw).strip())
-        self.page.outside.append(SPACES.sub(" ", "".join(self.current_outside)).strip())
-        self.current, self.current_outside, self.current_len, self.placed = [], [], 0, []
-
-    def start(self, name: str, attrs: dict) -> None:
-        if name in BLOCK_TAGS:
-            self.newline()
-            self.pre += name == "pre"
-        elif name in CELL_TAGS:
-            self.add_cell_break()
-        if name == "a":
-            self.close_anchor()
-            href = attrs.get("href")
-            if href is not None:
-                self.anchor = (href, [], self.current_len)
-        elif name == "img" and self.anchor is not None:
-            self.anchor[1].append(" " + (attrs.get("alt") or attrs.get("title") or "") + " ")
-
-    def end(self, name: str) -> None:
-        if name == "a":
-            self.close_anchor()
-        elif name in BLOCK_TAGS:
-            self.pre -= name == "pre" and self.pre > 0
-            self.newline()
-        elif name in CELL_TAGS:
-            self.add_cell_break()
-
-    def add_cell_break(self) -> None:
-        self.current.append("\t")
-        self.current_len += 1
-        self.current_outside.append("\t")
-
-    def close_anchor(self) -> None:
-        if self.anchor is not None:
-            href, parts, start = self.anchor
-            text = SPACES.sub(" ", "".join(parts)).strip()[:MAX_LINK_TEXT]
-            anchor = Anchor(htmllib.unescape(href), text)
-            self.page.anchors.append(anchor)
-            self.placed.append((anchor, start, self.current_len))
-            self.anchor = None
-
-    def finish(self) -> Page:
-        self.close_anchor()
-        self.newline()
-        return self.page
-
-
-def read_html(html: str) -> Page:
-    """Lines and anchors of ``html``. Every step moves ``pos`` forward, and
-    the next ``>`` is searched for only when the last one found lies behind,
-    so the scan is linear even in a document made only of ``<``."""
-    reader = HtmlReader()
-    pos, gt, size = 0, -1, len(html)
-    while pos < size:
-        lt = html.find("<", pos)
-        if lt < 0:
-            reader.data(html[pos:])
-            break
-        if lt > pos:
-            reader.data(html[pos:lt])
-        if gt < lt:
-            gt = html.find(">", lt)
-        if gt < 0:  # no tag can end any more: the rest is text
-            reader.data(html[lt:])
-            break
-        pos = read_markup(html, lt, gt, reader)
-    return reader.finish()
-
-
-def read_markup(html: str, lt: int, gt: int, reader: HtmlReader) -> int:
-    """Handle what starts at ``lt`` (a ``<``); returns where to go on."""
-    if html.startswith("<!--", lt):
-        end = html.find("-->", lt + 4)
-        return len(html) if end < 0 else end + 3
-    match = TAG_NAME.match(html, lt)
-    if match is None:
-        if html.startswith(("<!", "<?"), lt):  # doctype, CDATA, processing instruction
-            return gt + 1
-        reader.data("<")
-        return lt + 1
-    name = match.group(2).lower()
-    if match.group(1):
-        reader.end(name)
-        return gt + 1
-    reader.start(name, attributes(html[match.end():min(gt, match.end() + MAX_TAG_ATTRS)]))
-    if name in SKIP_TAGS and not html[gt - 1] == "/":
-        return skip_element(html, name, gt + 1)
-    return gt + 1
-
-
-def attributes(body: str) -> dict:
-    """The attributes of one tag, names lower-cased, the first of each kept."""
-    found: dict = {}
-    for match in ATTRIBUTE.finditer(body):
-        name, value = match.group(1).lower(), match.group(2) or ""
-        if value[:1] in ("'", '"'):
-            value = value[1:-1]
-        found.setdefault(name, value)
-    return found
-
-
-def skip_element(html: str, name: str, pos: int) -> int:
-    """Skip the content of script/style/head...: past its closing tag, or to the end."""
-    match = re.compile(rf"</{re.escape(name)}\s*>", re.I).search(html, pos)
-    return len(html) if match is None else match.end()
-
-
-# --------------------------------------------------------------------------
 # codes
-
-# Code words and decoy words, as whole-word phrases ("," between phrases; a
-# word ending in "*" may go on: "kod*" is kodu, kodunuz, kodunuzdur...).
-# Matched longest first, so "promo code", "mã đơn hàng" (order code) or
-# "posta kodu" (postal code) are decoys even though they hold a code word.
-CODE_WORDS = """
-    code, codes, passcode, passcodes, otp, pin, one time password, one time passcode, one time pin,
-    verification, verify, 2fa, mfa, token, security key,
-    codice, codici, password monouso, password temporanea, password usa e getta, verifica,
-    mã, xác minh, xác thực, mật khẩu một lần, mật khẩu dùng một lần, mật khẩu tạm thời,
-    kod*, şifre*, doğrulama, parola*, temporary password, temporary passcode, temporary pin
-"""
-# Words of offers: a code in the same sentence as one of them (or as a
-# "%") is a promotion code, in the whole message.
-PROMO_WORDS = """
-    promo, promo code, promo codes, promotional code, discount, discount code, coupon, coupon code,
-    voucher, voucher code, gift code, referral code, sale, checkout,
-    sconto, sconti, saldi, codice sconto, codice promozionale, codici promozionali, codice coupon,
-    codice regalo, mã giảm giá, mã khuyến mãi, mã voucher, giảm giá, khuyến mãi, ưu đãi,
-    indirim, indirim kod*, kupon, kupon kod*, promosyon kod*, hediye kod*, kampanya
-"""
-DECOY_WORDS = """
-    gift card, postal code, zip code, area code,
-    country code, tracking code, order code, error code, source code, qr code, bar code, barcode,
-    tax code, sort code, swift code, bank code, branch code, product code, item code, booking code,
-    reservation code, airline code, confirmation number, confirmation no,
-    order, orders, invoice, receipt, transaction, txn, ref, reference, booking, reservation, account,
-    acct, customer, member, membership, ticket, case, tracking, shipment, parcel, package, awb, postal,
-    postcode, zip, phone, tel, telephone, call, hotline, fax, mobile, ending, ends in, ext, extension,
-    ending in, ending with, ends with,
-    flight, seat, room, gate, total, subtotal, amount, price, balance, qty, quantity, item, sku, model,
-    serial, version, build, error, id, iban, vat, tax, contract, policy,
-    codice fiscale, codice postale, codice cliente, codice ordine, codice prenotazione,
-    codice di tracciamento, codice di spedizione, codice iban, codice articolo, codice prodotto,
-    codice errore, codice di errore, codice a barre,
-    ordine, fattura, ricevuta, scontrino, transazione, riferimento, rif, prenotazione, conto, cliente,
-    pratica, spedizione, tracciamento, cap, telefono, cellulare, chiama, chiamare, chiamaci,
-    numero verde, totale, subtotale, importo, prezzo, saldo, quantità, articolo, volo, errore, p iva,
-    partita iva, termina con, termina in, terminante con, numero di conferma, contratto, polizza,
-    mã đơn hàng, mã đơn, mã giao dịch, mã vận đơn, mã bưu chính, mã bưu điện, mã khách hàng,
-    mã đặt chỗ, mã số*, mã sản phẩm, mã lỗi, mã hóa đơn, mã hoá đơn, mã tham chiếu, mã vùng,
-    đơn hàng, hóa đơn, hoá đơn, giao dịch, tham chiếu, đặt chỗ, tài khoản, stk, khách hàng, vận đơn,
-    bưu chính, bưu điện, điện thoại, tổng đài, gọi, tổng, tổng cộng, tổng tiền,
-    số tiền, thành tiền, giá, số lượng, chuyến bay, thuế, lỗi, hợp đồng,
-    posta kod*, takip kod*, kargo kod*, sipariş kod*, referans kod*, hata kod*, alan kod*, ürün kod*, vergi kod*, ülke kod*,
-    rezervasyon kod*, müşteri kod*,
-    sipariş*, fatura*, fiş, makbuz, işlem*, referans, rezervasyon, hesap*, müşteri, takip, kargo,
-    gönderi*, telefon, ara, arayın*, çağrı merkezi, toplam, tutar*, fiyat, bakiye, adet, uçuş, vergi,
-    hata, son 4 hane*, ile biten, sözleşme*, poliçe*
-"""
-# phrases that are neither, and keep a shorter decoy from matching ("giá trị": valid, not price)
-NEUTRAL_WORDS = "giá trị"
-CODE, DECOY, PROMO, NEUTRAL = "code", "decoy", "promo", "neutral"
-MAX_WORD_GAP = 3  # characters between the words of one phrase ("one-time", "l'iscrizione")
-
-
-def fold(word: str) -> str:
-    """A word for comparison: case-folded, Turkish dotted and dotless i alike."""
-    return word.casefold().replace("\u0307", "").replace("ı", "i")
-
-
-def phrase_table(groups: dict[str, str]) -> tuple[dict, dict, tuple]:
-    """(exact, prefixed, stems): phrases by their first word, and by the first
-    letter of a first word ending in "*"; each list longest phrase first;
-    the stems of those "*" words, to pass over most words at once."""
-    exact: dict[str, list] = {}
-    prefixed: dict[str, list] = {}
-    for kind, text in groups.items():
-        for phrase in text.split(","):
-            words = tuple(fold(word) for word in phrase.split())
-            if words[0].endswith("*"):
-                prefixed.setdefault(words[0][:1], []).append((words, kind))
-            else:
-                exact.setdefault(words[0], []).append((words, kind))
-    for table in (exact, prefixed):
-        for entries in table.values():
-            entries.sort(key=lambda entry: -len(entry[0]))
-    stems = tuple(words[0][:-1] for entries in prefixed.values() for words, _kind in entries)
-    return exact, prefixed, stems
-
-
-PHRASES = phrase_table({CODE: CODE_WORDS, DECOY: DECOY_WORDS, PROMO: PROMO_WORDS, NEUTRAL: NEUTRAL_WORDS})
-
-
-def word_is(pattern: str, word: str) -> bool:
-    return word.startswith(pattern[:-1]) if pattern.endswith("*") else word == pattern
-
-
-def phrase_at(words: list[tuple[int, int, str]], i: int, table: tuple) -> tuple[int, str] | None:
-    """(number of words, kind) of the longest phrase of ``table`` starting at word ``i``."""
-    exact, prefixed, stems = table
-    first = words[i][2]
-    entries = exact.get(first, [])
-    if first.startswith(stems):
-        entries = entries + [e for e in prefixed[first[:1]] if word_is(e[0][0], first)]
-    best = None
-    for phrase, kind in entries:
-        n = len(phrase)
-        if best is not None and n <= best[0] or i + n > len(words):
-            continue
-        if all(word_is(phrase[k], words[i + k][2]) and words[i + k][0] - words[i + k - 1][1] <= MAX_WORD_GAP
-               for k in range(1, n)):
-            best = (n, kind)
-    return best
-
 
 URLS = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']{1,%d}" % MAX_URL, re.I)
 EMAILS = re.compile(r"[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")
@@ -358,7 +76,6 @@ NOT_AFTER = re.compile(r"^\s?(?:%|€|₺|₫|\$|£|đ\b|tl\b|try\b|usd\b|eur\b|
                        r"|đồng|km\b|kg\b|gb\b|mb\b|px\b|\))", re.I)
 FILLER = re.compile(r"(?:[\s#:.\-–—|*=>»]|\b(?:no|nr|n|num|number|numero|số|is|è|là|numara\w*)\b)*", re.I)
 SENTENCE_MARK = re.compile(r"[.!?;](?:\s+|$)")
-WORD = re.compile(r"\w+")
 STOP_CAPS = frozenset("""CODE CODES CODICE OTP PIN PASSCODE TOKEN VERIFY YOUR HERE THIS THAT WITH FROM BELOW
     ABOVE EMAIL MAIL LOGIN SIGN ENTER USE THE AND FOR NOT DONT WILL EXPIRES MINUTES ACCOUNT SECURITY
     VERIFICATION HTML HTTP HTTPS WWW KODU KOD SIFRE NULL NONE TODAY""".split())
@@ -374,6 +91,8 @@ MAX_ALONE = 40  # a line this long or shorter may hold a code alone
 
 @dataclass
 class Candidate:
+    """Something on a line shaped like a code, at line[start:end]."""
+
     code: str
     start: int
     end: int
@@ -384,6 +103,8 @@ class Candidate:
 
 @dataclass
 class Label:
+    """A code word, decoy word or offer word, at line[start:end]."""
+
     start: int
     end: int
     kind: str  # CODE, DECOY or PROMO
@@ -458,23 +179,6 @@ def mask(line: str) -> str:
     return EMAILS.sub(lambda m: " " * len(m.group()), line)
 
 
-def find_phrases(text: str, table: tuple) -> list[tuple[int, int, str]]:
-    """(start, end, kind) of the phrases of ``table`` in ``text``, in order,
-    none overlapping, neutral ones left out."""
-    words = [(m.start(), m.end(), fold(m.group())) for m in WORD.finditer(text)]
-    found, i = [], 0
-    while i < len(words):
-        match = phrase_at(words, i, table)
-        if match is None:
-            i += 1
-            continue
-        n, kind = match
-        if kind != NEUTRAL:
-            found.append((words[i][0], words[i + n - 1][1], kind))
-        i += n
-    return found
-
-
 def find_labels(line: str) -> list[Label]:
     """Code words and decoy words of a line, in order, none overlapping."""
     return [Label(start, end, kind) for start, end, kind in find_phrases(line, PHRASES)]
@@ -545,7 +249,7 @@ def judge(line: str, cand: Candidate, labels: list[Label], ends: list[int], bloc
         gap = line[labels[i - 1].end:cand.start]
         if len(gap) <= MAX_GAP and FILLER.fullmatch(gap):
             return VETO
-    earlier = (labels[j] for j in range(i - 1, -1, -1) if labels[j].end > blocker)
+    earlier = takewhile(lambda lab: lab.end > blocker, (labels[j] for j in range(i - 1, -1, -1)))
     back = keyword_distance(line, earlier, cand.start, True)
     if back is not None and back <= TIGHT_WORDS:
         return TIGHT
@@ -633,42 +337,6 @@ def introduces(above: list[tuple[str, list[Label]]]) -> bool:
 # --------------------------------------------------------------------------
 # links
 
-# What a link's text (or the sentence around a "click here") says it does,
-# written like CODE_WORDS; "neutral" phrases stop a shorter one matching
-# ("conferma d'ordine" is an order confirmation, no verification).
-KIND_WORDS = phrase_table({
-    "unsubscribe": """
-        unsubscri*, opt out, optout, email preferences, e mail preferences, subscription preferences,
-        notification preferences, newsletter preferences, manage preferences, manage your preferences,
-        manage email preferences, manage your email preferences, manage subscription preferences,
-        update preferences, update your preferences, update your email preferences, change your preferences,
-        edit your preferences, stop receiving, stop getting, stop these emails, stop this email,
-        disiscriv*, annulla l iscrizione, annulla iscrizione, annulla la iscrizione, annullare l iscrizione,
-        cancella l iscrizione, cancella iscrizione, cancellati, non ricevere più, gestisci le preferenze,
-        gestisci preferenze,
-        hủy đăng ký, huỷ đăng ký, hủy nhận, huỷ nhận, ngừng nhận, từ chối nhận,
-        abonelikten çık*, abonelikten ayrıl*, aboneliği iptal*, aboneliğinizi iptal*, aboneliği sonlandır*,
-        listeden çık*, almak istemiyorum, e posta tercih*, bildirim tercih*""",
-    "reset": """
-        reset*, forgot*, recover*, change password, change your password, new password, create password,
-        create a password, create a new password, set password, set your password, set a password,
-        choose a new password, password reset, password change,
-        reimposta*, recupera*, nuova password, cambia password, cambia la password, password dimenticata,
-        đặt lại, khôi phục, lấy lại mật khẩu, đổi mật khẩu, quên mật khẩu, mật khẩu mới,
-        sıfırla*, şifremi unuttum, yeni şifre, yeni parola, şifre* değiştir*, parola* değiştir*,
-        şifre* yenile*, parola* yenile*""",
-    "verify": """
-        verif*, confirm, activat*, validat*,
-        conferma, confermare, convalid*, attiva, attivare, attivazione,
-        xác minh, xác thực, xác nhận, kích hoạt,
-        doğrula*, onayla*, etkinleştir*, aktifleştir*, aktive et""",
-    "login": """
-        log in, login, log me in, sign in, signin, magic link, accedi, accesso, entra, đăng nhập,
-        giriş*, oturum aç*""",
-    NEUTRAL: """
-        conferma d ordine, conferma dell ordine, conferma del ordine, conferma di ordine, conferma ordine,
-        xác nhận đơn*""",
-})
 KIND_URL = {
     "unsubscribe": re.compile(r"unsub|opt-?out|/preferences|email-preferences|manage-subscription"
                               r"|disiscri|abonelik|huy-dang-ky", re.I),
@@ -685,8 +353,12 @@ GENERIC_TEXT = re.compile(r"""^\W*(?:click[ ]here|here|this[ ]link|link|tap[ ]he
     |buraya[ ]tıklayın|buraya[ ]tıkla|tıklayın|buraya|bu[ ]bağlantı|bağlantı)\W*$""", re.I | re.X)
 TRACKING_PARAMS = re.compile(r"(?:^|[?&])utm_[a-z]+=[^&#]*", re.I)
 SENTENCE_END = re.compile(r"[.!?]\s")
-HELP_PAGE = re.compile(r"^(?:help|support|docs|faq|kb|hotro|destek|assistenza)\.|/(?:help|support|docs?|faqs?|articles|kb|hc|aiuto|assistenza|tro-giup|ho-tro|yardim|destek)(?:/|$)", re.I)
+HELP_PAGE = re.compile(r"^(?:help|support|docs|faq|kb|hotro|destek|assistenza)\."
+                       r"|/(?:help|support|docs?|faqs?|articles|kb|hc|aiuto|assistenza|tro-giup|ho-tro"
+                       r"|yardim|destek)(?:[/?#]|$)", re.I)
 URL_TRAIL = ".,;:!?'\"*"
+URL_BREAKS = re.compile(r"[\t\n\r]")
+LOGIN_HOST = re.compile(r"^(?:login|signin|auth|sso)\.", re.I)
 BARE_URL = re.compile(r"https?://[^\s<>\"'`{}|\\^\[\]]{1,%d}" % MAX_URL, re.I)
 
 
@@ -723,8 +395,10 @@ def add_link(links: dict, url: str, text: str, context: str, bare: bool = False)
 
 
 def clean_url(url: str) -> str | None:
-    """The URL if it is a well-formed http(s) URL (surrounding spaces dropped)."""
-    url = url.strip()
+    """The URL as a browser reads it (surrounding spaces and controls gone,
+    tabs and line breaks inside removed, as the URL standard says), if it is
+    a well-formed http(s) URL."""
+    url = URL_BREAKS.sub("", url.strip("".join(map(chr, range(33)))))
     if len(url) > MAX_URL or not re.match(r"https?://", url, re.I):
         return None
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
@@ -766,6 +440,7 @@ def trim_url(url: str) -> str:
 
 
 def last_sentence(text: str) -> str:
+    """The last sentence of ``text`` (a final "?" or "." does not end it)."""
     ends = [m.end() for m in SENTENCE_END.finditer(text)]
     return text[ends[-1]:] if ends else text
 
@@ -790,13 +465,14 @@ def words_kind(text: str) -> str | None:
 
 def url_kind(url: str) -> str | None:
     """The kind the URL's path and query name (tracking redirects often carry
-    the target URL encoded in their query), ``utm_`` parameters left out;
-    none for help and documentation pages."""
-    rest = re.sub(r"^https?://", "", url, flags=re.I)
-    target = TRACKING_PARAMS.sub("", unquote(rest))
-    if HELP_PAGE.search(target):
+    the target URL encoded in their query), ``utm_`` parameters left out, or
+    a sign-in host (login.example.com); none for help and documentation pages."""
+    parts = urlsplit(url)
+    target = TRACKING_PARAMS.sub("", unquote(f"{parts.path}?{parts.query}#{parts.fragment}"))
+    host = parts.hostname or ""
+    if HELP_PAGE.search(host + target):
         return None  # an article about verification is no verification link
     for kind in KIND_ORDER:
         if KIND_URL[kind].search(target):
             return kind
-    return None
+    return "login" if LOGIN_HOST.match(host) else None
