@@ -29,6 +29,8 @@ CONTEXT_CHARS = 200  # text kept on each side of an anchor, to classify "click h
 
 @dataclass
 class Anchor:
+    """An ``<a href>``: its URL (entities decoded), its text (or its image's alt)."""
+
     url: str
     text: str
     context: str = ""  # the text around it, for "click here" anchors
@@ -36,6 +38,8 @@ class Anchor:
 
 @dataclass
 class Page:
+    """What extraction reads of an HTML body."""
+
     lines: list[str] = field(default_factory=list)
     anchors: list[Anchor] = field(default_factory=list)
     # the same lines without the anchors' text, where written-out URLs are
