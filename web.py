@@ -23,14 +23,20 @@ from typing import Optional
 from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redirect,
                    render_template, request, session, url_for)
 from sqlalchemy import case, func, select
+from werkzeug.exceptions import HTTPException
 
-import app as tempmail
+import apierrors
+import clock
 import mailview
 import models
-from api_legacy import send_stored, stored_download
+import storage
+from mailpolicy import open_mailbox
 from models import Domain, Mailbox, MailboxError, Message, db
 
 bp = Blueprint("web", __name__)
+MAX_ID = 1 << 62  # larger path ids answer 404 before they reach the database
+# The page's answers to a refused mailbox, as /generate's (PHP) codes.
+STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
 
 SITE_HEADERS = {
     "Content-Security-Policy": (
@@ -50,7 +56,7 @@ FRAME_SANDBOX = "allow-popups allow-popups-to-escape-sandbox"
 # the visitor's mailbox and the token scope
 
 def lifetime() -> int:
-    return int(models.cfg("mailbox_lifetime_seconds", 86400))
+    return int(models.cfg("mailbox_lifetime_seconds"))
 
 
 def free_domains() -> list[str]:
@@ -73,17 +79,23 @@ def session_box() -> Optional[Mailbox]:
     if sid is None:
         return None
     return db.session.scalar(select(Mailbox).where(
-        Mailbox.session_id == sid, Mailbox.expires_at > models.now())
+        Mailbox.session_id == sid, Mailbox.expires_at > clock.now())
         .order_by(Mailbox.id.desc()).limit(1))
 
 
 def new_session_box() -> Optional[Mailbox]:
-    """Give this browser a fresh random address on the first Free domain."""
+    """Give this browser a fresh random address on the first Free domain, or
+    None when no domain is configured. Counts one attempt against the
+    per-client-IP ``mailbox_create`` limit shared with api.php (every
+    cookie-less visit of ``/`` would otherwise create a mailbox); raises
+    MailboxError when refused."""
     names = free_domains()
     if not names:
         return None
+    box = open_mailbox("web", Domain.by_name(names[0]), None, lifetime(), request.remote_addr,
+                       session_id=session_key(True))
     session.pop("released", None)
-    return Mailbox.create(None, Domain.by_name(names[0]), lifetime(), session_id=session_key(True))
+    return box
 
 
 @dataclass
@@ -103,11 +115,11 @@ class Scope:
         """The token scope of the same mailbox. The reader's iframe is sandboxed
         into an opaque origin, so the browser does not send the SameSite session
         cookie with its requests; its document and images use the token URLs."""
-        return self if self.token else Scope(self.box, tempmail.email_token(self.box))
+        return self if self.token else Scope(self.box, self.box.email_token())
 
     def message(self, msg_id: int) -> Message:
         """A message of this mailbox, else 404 (foreign and missing look the same)."""
-        msg = db.session.get(Message, msg_id)
+        msg = db.session.get(Message, msg_id) if 0 < msg_id < MAX_ID else None
         if msg is None or msg.mailbox_id != self.box.id:
             abort(404)
         return msg
@@ -115,10 +127,15 @@ class Scope:
 
 def scope_for(token: Optional[str]) -> Scope:
     """Resolve the request's mailbox: from the token when given, else the session."""
-    box = tempmail.mailbox_from_token(token) if token is not None else session_box()
+    box = Mailbox.from_token(token) if token is not None else session_box()
     if box is None:
         abort(404)
     return Scope(box, token)
+
+
+def owns(path: str) -> bool:
+    """URLs of the page that no route matched still get the page's answers."""
+    return path.startswith(("/web/", "/m/", "/static/"))
 
 
 def both(rule: str, **options):
@@ -134,17 +151,28 @@ def wants_json() -> bool:
     return request.accept_mimetypes.best == "application/json" or request.path.endswith(".json")
 
 
-@bp.errorhandler(404)
-def web_not_found(_exc):
-    """JSON for the page's own endpoints, a friendly page for people."""
+def http_error(exc: HTTPException):
+    """The page's errors: JSON for its own fetch() endpoints, a friendly
+    page for a missing inbox or message, the plain HTTP error otherwise."""
     if wants_json():
-        return jsonify(error="Not found"), 404
-    return page("inbox_gone.html"), 404
+        return jsonify(error="Not found" if exc.code == 404 else exc.name), exc.code
+    if exc.code == 404:
+        return page("inbox_gone.html"), 404
+    return exc
+
+
+def server_error():
+    if wants_json():
+        return jsonify(error="Internal server error"), 500
+    return page("inbox_gone.html", reason="error"), 500
+
+
+apierrors.own_errors(bp, http_error, server_error)
 
 
 def page(template: str, **context):
     """Render a page with the site name; pages about a mailbox are never cached."""
-    resp = make_response(render_template(template, site_name=models.cfg("site_name", "TempMail"),
+    resp = make_response(render_template(template, site_name=models.cfg("site_name"),
                                          **context))
     resp.headers["Cache-Control"] = "no-store"
     return resp
@@ -154,7 +182,7 @@ def page(template: str, **context):
 # inbox listing
 
 def seconds_left(box: Mailbox) -> int:
-    return max(0, int((box.expires_at - models.now()).total_seconds()))
+    return max(0, int((box.expires_at - clock.now()).total_seconds()))
 
 
 def inbox_etag(box: Mailbox) -> str:
@@ -171,8 +199,8 @@ def inbox_etag(box: Mailbox) -> str:
 def summary(scope: Scope, msg: Message) -> dict:
     """One row of the inbox list as the page's JSON shows it."""
     return {"id": msg.id, "from_name": msg.from_name, "from_email": msg.from_email,
-            "subject": msg.subject, "received_at": models.fmt_iso(msg.received_at),
-            "received": short_time(msg.received_at), "received_full": models.fmt_local(msg.received_at),
+            "subject": msg.subject, "received_at": clock.fmt_iso(msg.received_at),
+            "received": short_time(msg.received_at), "received_full": clock.fmt_local(msg.received_at),
             "is_read": bool(msg.is_read),
             "attachments": len(msg.attachments), "url": scope.url("message_page", msg_id=msg.id)}
 
@@ -181,24 +209,10 @@ def messages_of(box: Mailbox) -> list[Message]:
     return list(db.session.scalars(box.messages_query(newest_first=True).limit(200)))
 
 
-def creation_refusal() -> Optional[tuple[str, int, int]]:
-    """Why this client may not get a new address now, as (message, HTTP
-    status, Retry-After seconds), or None. Counts one attempt against the
-    per-client-IP ``mailbox_create`` limit shared with both APIs: every
-    cookie-less visit of ``/`` would otherwise create a mailbox."""
-    wait = models.retry_after("mailbox_create", request.remote_addr or "-")
-    if wait:
-        return "Too many addresses were created from your network. Try again later.", 429, wait
-    if models.mailbox_cap_reached():
-        return "No new addresses can be created right now. Try again later.", 503, 60
-    return None
-
-
-def refused_page(refusal: tuple[str, int, int]):
-    message, status, wait = refusal
-    resp = page("inbox_gone.html", reason="limit", message=message)
-    resp.status_code = status
-    resp.headers["Retry-After"] = str(wait)
+def refused_page(exc: MailboxError):
+    resp = page("inbox_gone.html", reason="limit", message=exc.message)
+    resp.status_code = STATUS.get(exc.code, 400)
+    resp.headers["Retry-After"] = str(exc.retry_after)
     return resp
 
 
@@ -207,10 +221,10 @@ def index():
     """The temp-mail page: the visitor's address, created on the first visit."""
     box = session_box()
     if box is None and not session.get("released"):
-        refusal = creation_refusal()
-        if refusal:
-            return refused_page(refusal)
-        box = new_session_box()
+        try:
+            box = new_session_box()
+        except MailboxError as exc:
+            return refused_page(exc)
         if box is None:
             return page("inbox_gone.html", reason="no-domain"), 503
     if box is None:
@@ -226,7 +240,7 @@ def token_inbox(token: str):
 
 def render_inbox(scope: Scope):
     return page("inbox.html", scope=scope, messages=messages_of(scope.box), domains=free_domains(),
-                seconds_left=seconds_left(scope.box), expires_iso=models.fmt_iso(scope.box.expires_at))
+                seconds_left=seconds_left(scope.box), expires_iso=clock.fmt_iso(scope.box.expires_at))
 
 
 @both("/inbox.json")
@@ -238,7 +252,7 @@ def inbox_json(token: Optional[str]):
         resp = make_response("", 304)
     else:
         box = scope.box
-        resp = jsonify(address=box.address, expires_at=models.fmt_iso(box.expires_at),
+        resp = jsonify(address=box.address, expires_at=clock.fmt_iso(box.expires_at),
                        expires_in=seconds_left(box),
                        messages=[summary(scope, m) for m in messages_of(box)])
     resp.set_etag(tag)
@@ -305,16 +319,18 @@ def attachment(token: Optional[str], msg_id: int, att_id: int):
     """Download one attachment (also the target of rewritten ``cid:`` images)."""
     msg = scope_for(token).message(msg_id)
     att = next((a for a in msg.attachments if a.id == att_id), None)
-    if att is None:
+    resp = storage.download(att.sha256, att.content_type or "application/octet-stream",
+                            att.filename or "attachment") if att is not None else None
+    if resp is None:
         abort(404)
-    return send_stored(att)
+    return resp
 
 
 @both("/messages/<int:msg_id>/raw")
 def message_raw(token: Optional[str], msg_id: int):
     """The message exactly as it was received, as a ``.eml`` download."""
     msg = scope_for(token).message(msg_id)
-    resp = stored_download(msg.raw_path, "message/rfc822", f"message-{msg.id}.eml")
+    resp = storage.download(msg.raw_sha256, "message/rfc822", f"message-{msg.id}.eml")
     if resp is None:
         abort(404)
     return resp
@@ -333,9 +349,7 @@ def done(message: str, category: str = "ok", status: int = 200):
 
 @bp.post("/web/messages/<int:msg_id>/delete")
 def delete_message(msg_id: int):
-    msg = scope_for(None).message(msg_id)
-    models.delete_messages(select(Message.id).where(Message.id == msg.id))
-    db.session.commit()
+    storage.commit_removal(scope_for(None).message(msg_id).delete())
     return done("Message deleted.")
 
 
@@ -350,26 +364,26 @@ def change_address():
     try:
         scope.box.rename(request.form.get("username", ""), domain)
     except MailboxError as exc:
-        return done(exc.message, "error", 409 if exc.code == "taken" else 400)
+        return done(exc.message, "error", STATUS.get(exc.code, 400))
     return done(f"Your address is now {scope.box.address}.")
 
 
 @bp.post("/web/address/new")
 def new_address():
-    """Drop the current address with its mail and hand out a new random one."""
-    refusal = creation_refusal()
-    if refusal:  # refused before the old address is given up
-        resp = done(refusal[0], "error", refusal[1])
-        resp = resp if not isinstance(resp, tuple) else make_response(*resp)
-        resp.headers["Retry-After"] = str(refusal[2])
-        return resp
+    """Hand out a new random address, then drop the old one with its mail
+    (in that order: a refused request keeps the old address)."""
     old = session_box()
-    if old is not None:
-        old.delete()
-        db.session.commit()
-    box = new_session_box()
+    try:
+        box = new_session_box()
+    except MailboxError as exc:
+        resp = done(exc.message, "error", STATUS.get(exc.code, 400))
+        resp = resp if not isinstance(resp, tuple) else make_response(*resp)
+        resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
     if box is None:
         return done("No domain is configured.", "error", 503)
+    if old is not None:
+        storage.commit_removal(old.delete())
     return done(f"Your new address is {box.address}.")
 
 
@@ -378,8 +392,7 @@ def delete_address():
     """Delete the address and its mail; no new one until the visitor asks."""
     box = scope_for(None).box
     address = box.address
-    box.delete()
-    db.session.commit()
+    storage.commit_removal(box.delete())
     session["released"] = True
     return done(f"{address} and its messages are deleted.")
 
@@ -396,16 +409,16 @@ def security_headers(resp):
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
     app.after_request(security_headers)
-    app.jinja_env.filters.setdefault("localtime", models.fmt_local)
+    app.jinja_env.filters.setdefault("localtime", clock.fmt_local)
     app.jinja_env.filters.setdefault("duration", duration)
     app.jinja_env.filters.setdefault("shorttime", short_time)
 
 
 def short_time(value: datetime) -> str:
     """"14:05" for today's mail, "3 Nov" for older (the list has little room)."""
-    zone = models.local_zone()
+    zone = clock.local_zone()
     local = value.replace(tzinfo=timezone.utc).astimezone(zone)
-    today = models.now().replace(tzinfo=timezone.utc).astimezone(zone).date()
+    today = clock.now().replace(tzinfo=timezone.utc).astimezone(zone).date()
     return local.strftime("%H:%M") if local.date() == today else f"{local.day} {local:%b}"
 
 
