@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 import apierrors
 import clock
+import extract
 import limits
 import storage
 from mailpolicy import open_mailbox
@@ -287,6 +288,14 @@ def read_message(public_id: str):
     msg = owned_message(public_id)
     msg.mark_read()
     return ok(data=message_json(msg, base_url()))
+
+
+@bp.get("/messages/<public_id>/extract")
+def extract_message(public_id: str):
+    """The one-time codes and the links of an owned message. It does not mark
+    the message seen: a test harness polling for a code reads no mail."""
+    msg = owned_message(public_id)
+    return ok(data=extract.extract(msg.subject or "", msg.body_text or "", msg.body_html or ""))
 
 
 @bp.delete("/messages/<public_id>")
