@@ -16,6 +16,7 @@ from typing import Optional
 from flask import (Blueprint, Flask, flash, g, has_request_context, redirect, render_template,
                    request, session, url_for)
 from flask.sessions import SecureCookieSessionInterface
+from flask_babel import gettext as _
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -131,11 +132,11 @@ def authenticate(email: str, password: str) -> Optional[User]:
 def signup_errors(email: str, password: str, confirm: str) -> list[str]:
     errors = []
     if not EMAIL_RE.match(email) or len(email) > 254:
-        errors.append("Enter a valid e-mail address.")
+        errors.append(_("Enter a valid e-mail address."))
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        errors.append(f"Choose a password of {MIN_PASSWORD} to {MAX_PASSWORD} characters.")
+        errors.append(_("Choose a password of %(min)d to %(max)d characters.", min=MIN_PASSWORD, max=MAX_PASSWORD))
     if password != confirm:
-        errors.append("The two passwords do not match.")
+        errors.append(_("The two passwords do not match."))
     return errors
 
 
@@ -163,9 +164,9 @@ def signup():
         user = None if errors else register(email, password)
         if user is not None:
             sign_in_session(user)
-            flash("Welcome! Your account is ready. Create your API key below.", "ok")
+            flash(_("Welcome! Your account is ready. Create your API key below."), "ok")
             return redirect(url_for("accounts.api_management"))
-        for error in errors or ["An account with this e-mail address already exists. Sign in instead."]:
+        for error in errors or [_("An account with this e-mail address already exists. Sign in instead.")]:
             flash(error, "error")
         return render_template("account/signup.html", email=email), 400 if errors else 409
     return render_template("account/signup.html", email=email)
@@ -178,12 +179,12 @@ def signin():
     if request.method == "GET":
         return render_template("account/signin.html", email=email, next_url=next_url)
     if login_blocked(email):
-        flash("Too many failed attempts. Wait 15 minutes and try again.", "error")
+        flash(_("Too many failed attempts. Wait 15 minutes and try again."), "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 429
     user = authenticate(email, request.form.get("password") or "")
     if user is None:
         record_failed_login(email)
-        flash("Wrong e-mail address or password.", "error")
+        flash(_("Wrong e-mail address or password."), "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 401
     sign_in_session(user)
     return redirect(safe_next(next_url))
@@ -193,7 +194,7 @@ def signin():
 def signout():
     session.pop("user_id", None)
     session.pop("user_stamp", None)
-    flash("You are signed out.", "ok")
+    flash(_("You are signed out."), "ok")
     return redirect(url_for("accounts.signin"))
 
 
@@ -235,7 +236,7 @@ def revoke_key():
     if key is not None:
         key.revoke()
         db.session.commit()
-        flash("Your API key is revoked. Requests using it now answer 401.", "ok")
+        flash(_("Your API key is revoked. Requests using it now answer 401."), "ok")
     return redirect(url_for("accounts.api_management"))
 
 

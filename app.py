@@ -160,7 +160,7 @@ def register_parts(app: Flask) -> None:
     # cookie-less (api.php has no auth, the User API uses Bearer keys).
     csrf.init_app(app)
     csrf.exempt(api_legacy.bp)
-    for optional in ("api_v1", "web", "apidocs", "accounts", "ops"):
+    for optional in ("languages", "api_v1", "web", "apidocs", "accounts", "ops"):
         try:
             module = __import__(optional)
         except ModuleNotFoundError as exc:
