@@ -19,8 +19,11 @@
       try { doc = frame.contentDocument; } catch (e) { return; }
       if (!doc || !doc.body) { return; }
       var html = doc.documentElement, body = doc.body;
-      // body.scrollHeight counts floats that stick out; offsetTop is its margin.
-      var height = body.scrollHeight + 2 * body.offsetTop;
+      var outer = html.getBoundingClientRect(), inner = body.getBoundingClientRect();
+      // The root box holds the body with its margins; body.scrollHeight also
+      // counts floats that stick out of it.
+      var margin = inner.top - outer.top;
+      var height = Math.max(outer.height, body.scrollHeight + 2 * margin);
       if (html.scrollWidth > html.clientWidth) { height += 18; }   // a horizontal scroll bar
       var border = frame.offsetHeight - frame.clientHeight;
       frame.style.height = Math.min(FRAME_MAX, Math.ceil(height + border)) + "px";
