@@ -124,7 +124,7 @@ def clean_style(value: str) -> Optional[str]:
 def normal_cid(value: str) -> str:
     """A Content-ID as a ``cid:`` URL or a header names it, in one spelling:
     no angle brackets, %-escapes undone (RFC 2392), any case."""
-    return unquote(value.strip().strip("<>")).strip().lower()
+    return unquote(value).strip().strip("<>").strip().lower()
 
 
 CID_REF = re.compile(r"""cid:([^"'\s>)]+)""", re.I)
