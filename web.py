@@ -510,7 +510,9 @@ def extend_address():
     box = scope_for(None).box
     box.expires_at = max(box.expires_at, models.now() + timedelta(seconds=lifetime()))
     db.session.commit()
-    return done(_("Your address now expires in %(time)s.", time=duration(seconds_left(box))))
+    # Whole minutes, rounded up: the second spent on the request would turn "24 h" into "23 h 59 min".
+    left = math.ceil(seconds_left(box) / 60) * 60
+    return done(_("Your address now expires in %(time)s.", time=duration(left)))
 
 
 @bp.post("/web/address/new")
