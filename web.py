@@ -29,6 +29,7 @@ from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redir
                    render_template, request, session, url_for)
 from flask_babel import get_locale
 from flask_babel import gettext as _
+from flask_wtf.csrf import CSRFError
 from sqlalchemy import case, func, or_, select
 
 import app as tempmail
@@ -554,9 +555,22 @@ def security_headers(resp):
     return resp
 
 
+def csrf_failed(exc: CSRFError):
+    """A form whose CSRF token is missing or stale (often a page left open past
+    the token's hour): a page in the visitor's language, not Werkzeug's English
+    one; Flask-WTF's own reason stays under "technical details"."""
+    message = _("This form has expired. Reload the page and try again.")
+    if wants_json():
+        return jsonify(ok=False, message=message, detail=exc.description), 400
+    resp = page("inbox_gone.html", reason="expired", message=message, detail=exc.description)
+    resp.status_code = 400
+    return resp
+
+
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
     app.after_request(security_headers)
+    app.register_error_handler(CSRFError, csrf_failed)
     app.jinja_env.filters.setdefault("localtime", models.fmt_local)
     app.jinja_env.filters.setdefault("duration", duration)
     app.jinja_env.filters.setdefault("shorttime", short_time)

@@ -155,6 +155,7 @@ def page_set(app, client) -> dict:
     pages["flash-error"] = client.post("/web/address", data={"csrf_token": csrf(client), "username": "x",
                                                               "domain": "example.com"},
                                        follow_redirects=True).get_data(as_text=True)
+    pages["stale-form"] = client.post("/web/address/new", data={"csrf_token": "stale"}).get_data(as_text=True)
     pages["signup-errors"] = client.post("/signup", data={"csrf_token": csrf(client, "/signup"),
                                                           "email": "bad", "password": "a", "confirm": "b"}
                                          ).get_data(as_text=True)

@@ -294,3 +294,14 @@ def test_the_new_api_key_has_a_copy_button(app, client):
     assert button["data-copy-text"] == "new-key" and page.select_one("#new-key").get_text().startswith("tm_")
     assert "hidden" in button.attrs  # shown by static/account.js; without it the key stays selectable text
     assert page.select_one('script[src="/static/account.js"]')
+
+
+def test_a_stale_form_gets_a_page_in_the_visitors_language(app, client):
+    page_address(client)
+    client.get("/?lang=vi")
+    resp = client.post("/web/address/new", data={"csrf_token": "stale"})
+    assert resp.status_code == 400
+    assert "Biểu mẫu này đã hết hạn. Hãy tải lại trang rồi thử lại." in resp.get_data(as_text=True)
+    fetched = client.post("/web/address/new", headers={"Accept": "application/json"})
+    assert fetched.status_code == 400 and fetched.json["ok"] is False
+    assert client.post("/signin", data={"email": "a@example.org"}).status_code == 400
