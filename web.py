@@ -31,6 +31,7 @@ from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from sqlalchemy import case, func, or_, select
+from sqlalchemy.orm import selectinload
 
 import app as tempmail
 import mailview
@@ -247,6 +248,7 @@ def listing(scope: Scope) -> Listing:
     result.page = min(max(1, request.args.get("page", 1, type=int)), result.pages)
     result.messages = list(db.session.scalars(
         select(Message).where(*where).order_by(Message.id.desc())
+        .options(selectinload(Message.attachments))  # one query for the page's paper clips
         .offset((result.page - 1) * PAGE_SIZE).limit(PAGE_SIZE)))
     return result
 
