@@ -1,34 +1,46 @@
-"""Accounts for the User API: sign up, sign in, sign out, and "API Management"
-(create / regenerate / revoke the key, plan, quota, the API's base URL).
+"""Accounts for the User API: sign up, sign in, sign out, password change, and
+"API Management" (create / regenerate / revoke the key, plan, quota, the API's
+base URL).
 
 Every form is protected by Flask-WTF's app-wide CSRFProtect (the templates
 carry ``csrf_token()``). Passwords are hashed with werkzeug.security. Failed
 sign-ins are counted per client IP + e-mail (and per IP alone) in the shared
 ``RateCounter`` table, so the limit holds across worker processes.
+
+Flask's session cookie is signed, not stored: a copy stays valid until it
+expires. So a signed-in browser is also a ``UserSession`` row, named by a
+random id in the cookie; sign-out deletes the row, and an old copy of the
+cookie then opens nothing. Sign-up answers the same whether or not the
+address already has an account, so it reveals no more than sign-in does.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import secrets
+from datetime import datetime
 from functools import wraps
 from typing import Optional
+from urllib.parse import unquote
 
-from flask import (Blueprint, Flask, flash, g, has_request_context, redirect, render_template,
-                   request, session, url_for)
+from flask import (Blueprint, Flask, current_app, flash, g, has_request_context, redirect,
+                   render_template, request, session, url_for)
 from flask.sessions import SecureCookieSessionInterface
 from flask_babel import gettext as _
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from models import ApiKey, RateCounter, User, cfg, db
+import limits
+from clock import now
+from models import ApiKey, User, UserSession, cfg, db
 
 bp = Blueprint("accounts", __name__)
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MIN_PASSWORD, MAX_PASSWORD = 8, 200
-# Failed sign-ins allowed per window: per IP + e-mail (guessing one account's
-# password) and per IP alone (trying many accounts).
-LOGIN_LIMITS = {"login": (10, 900), "login_ip": (50, 900)}
+# Signed-in browsers kept per user; signing in on one more ends the oldest.
+MAX_SESSIONS = 20
 # Compared against when the e-mail is unknown, so a wrong address takes as long
 # as a wrong password and response times do not reveal who has an account.
 _DUMMY_HASH = generate_password_hash("not a real password")
@@ -51,25 +63,71 @@ def session_stamp(user: User) -> str:
     return hashlib.sha256((user.password_hash or "").encode()).hexdigest()[:20]
 
 
+def _token_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _oldest_live() -> datetime:
+    """Sessions started before this are over, like the cookie's own lifetime."""
+    return now() - current_app.permanent_session_lifetime
+
+
 def current_user() -> Optional[User]:
     """The signed-in user of this request, or None (cached on ``g``)."""
     if "account_user" not in g:
-        user = None
-        user_id = session.get("user_id")
-        if isinstance(user_id, int):
-            user = db.session.get(User, user_id)
-            if user is not None and session.get("user_stamp") != session_stamp(user):
-                user = None
-        g.account_user = user
+        g.account_user = _session_user()
     return g.account_user
 
 
+def _session_user() -> Optional[User]:
+    """The user whose live ``UserSession`` this cookie names, with the stamp of
+    the current password; else None."""
+    user_id, raw = session.get("user_id"), session.get("auth")
+    if not isinstance(user_id, int) or not isinstance(raw, str):
+        return None
+    live = db.session.scalar(select(UserSession.id).where(
+        UserSession.token_hash == _token_hash(raw), UserSession.user_id == user_id,
+        UserSession.created_at >= _oldest_live()))
+    user = db.session.get(User, user_id) if live is not None else None
+    if user is None or session.get("user_stamp") != session_stamp(user):
+        return None
+    return user
+
+
+def start_session(user: User) -> str:
+    """Record a new signed-in browser of ``user`` (not committed) and return the
+    random id its cookie carries. Ends the user's expired sessions and all but
+    the newest ``MAX_SESSIONS``."""
+    raw = secrets.token_urlsafe(32)
+    db.session.add(UserSession(user_id=user.id, token_hash=_token_hash(raw), created_at=now()))
+    db.session.flush()
+    newest = (select(UserSession.id).where(UserSession.user_id == user.id)
+              .order_by(UserSession.id.desc()).limit(MAX_SESSIONS))
+    db.session.execute(delete(UserSession).where(
+        UserSession.user_id == user.id,
+        (UserSession.created_at < _oldest_live()) | UserSession.id.not_in(newest)))
+    return raw
+
+
+def end_session() -> None:
+    """Forget this browser's sign-in, on the server too (not committed)."""
+    raw = session.pop("auth", None)
+    if isinstance(raw, str):
+        db.session.execute(delete(UserSession).where(UserSession.token_hash == _token_hash(raw)))
+    session.pop("user_id", None)
+    session.pop("user_stamp", None)
+    g.pop("account_user", None)
+
+
 def sign_in_session(user: User) -> None:
+    """Sign this browser in as ``user`` with a fresh session id (a browser
+    switching accounts also leaves its old session) and commit."""
+    end_session()
+    raw = start_session(user)
+    db.session.commit()
     # Only the account keys change: the visitor's temporary mailbox (web.py's
     # "sid") stays with the browser across sign-in and sign-out.
-    session["user_id"] = user.id
-    session["user_stamp"] = session_stamp(user)
-    g.pop("account_user", None)
+    session["user_id"], session["user_stamp"], session["auth"] = user.id, session_stamp(user), raw
 
 
 def login_required(view):
@@ -81,40 +139,35 @@ def login_required(view):
     return wrapped
 
 
+# A plain same-site path: "/" then printable ASCII from RFC 3986's path, query
+# and fragment characters only. No control character (browsers silently drop
+# tab, CR and LF, so "/\t/host" becomes "//host"), no space, no backslash
+# (browsers read "/\host" as "//host"), nothing outside ASCII (fullwidth and
+# other look-alike slashes), and "%" only as a complete escape.
+_PLAIN_PATH_RE = re.compile(r"/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#]|%[0-9A-Fa-f]{2})*")
+MAX_NEXT = 2048
+
+
 def safe_next(target: Optional[str]) -> str:
-    """Only same-site paths are followed after sign-in (no open redirect)."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
+    """Where to go after sign-in: ``target`` when it is a plain path on this
+    site, else API Management (no open redirect, no header injection)."""
+    if target and len(target) <= MAX_NEXT and _PLAIN_PATH_RE.fullmatch(target):
+        # also refuse what only a decoding proxy or server would turn into
+        # "//host" or a control character ("/%2F/host", "/%09/host", "/%5Chost")
+        decoded = unquote(target)
+        if not decoded.startswith("//") and "\\" not in decoded and decoded.isprintable():
+            return target
     return url_for("accounts.api_management")
 
 
 # --------------------------------------------------------------------------
 # login rate limiting
 
-def limit_of(name: str) -> tuple[int, int]:
-    """(failures allowed, window seconds); config ``rate_limits.<name>`` overrides."""
-    entry = (cfg("rate_limits") or {}).get(name) or {}
-    default_limit, default_window = LOGIN_LIMITS[name]
-    return int(entry.get("limit", default_limit)), int(entry.get("window_seconds", default_window))
-
-
 def login_buckets(email: str) -> list[tuple[str, str]]:
+    """The limits a sign-in attempt counts against: per IP + e-mail (guessing
+    one account's password) and per IP alone (trying many accounts)."""
     ip = request.remote_addr or "-"
-    return [("login", f"login:{ip}:{email}"), ("login_ip", f"login_ip:{ip}")]
-
-
-def login_blocked(email: str) -> bool:
-    """True once this client has used up its failed attempts for the window."""
-    for name, bucket in login_buckets(email):
-        limit, window = limit_of(name)
-        if limit > 0 and RateCounter.peek(bucket, window) >= limit:
-            return True
-    return False
-
-
-def record_failed_login(email: str) -> None:
-    for name, bucket in login_buckets(email):
-        RateCounter.hit(bucket, limit_of(name)[1])
+    return [("login", f"{ip}:{email}"), ("login_ip", ip)]
 
 
 def authenticate(email: str, password: str) -> Optional[User]:
@@ -129,10 +182,9 @@ def authenticate(email: str, password: str) -> Optional[User]:
 # --------------------------------------------------------------------------
 # sign up, sign in, sign out
 
-def signup_errors(email: str, password: str, confirm: str) -> list[str]:
+def password_errors(password: str, confirm: str) -> list[str]:
+    """What is wrong with a new password (sign-up and password change share the rule)."""
     errors = []
-    if not EMAIL_RE.match(email) or len(email) > 254:
-        errors.append(_("Enter a valid e-mail address."))
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         errors.append(_("Choose a password of %(min)d to %(max)d characters.", min=MIN_PASSWORD, max=MAX_PASSWORD))
     if password != confirm:
@@ -140,9 +192,19 @@ def signup_errors(email: str, password: str, confirm: str) -> list[str]:
     return errors
 
 
+def signup_errors(email: str, password: str, confirm: str) -> list[str]:
+    errors = []
+    if not EMAIL_RE.match(email) or len(email) > 254:
+        errors.append(_("Enter a valid e-mail address."))
+    return errors + password_errors(password, confirm)
+
+
 def register(email: str, password: str) -> Optional[User]:
-    """Create and commit a free-plan user, or None when the e-mail is taken."""
+    """Create and commit a free-plan user, or None when the e-mail is taken.
+    A taken address costs the same password hashing, so the time taken does
+    not tell the two apart either."""
     if User.by_email(email) is not None:
+        generate_password_hash(password)
         return None
     user = User.create(email, plan="free", password=password)
     try:
@@ -153,23 +215,35 @@ def register(email: str, password: str) -> Optional[User]:
     return user
 
 
+def signup_blocked() -> bool:
+    """Count this well-formed sign-up against the client IP's limit; True once it is spent."""
+    return bool(limits.take("signup", request.remote_addr or "-"))
+
+
 @bp.route("/signup", methods=["GET", "POST"])
 def signup():
-    if not cfg("registration_open", True):
+    """Create an account. A new address and a taken one get the same answer (a
+    redirect to sign-in with the same message): the page must not tell a
+    stranger who has an account."""
+    if not cfg("registration_open"):
         return render_template("account/closed.html"), 403
     email = (request.form.get("email") or "").strip().lower()
-    if request.method == "POST":
-        password, confirm = request.form.get("password") or "", request.form.get("confirm") or ""
-        errors = signup_errors(email, password, confirm)
-        user = None if errors else register(email, password)
-        if user is not None:
-            sign_in_session(user)
-            flash(_("Welcome! Your account is ready. Create your API key below."), "ok")
-            return redirect(url_for("accounts.api_management"))
-        for error in errors or [_("An account with this e-mail address already exists. Sign in instead.")]:
+    if request.method == "GET":
+        return render_template("account/signup.html", email=email)
+    password, confirm = request.form.get("password") or "", request.form.get("confirm") or ""
+    errors = signup_errors(email, password, confirm)
+    blocked = not errors and signup_blocked()
+    if blocked:
+        errors = [_("Too many sign-ups from your network. Try again in an hour.")]
+    if errors:
+        for error in errors:
             flash(error, "error")
-        return render_template("account/signup.html", email=email), 400 if errors else 409
-    return render_template("account/signup.html", email=email)
+        return render_template("account/signup.html", email=email), 429 if blocked else 400
+    register(email, password)
+    session["signin_email"] = email
+    # The one answer to a well-formed sign-up, whether the address was free or not.
+    flash(_("If this address had no account yet, it has one now: sign in with the password you chose."), "ok")
+    return redirect(url_for("accounts.signin"), 303)
 
 
 @bp.route("/signin", methods=["GET", "POST"])
@@ -177,32 +251,65 @@ def signin():
     email = (request.form.get("email") or "").strip().lower()
     next_url = request.values.get("next") or ""
     if request.method == "GET":
+        email = session.pop("signin_email", "") if "signin_email" in session else email
         return render_template("account/signin.html", email=email, next_url=next_url)
-    if login_blocked(email):
+    # A failure is reserved before the password is checked and given back on
+    # success: counting afterwards let parallel guesses all pass the check.
+    if limits.take_all(login_buckets(email)):
         flash(_("Too many failed attempts. Wait 15 minutes and try again."), "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 429
     user = authenticate(email, request.form.get("password") or "")
     if user is None:
-        record_failed_login(email)
         flash(_("Wrong e-mail address or password."), "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 401
+    for name, bucket in login_buckets(email):
+        limits.give_back(name, bucket)
     sign_in_session(user)
     return redirect(safe_next(next_url))
 
 
 @bp.post("/signout")
 def signout():
-    session.pop("user_id", None)
-    session.pop("user_stamp", None)
+    """End this browser's session (the user's other browsers stay signed in)."""
+    end_session()
+    db.session.commit()
     flash(_("You are signed out."), "ok")
     return redirect(url_for("accounts.signin"))
+
+
+@bp.post("/account/password")
+@login_required
+def change_password():
+    """Change the password: the current one is required and counts as a failed
+    sign-in when wrong. Every session of the user ends, and this browser
+    continues in a new one, so no copy of any earlier cookie opens the account."""
+    user, form = current_user(), request.form
+    if limits.take_all(login_buckets(user.email)):  # reserved as a failure, given back below
+        flash(_("Too many failed attempts. Wait 15 minutes and try again."), "error")
+        return render_template("account/api.html", **management_context(user)), 429
+    new = form.get("new_password") or ""
+    errors = password_errors(new, form.get("confirm") or "")
+    if not user.check_password(form.get("current_password") or ""):
+        errors.insert(0, _("Your current password is not correct."))
+    else:
+        for name, bucket in login_buckets(user.email):
+            limits.give_back(name, bucket)
+    if errors:
+        for error in errors:
+            flash(error, "error")
+        return render_template("account/api.html", **management_context(user)), 400
+    user.set_password(new)
+    db.session.execute(delete(UserSession).where(UserSession.user_id == user.id))
+    sign_in_session(user)
+    flash(_("Your password is changed. Every other browser signed in to this account is signed out."), "ok")
+    return redirect(url_for("accounts.api_management"), 303)
 
 
 # --------------------------------------------------------------------------
 # API Management
 
 def management_context(user: User, new_key: Optional[str] = None) -> dict:
-    quota = user.quota_status()
+    quota = limits.quota_status(user)
     used_pct = min(100, round(100 * quota["used"] / quota["limit"])) if quota["limit"] else 100
     return {"user": user, "key": user.live_key(), "new_key": new_key, "quota": quota, "used_pct": used_pct,
             "reset": quota["reset"].isoformat(), "reset_text": quota["reset"].strftime("%Y-%m-%d %H:%M (UTC%z)"),
@@ -243,7 +350,7 @@ def revoke_key():
 def inject_account():
     """Templates (the header's account links) see the signed-in user."""
     return {"account_user": current_user() if has_request_context() else None,
-            "registration_open": cfg("registration_open", True)}
+            "registration_open": cfg("registration_open")}
 
 
 def init_app(app: Flask) -> None:

@@ -1,26 +1,43 @@
 """API 1: the PHP ``api.php`` TempMail API, route for route.
 
-Mounted twice by app.py: under ``/api.php/`` and at the site root, because the
-PHP original was reached both as ``/api.php/generate`` (PATH_INFO) and through
+Mounted twice: under ``/api.php/`` and at the site root, because the PHP
+original was reached both as ``/api.php/generate`` (PATH_INFO) and through
 rewrite rules as ``/generate``. Errors carry an ``error`` key as the PHP script
 printed them; some also carry ``success: false`` and some do not, exactly as in
 the original documentation.
+
+api.php has no authentication (as in the original), so it only ever shows
+mailboxes made through it: ``/generate`` and catch-all mail. A mailbox of a
+User API key or of a browser session answers exactly like one that never
+existed. ``legacy_api.enabled: false`` turns the whole API off.
 """
 from __future__ import annotations
 
+import logging
+import re
 from urllib.parse import unquote
 
-from flask import Blueprint, abort, jsonify, make_response, request, send_file
+from flask import Blueprint, Flask, abort, jsonify, make_response, request
 from sqlalchemy import Integer, bindparam, func, select
+from werkzeug.exceptions import HTTPException
 
+import clock
+import idgen
 import models
-from models import Attachment, Domain, Mailbox, MailboxError, Message, Stat, db
+import storage
+from mailpolicy import open_mailbox
+from models import LEGACY_ORIGINS, Attachment, Domain, Mailbox, MailboxError, Message, Stat, db
 
 bp = Blueprint("legacy", __name__)
+log = logging.getLogger("tempmail.api_php")
+ROUTES = r"(generate|inbox/.*|email/.*|stats|domains|uploads/attachments/.*)"
+PATHS = rf"^/(api\.php/.*|{ROUTES})$"
+_OWNED = re.compile(rf"^/(api\.php(/.*)?|{ROUTES})$", re.DOTALL)
+# /generate's refusals: the PHP original's codes, plus the abuse limits.
+STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
 
 
-
-def fail(message: str, status: int):
+def fail(status: int, message: str):
     """The ``{"success": false, "error": ...}`` shape of generate's errors."""
     return jsonify(success=False, error=message), status
 
@@ -36,6 +53,43 @@ def config_not_found():
     return jsonify(error="Config not found"), 500
 
 
+# --------------------------------------------------------------------------
+# errors: the PHP script's shapes, never an HTML page
+
+def owns(path: str) -> bool:
+    """True for the paths this API answers (its routes, mounted twice)."""
+    return bool(_OWNED.match(path))
+
+
+def http_error(exc: HTTPException):
+    """404 and 405 as the PHP script printed them; other HTTP errors alike."""
+    if exc.code == 404:
+        path = request.path[len("/api.php"):] if request.path.startswith("/api.php") else request.path
+        return jsonify(error=f"Invalid endpoint: {path or '/'}"), 404
+    if exc.code == 405:
+        return jsonify(error="Method not allowed"), 405
+    return jsonify(error=exc.name), exc.code or 500
+
+
+def server_error():
+    return jsonify(error="Internal server error"), 500
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException):
+    return http_error(exc)
+
+
+@bp.errorhandler(Exception)
+def _unexpected(exc: Exception):
+    db.session.rollback()
+    log.exception("api.php request failed: %s %s", request.method, request.path)
+    return server_error()
+
+
+# --------------------------------------------------------------------------
+# routes
+
 @bp.get("/generate")
 def generate():
     free = Domain.active_names(("free",))
@@ -44,25 +98,20 @@ def generate():
     wanted = request.args.get("domain")
     domain = Domain.by_name(wanted) if wanted else Domain.by_name(free[0])
     if domain is None or domain.type != "free":
-        return fail("Invalid domain. Use one of the domains listed by /domains.", 400)
-    wait = models.retry_after("mailbox_create", request.remote_addr or "-")
-    if wait:
-        resp = fail("Too many addresses generated from your network. Try again later.", 429)
-        resp[0].headers["Retry-After"] = str(wait)
-        return resp
-    if models.mailbox_cap_reached():
-        resp = fail("No new addresses can be created right now. Try again later.", 503)
-        resp[0].headers["Retry-After"] = "60"
-        return resp
+        return fail(400, MailboxError("domain").message)
     username = request.args.get("username")
     if username is not None and username.strip() == "":
         username = None  # PHP's empty($_GET['username']) meant "random"
     try:
-        box = Mailbox.create(username, domain, int(models.cfg("mailbox_lifetime_seconds", 86400)))
+        box = open_mailbox("api.php", domain, username, int(models.cfg("mailbox_lifetime_seconds")),
+                           request.remote_addr)
     except MailboxError as exc:
-        return fail(exc.message, 409 if exc.code == "taken" else 400)
+        resp = make_response(*fail(STATUS.get(exc.code, 400), exc.message))
+        if exc.retry_after:
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
     return jsonify(success=True, email=box.address, username=box.username,
-                   domain=box.domain.name, expires_at=models.fmt_local(box.expires_at))
+                   domain=box.domain.name, expires_at=clock.fmt_local(box.expires_at))
 
 
 def int_arg(name: str, default: int | None, maximum: int) -> int | None:
@@ -94,15 +143,16 @@ def inbox(email: str):
         rows = conn.execute(INBOX_ALL, params)
     else:
         rows = conn.execute(INBOX_PAGE, dict(params, limit=limit))
-    zone = models.local_zone()  # once, not once per message
-    emails = [{"id": row.id, "from_email": row.from_email, "from_name": row.from_name,
-               "subject": row.subject, "is_read": int(row.is_read),  # PHP/MySQL TINYINT
-               "received_at": models.fmt_local(row.received_at, zone)}
+    zone = clock.local_zone()  # once, not once per message
+    emails = [{"id": idgen.expose(row.id, "messages"), "from_email": row.from_email,
+               "from_name": row.from_name, "subject": row.subject,
+               "is_read": int(row.is_read),  # PHP/MySQL TINYINT
+               "received_at": clock.fmt_local(row.received_at, zone)}
               for row in rows]
     # Unpaged, the list is the whole mailbox (same transaction): no COUNT needed.
     total = len(emails) if limit is None and offset == 0 else conn.scalar(INBOX_COUNT, params) or 0
-    return jsonify(success=True, email=box.address, created_at=models.fmt_local(box.created_at, zone),
-                   expires_at=models.fmt_local(box.expires_at, zone), total=total, emails=emails)
+    return jsonify(success=True, email=box.address, created_at=clock.fmt_local(box.created_at, zone),
+                   expires_at=clock.fmt_local(box.expires_at, zone), total=total, emails=emails)
 
 
 _messages = Message.__table__
@@ -115,42 +165,55 @@ INBOX_COUNT = (select(func.count()).select_from(_messages)
                .where(_messages.c.mailbox_id == bindparam("mailbox_id")))
 _mailboxes = Mailbox.__table__
 INBOX_BOX = (select(_mailboxes.c.id, _mailboxes.c.address, _mailboxes.c.created_at, _mailboxes.c.expires_at)
-             .where(_mailboxes.c.address == bindparam("address")))
+             .where(_mailboxes.c.address == bindparam("address"),
+                    _mailboxes.c.origin.in_(LEGACY_ORIGINS)))
 
 
 def live_mailbox_row(address: str):
-    """``Mailbox.find_live`` as a plain row of the four columns the inbox
-    shows (no ORM object, no joined domain), or None."""
+    """The live api.php mailbox ``address`` as a plain row of the four columns
+    the inbox shows (no ORM object, no joined domain), or None."""
     address = (address or "").strip().lower()
     if not models.plausible(address, 320):
         return None
     row = db.session.connection().execute(INBOX_BOX, {"address": address}).first()
-    return row if row is not None and row.expires_at > models.now() else None
+    return row if row is not None and row.expires_at > clock.now() else None
 
 
 def live_message(raw_id: str) -> Message:
-    """The message with integer id ``raw_id`` whose mailbox is live, else a 404."""
-    msg = db.session.get(Message, int(raw_id)) if raw_id.isdigit() and len(raw_id) < 16 else None
-    if msg is None or not msg.mailbox.is_live:
+    """The message api.php calls ``raw_id``, in a live api.php mailbox, else a 404."""
+    msg = Message.by_legacy_id(raw_id)
+    if msg is None:
         json_abort(404, error="Email not found")
     return msg
+
+
+def message_json(msg: Message) -> dict:
+    """api.php's message object (``GET /email/{id}``)."""
+    return {"id": msg.legacy_id, "email_address_id": idgen.expose(msg.mailbox_id, "mailboxes"),
+            "from_email": msg.from_email, "from_name": msg.from_name, "subject": msg.subject,
+            "body_text": msg.body_text, "body_html": msg.body_html, "is_read": int(msg.is_read),
+            "received_at": clock.fmt_local(msg.received_at)}
+
+
+def attachment_json(att: Attachment) -> dict:
+    return {"id": att.legacy_id, "filename": att.filename, "size": att.size,
+            "content_type": att.content_type, "file_path": att.legacy_url()}
 
 
 @bp.get("/email/<raw_id>")
 def email_detail(raw_id: str):
     msg = live_message(raw_id)
     msg.mark_read()
-    return jsonify(success=True, email=msg.to_legacy(),
-                   attachments=[a.to_legacy() for a in msg.attachments])
+    return jsonify(success=True, email=message_json(msg),
+                   attachments=[attachment_json(a) for a in msg.attachments])
 
 
 @bp.delete("/email/<raw_id>")
 def email_delete(raw_id: str):
     msg = live_message(raw_id)
-    models.delete_messages(select(Message.id).where(Message.id == msg.id))
-    db.session.commit()
+    storage.commit_removal(msg.delete())
     # The PHP script echoed $_GET's id back, so it is a string.
-    return jsonify(success=True, deleted_id=str(msg.id))
+    return jsonify(success=True, deleted_id=str(msg.legacy_id))
 
 
 @bp.get("/stats")
@@ -166,35 +229,28 @@ def domains():
     return jsonify(success=True, domains=names)
 
 
-@bp.get("/uploads/attachments/<int:att_id>/<path:name>")
-def attachment_file(att_id: int, name: str):
+@bp.get("/uploads/attachments/<raw_id>/<path:name>")
+def attachment_file(raw_id: str, name: str):
     """Download an attachment; the name in the URL is cosmetic, the id decides."""
-    att = db.session.get(Attachment, att_id)
-    if att is None or not att.message.mailbox.is_live:
+    att = Attachment.by_legacy_id(raw_id)
+    if att is None:
         return jsonify(error="Attachment not found"), 404
-    return send_stored(att)
+    return send_attachment(att)
 
 
-def send_stored(att: Attachment):
-    """Send an attachment's bytes as a download that no browser renders inline."""
-    resp = stored_download(att.stored_path, att.content_type or "application/octet-stream",
-                           att.filename or "attachment")
+def send_attachment(att: Attachment):
+    """An attachment's bytes as a download that no browser renders inline."""
+    resp = storage.download(att.sha256, att.content_type or "application/octet-stream",
+                            att.filename or "attachment")
     if resp is None:
         json_abort(404, error="Attachment file missing")
     return resp
 
 
-def stored_download(rel: str | None, mimetype: str, name: str):
-    """A stored file (attachment or raw .eml) as a download that no browser
-    renders inline or sniffs; None when the file is gone, so each caller
-    answers in its own error shape."""
-    try:
-        path = models.file_path(rel) if rel else None
-    except ValueError:
-        path = None
-    if path is None or not path.exists():
-        return None
-    resp = send_file(path, mimetype=mimetype, as_attachment=True, download_name=name, max_age=0)
-    resp.headers["X-Content-Type-Options"] = "nosniff"
-    resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
-    return resp
+def init_app(app: Flask) -> None:
+    """Mount api.php at ``/api.php/`` and at the root, unless ``legacy_api.enabled``
+    is false: then every api.php path answers 404 ``Invalid endpoint``."""
+    if not app.config["TEMPMAIL"]["legacy_api"]["enabled"]:
+        return
+    app.register_blueprint(bp, url_prefix="/api.php", name="legacy_php")
+    app.register_blueprint(bp, name="legacy")

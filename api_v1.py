@@ -3,15 +3,17 @@
 Every request names a personal API key (``Authorization: Bearer tm_...``). The
 key's user owns the mailboxes it creates; a mailbox, message or attachment of
 anyone else answers 404 exactly like a missing one. Each response to a request
-with a valid key carries the month's quota in ``X-RateLimit-*`` headers, and
-only 2xx responses are counted, once each, in the database after the view has
-run (``count_quota``). Errors are always ``{"status": false, "message": ...}``.
+with a valid key carries the month's quota in ``X-RateLimit-*`` headers: one
+unit is reserved atomically before the view runs and refunded unless the
+answer is a 2xx (``count_quota``), so only 2xx answers count, exactly, even
+under concurrent requests. Errors are always ``{"status": false, "message": ...}``.
 """
 from __future__ import annotations
 
 import logging
 import math
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 from flask import Blueprint, Flask, g, jsonify, request
 from sqlalchemy import select
@@ -19,9 +21,11 @@ from sqlalchemy.orm import selectinload
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-import api_legacy
-import models
-from models import ApiKey, Domain, Mailbox, MailboxError, Message, QuotaUsage, User, db
+import clock
+import limits
+import storage
+from mailpolicy import open_mailbox
+from models import ApiKey, Attachment, Domain, Mailbox, MailboxError, Message, User, db
 
 bp = Blueprint("api_v1", __name__)
 log = logging.getLogger("tempmail.api")
@@ -36,9 +40,9 @@ HTTP_MESSAGES = {400: "Bad request.", 401: "Unauthenticated.", 403: "Forbidden."
 class ApiError(Exception):
     """An error answer of the User API: ``{"status": false, "message": ...}``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int = 0):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 def fail(status: int, message: str):
@@ -59,8 +63,9 @@ def is_v1_request() -> bool:
 
 
 def authenticate():
-    """Find the key's user, refuse a spent quota, and remember what the
-    response headers need. CORS preflights carry no key and are let through."""
+    """Find the key's user and reserve one unit of its quota before the view
+    runs (refused with 429 when none is left); ``count_quota`` refunds it
+    when the answer is not a 2xx. CORS preflights carry no key and pass."""
     if request.method == "OPTIONS" or not is_v1_request():
         return None
     auth = request.authorization
@@ -69,13 +74,12 @@ def authenticate():
     key = ApiKey.lookup(auth.token)
     if key is None:
         return unauthorized("Invalid or revoked API key.")
-    limit = int(key.user.plan_config().get("monthly_quota") or 0)
-    period = QuotaUsage.current_period()
-    used = QuotaUsage.used_in(key.user_id, period)
+    reservation, used = limits.reserve_quota(key.user)
     g.v1_user = key.user
-    g.v1_quota = {"user_id": key.user_id, "period": period, "limit": limit, "used": used}
-    if used >= limit:
-        reset = QuotaUsage.next_reset()
+    g.v1_reserved = reservation is not None
+    g.v1_quota = reservation or limits.QuotaReservation(key.user_id, "", limits.quota_limit(key.user), used)
+    if reservation is None:
+        reset = clock.next_month_start()
         response = fail(429, f"Monthly request quota exhausted. It resets at {reset.isoformat()}.")
         response.headers["Retry-After"] = str(seconds_until(reset))
         return response
@@ -89,53 +93,63 @@ def unauthorized(message: str):
 
 
 def seconds_until(moment: datetime) -> int:
-    now = models.now().replace(tzinfo=timezone.utc)
+    now = clock.now().replace(tzinfo=timezone.utc)
     return max(1, math.ceil((moment - now).total_seconds()))
 
 
 def count_quota(response):
-    """Count a 2xx answer (once: the state is popped, because Flask runs this
-    again for the error answer if anything here raised) and add the headers."""
+    """Refund the reserved unit unless the answer is a 2xx (once: the state is
+    popped, because Flask runs this again for the error answer if anything
+    here raised), and add the quota headers."""
     quota = g.pop("v1_quota", None)
     if quota is None:
         return response
-    used = quota["used"]
-    if 200 <= response.status_code < 300:
+    if g.pop("v1_reserved", False) and not 200 <= response.status_code < 300:
         try:
-            used = QuotaUsage.count_success(quota["user_id"], quota["period"])
+            quota.refund()
         except SQLAlchemyError:
-            # The view's work is done and committed; failing the answer now
-            # would invite a retry that repeats it.
             db.session.rollback()
-            log.exception("could not count a User API request of user %s", quota["user_id"])
-    response.headers["X-RateLimit-Limit"] = str(quota["limit"])
-    response.headers["X-RateLimit-Used"] = str(used)
-    response.headers["X-RateLimit-Remaining"] = str(max(0, quota["limit"] - used))
-    response.headers["X-RateLimit-Reset"] = QuotaUsage.next_reset().isoformat()
+            log.exception("could not refund a User API request of user %s", quota.user_id)
+    response.headers["X-RateLimit-Limit"] = str(quota.limit)
+    response.headers["X-RateLimit-Used"] = str(quota.used)
+    response.headers["X-RateLimit-Remaining"] = str(max(0, quota.limit - quota.used))
+    response.headers["X-RateLimit-Reset"] = clock.next_month_start().isoformat()
     return response
 
 
 # --------------------------------------------------------------------------
 # errors: JSON in one shape, never an HTML page or a traceback
 
-@bp.errorhandler(ApiError)
-def api_error(exc: ApiError):
-    return fail(exc.status, exc.message)
-
-
-@bp.errorhandler(HTTPException)
 def http_error(exc: HTTPException):
+    """Any HTTP error of this API (also for URLs no route matched) in its shape."""
     response = fail(exc.code or 500, HTTP_MESSAGES.get(exc.code, exc.name + "."))
     if exc.code == 405 and exc.valid_methods:
         response.headers["Allow"] = ", ".join(exc.valid_methods)
     return response
 
 
+def server_error():
+    return fail(500, HTTP_MESSAGES[500])
+
+
+@bp.errorhandler(ApiError)
+def api_error(exc: ApiError):
+    response = fail(exc.status, exc.message)
+    if exc.retry_after:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException):
+    return http_error(exc)
+
+
 @bp.errorhandler(Exception)
 def unexpected_error(exc: Exception):
     db.session.rollback()
     log.exception("User API request failed: %s %s", request.method, request.path)
-    return fail(500, HTTP_MESSAGES[500])
+    return server_error()
 
 
 # --------------------------------------------------------------------------
@@ -215,28 +229,34 @@ def domains():
     rows = db.session.scalars(select(Domain).where(
         Domain.active.is_(True), Domain.type.in_(types)).order_by(Domain.id))
     return ok(data={"requested_type": requested, "allowed_types": allowed,
-                    "domains": [d.to_v1() for d in rows]})
+                    "domains": [domain_json(d) for d in rows]})
 
 
 @bp.post("/emails")
 def create_email():
     domain = plan_domain(input_value("domain"))
+    lifetime = int(user().plan_config().get("mailbox_lifetime_seconds") or 600)
     # A per-client-IP limit of its own (rate_limits.api_mailbox_create, off
     # unless configured): keys already meter every call through the plan's
     # quota, and one integration legitimately creates many mailboxes at once.
-    wait = models.retry_after("api_mailbox_create", request.remote_addr or "-")
-    if wait:
-        response = fail(429, "Too many addresses created from your network. Try again later.")
-        response.headers["Retry-After"] = str(wait)
-        return response
-    if models.mailbox_cap_reached():
-        raise ApiError(503, "No new addresses can be created right now. Try again later.")
-    lifetime = int(user().plan_config().get("mailbox_lifetime_seconds") or 600)
     try:
-        box = Mailbox.create(None, domain, lifetime, user_id=user().id)
-    except MailboxError:
-        raise ApiError(503, "Could not find a free address; try again.")
-    return ok(data=box.to_v1())
+        box = open_mailbox("user-api", domain, None, lifetime, request.remote_addr,
+                           limit="api_mailbox_create", user_id=user().id)
+    except MailboxError as exc:
+        raise mailbox_refusal(exc)
+    return ok(data=mailbox_json(box))
+
+
+def mailbox_refusal(exc: MailboxError) -> ApiError:
+    """A MailboxError as this API answers it. A taken name is 422 rather than
+    409: the User API's documented codes are 401/403/404/405/422/429, and
+    clients branch on those."""
+    if exc.code == "rate_limited":
+        return ApiError(429, "Too many addresses created from your network. Try again later.",
+                        exc.retry_after)
+    if exc.code == "full":
+        return ApiError(503, exc.message, exc.retry_after)
+    return ApiError(422, exc.message)
 
 
 @bp.post("/emails/<current>/<username>/<domain>")
@@ -246,16 +266,13 @@ def switch_email(current: str, username: str, domain: str):
     try:
         box.rename(username, target)
     except MailboxError as exc:
-        # 422 rather than 409 for a taken name: the User API's documented error
-        # codes are 401/403/404/405/422/429, and clients branch on those.
-        raise ApiError(422, exc.message)
-    return ok(data=box.to_v1())
+        raise mailbox_refusal(exc)
+    return ok(data=mailbox_json(box))
 
 
 @bp.delete("/emails/<email>")
 def delete_email(email: str):
-    owned_mailbox(email).delete()
-    db.session.commit()
+    storage.commit_removal(owned_mailbox(email).delete())
     return ok(message="Email has been successfully deleted.")
 
 
@@ -269,37 +286,61 @@ def list_messages():
     # one message at a time made a 50-message listing cost 50 more queries.
     messages = db.session.scalars(box.messages_query(newest_first=True)
                                   .options(selectinload(Message.attachments)))
-    return ok(mailbox=box.address, messages=[m.to_v1(base_url()) for m in messages])
+    return ok(mailbox=box.address, messages=[message_json(m, base_url()) for m in messages])
 
 
 @bp.get("/messages/<public_id>")
 def read_message(public_id: str):
     msg = owned_message(public_id)
     msg.mark_read()
-    return ok(data=msg.to_v1(base_url()))
+    return ok(data=message_json(msg, base_url()))
 
 
 @bp.delete("/messages/<public_id>")
 def delete_message(public_id: str):
-    msg = owned_message(public_id)
-    models.delete_messages(select(Message.id).where(Message.id == msg.id))
-    db.session.commit()
+    storage.commit_removal(owned_message(public_id).delete())
     return ok(message="Message was deleted successfully.")
 
 
 @bp.get("/messages/<public_id>/attachments/<path:name>")
 def attachment(public_id: str, name: str):
     att = owned_message(public_id).attachment_named(name)
-    if att is None or not stored_file_exists(att.stored_path):
+    resp = storage.download(att.sha256, att.content_type or "application/octet-stream",
+                            att.filename) if att is not None else None
+    if resp is None:
         raise ApiError(404, "Attachment not found.")
-    return api_legacy.send_stored(att)
+    return resp
 
 
-def stored_file_exists(rel: str) -> bool:
-    try:
-        return models.file_path(rel).is_file()
-    except ValueError:
-        return False
+# --------------------------------------------------------------------------
+# the objects this API shows
+
+def domain_json(domain: Domain) -> dict:
+    return {"domain": domain.name, "type": domain.type.capitalize(), "custom": bool(domain.custom)}
+
+
+def mailbox_json(box: Mailbox) -> dict:
+    """The mailbox object of the create and switch answers."""
+    return {"id": box.id, "email": box.address, "domain": box.domain.name,
+            "expire_at": clock.fmt_iso(box.expires_at),
+            "expires_in_seconds": max(0, int((box.expires_at - clock.now()).total_seconds())),
+            "created_at": clock.fmt_iso(box.created_at), "email_token": box.email_token()}
+
+
+def message_json(msg: Message, base: str) -> dict:
+    """The message object; ``base`` is the site's URL without a trailing slash."""
+    has_html = bool(msg.body_html)
+    return {"is_seen": bool(msg.is_read), "subject": msg.subject,
+            "from": msg.from_name or msg.from_email, "from_email": msg.from_email,
+            "to": msg.mailbox.address if msg.mailbox else msg.envelope_to,
+            "receivedAt": clock.fmt_local(msg.received_at), "id": msg.public_id,
+            "html": has_html, "content": msg.body_html if has_html else msg.body_text,
+            "attachments": [attachment_json(a, base, msg.public_id) for a in msg.attachments]}
+
+
+def attachment_json(att: Attachment, base: str, public_id: str) -> dict:
+    return {"name": att.filename, "extension": att.extension, "size": att.size,
+            "url": f"{base}/api/messages/{public_id}/attachments/{quote(att.filename, safe='')}"}
 
 
 def init_app(app: Flask) -> None:

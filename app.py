@@ -1,74 +1,40 @@
 """TempMail: the application factory, configuration and the wiring of its parts.
 
-The blueprints live in their own modules (api_legacy, api_v1, web, cli); this
-module loads the configuration, sets up the database and assembles them.
+The blueprints live in their own modules (api_legacy, api_v1, web, accounts,
+apidocs, ops), the CLI commands are registered in cli.py; this module loads
+the configuration, sets up the database and assembles them.
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
 import secrets
 from pathlib import Path
 
-from flask import Flask, jsonify, request
+from flask import Flask, request
 from flask_cors import CORS
 from flask_wtf.csrf import CSRFProtect
-from itsdangerous import BadSignature, URLSafeSerializer
+from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+import accounts
+import api_legacy
+import api_v1
+import apidocs
+import cli
+import languages
+import logsafe
 import models
+import ops
+import settings
+import web
 from models import db
 
 ROOT = Path(__file__).resolve().parent
-LEGACY_PATHS = r"^/(api\.php/.*|generate|inbox/.*|email/.*|stats|domains|uploads/attachments/.*)$"
 log = logging.getLogger("tempmail")
 csrf = CSRFProtect()
-
-DEFAULTS = {
-    "site_name": "TempMail",
-    "domains": [],
-    "database_url": "sqlite:///instance/tempmail.db",
-    "uploads_dir": "uploads",
-    "timezone": "UTC",
-    "mailbox_lifetime_seconds": 86400,
-    "reserved_usernames": [],
-    "max_message_bytes": 26214400,
-    "smtp": {"host": "127.0.0.1", "port": 2525},
-    "lmtp": {"socket": None},
-    "catch_all": False,
-    "plans": {
-        "free": {"monthly_quota": 50000, "domain_types": ["free"], "mailbox_lifetime_seconds": 600},
-        "premium": {"monthly_quota": 500000, "domain_types": ["free", "premium"],
-                    "mailbox_lifetime_seconds": 3600},
-    },
-    "registration_open": True,
-    "cors_origins": "*",
-}
-
-
-def load_config(root: Path = ROOT) -> dict:
-    """Read ``$TEMPMAIL_CONFIG`` or ``config.json``, falling back to the example
-    with a warning; then apply ``DATABASE_URL`` / ``SECRET_KEY`` from the environment."""
-    path = Path(os.environ.get("TEMPMAIL_CONFIG") or root / "config.json")
-    if not path.is_absolute():
-        path = root / path
-    if not path.exists():
-        log.warning("%s not found; using config.example.json", path)
-        path = root / "config.example.json"
-    conf = copy.deepcopy(DEFAULTS)
-    if path.exists():
-        with open(path, encoding="utf-8") as fh:
-            conf.update(json.load(fh))
-    if os.environ.get("DATABASE_URL"):
-        conf["database_url"] = os.environ["DATABASE_URL"]
-    if os.environ.get("SECRET_KEY"):
-        conf["secret_key"] = os.environ["SECRET_KEY"]
-    return conf
-
 
 def resolve_db_url(url: str, root: Path = ROOT) -> str:
     """Make a relative SQLite path relative to the project folder, not the CWD."""
@@ -118,11 +84,13 @@ def _sqlite_pragmas(dbapi_conn, _record):
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the Flask application. ``test_config`` overrides Flask settings, and
-    its ``TEMPMAIL`` key overrides entries of the TempMail configuration."""
+    its ``TEMPMAIL`` key is deep-merged over the TempMail configuration.
+    Raises ``settings.ConfigError`` for an unknown key or a wrong type."""
     app = Flask(__name__, instance_path=str(ROOT / "instance"), instance_relative_config=True)
     test_config = dict(test_config or {})
-    conf = load_config()
-    conf.update(test_config.pop("TEMPMAIL", {}))
+    # Defaults, config file, environment, then the caller's overrides, each
+    # checked against the schema in settings.py (ConfigError names a bad key).
+    conf = settings.load(ROOT, test_config.pop("TEMPMAIL", None))
     app.config["TEMPMAIL"] = conf
     app.config.update(
         SECRET_KEY=conf.get("secret_key") or instance_secret(Path(app.instance_path)),
@@ -141,84 +109,68 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
     db.init_app(app)
     register_parts(app)
+    # Control characters in anything logged (addresses, paths, headers) are
+    # escaped, so no client can forge a log line.
+    logsafe.install([app.logger.name, "gunicorn.error", "gunicorn.access"])
     with app.app_context():
-        import ops  # creates the tables, or stamps/checks the migration revision
-        ops.prepare_database()
+        ops.prepare_database()  # creates the tables, or stamps/checks the migration revision
         models.ensure_seed_rows()
     return app
 
 
 def register_parts(app: Flask) -> None:
-    """Attach the blueprints, the CLI commands and the app-wide error handlers."""
-    import api_legacy
-    import cli
-
-    app.register_blueprint(api_legacy.bp, url_prefix="/api.php", name="legacy_php")
-    app.register_blueprint(api_legacy.bp, name="legacy")
+    """Attach the blueprints, the CLI commands and the security headers. Each
+    API answers its own errors (404, 405, 500) in its own shape."""
+    csrf.init_app(app)
+    languages.init_app(app)
+    api_legacy.init_app(app)
+    api_v1.init_app(app)
+    web.init_app(app)
+    apidocs.init_app(app)
+    accounts.init_app(app)
+    ops.init_app(app)
+    cli.init_app(app)
     # Every browser form and fetch() of the web pages carries a CSRF token
     # (form field csrf_token or header X-CSRFToken); the two JSON APIs are
     # cookie-less (api.php has no auth, the User API uses Bearer keys).
-    csrf.init_app(app)
     csrf.exempt(api_legacy.bp)
-    for optional in ("languages", "api_v1", "web", "apidocs", "accounts", "ops"):
-        try:
-            module = __import__(optional)
-        except ModuleNotFoundError as exc:
-            if exc.name != optional:
-                raise
-            continue
-        module.init_app(app)
-        if optional == "api_v1":
-            csrf.exempt(module.bp)
-    cli.init_app(app)
+    csrf.exempt(api_v1.bp)
     # api.php was called cross-origin by browser front-ends (CORS on in the PHP
     # original); both APIs keep that, for the origins the config allows.
-    CORS(app, resources={LEGACY_PATHS: {}, r"/api/*": {}}, origins=app.config["TEMPMAIL"]["cors_origins"],
-         send_wildcard=app.config["TEMPMAIL"]["cors_origins"] == "*",
-         methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["Authorization", "Content-Type", "Accept"],
+    origins = app.config["TEMPMAIL"]["cors_origins"]
+    CORS(app, resources={api_legacy.PATHS: {}, r"/api/*": {}}, origins=origins,
+         send_wildcard=origins == "*",
+         methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+         allow_headers=["Authorization", "Content-Type", "Accept", "Last-Event-ID"],
          expose_headers=["X-RateLimit-Limit", "X-RateLimit-Used", "X-RateLimit-Remaining",
                          "X-RateLimit-Reset", "Retry-After"])
-    app.register_error_handler(404, not_found)
-    app.register_error_handler(405, method_not_allowed)
+    app.register_error_handler(HTTPException, route_error)
+    app.register_error_handler(Exception, unexpected_error)
 
 
-def wants_v1() -> bool:
-    return request.path.startswith("/api/")
+def owner_of(path: str):
+    """The module whose error shape a request gets: the blueprint's that
+    matched it, else by path (``/api/`` the User API; the page's own URLs
+    the page; any other unknown URL is api.php's ``Invalid endpoint``,
+    since api.php answers at the site root)."""
+    blueprint = request.blueprint
+    if blueprint is not None:
+        return {"api_v1": api_v1, "legacy": api_legacy, "legacy_php": api_legacy}.get(blueprint, web)
+    if path.startswith("/api/"):
+        return api_v1
+    return web if web.owns(path) else api_legacy
 
 
-def not_found(_exc):
-    """App-wide 404: blueprint handlers do not fire for URLs no route matches."""
-    if wants_v1():
-        return jsonify(status=False, message="Not found."), 404
-    path = request.path[len("/api.php"):] if request.path.startswith("/api.php/") else request.path
-    return jsonify(error=f"Invalid endpoint: {path}"), 404
+def route_error(exc: HTTPException):
+    """An HTTP error no blueprint handled (no route matched the URL, so no
+    blueprint was chosen): the API the path belongs to answers in its shape."""
+    return owner_of(request.path).http_error(exc)
 
 
-def method_not_allowed(_exc):
-    if wants_v1():
-        return jsonify(status=False, message="Method not allowed."), 405
-    return jsonify(error="Method not allowed"), 405
-
-
-def _token_serializer() -> URLSafeSerializer:
-    from flask import current_app
-    return URLSafeSerializer(current_app.config["SECRET_KEY"], salt="mailbox-token")
-
-
-def email_token(mailbox) -> str:
-    """A signed, opaque token that opens one mailbox's inbox page (``/m/<token>``).
-    It binds the mailbox id and its per-mailbox random token, so a deleted and
-    re-created address does not reopen with an old token."""
-    return _token_serializer().dumps([mailbox.id, mailbox.token])
-
-
-def mailbox_from_token(token: str):
-    """The live mailbox a token was made for, or None."""
-    try:
-        box_id, box_token = _token_serializer().loads(token)
-    except (BadSignature, ValueError, TypeError):
-        return None
-    box = db.session.get(models.Mailbox, box_id)
-    if box is None or box.token != box_token or not box.is_live:
-        return None
-    return box
+def unexpected_error(exc: Exception):
+    """A failure outside any blueprint's own handler (a before/after-request hook)."""
+    if isinstance(exc, HTTPException):
+        return route_error(exc)
+    db.session.rollback()
+    log.exception("request failed: %s %s", request.method, request.path)
+    return owner_of(request.path).server_error()

@@ -6,7 +6,11 @@ from flask import Flask
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 
+import imapingest
+import mailhandler
 import models
+import ops
+import smtpserver
 from models import ApiKey, Domain, User, db
 
 domains_cli = AppGroup("domains", help="Add and list the mail domains.")
@@ -16,7 +20,6 @@ domains_cli = AppGroup("domains", help="Add and list the mail domains.")
 @with_appcontext
 def init_db_command() -> None:
     """Create the tables (or apply pending migrations) and the configured domains."""
-    import ops
     state = ops.prepare_database(upgrade=True)
     models.ensure_seed_rows()
     click.echo(f"Database ready ({state}).")
@@ -57,7 +60,7 @@ def users_create(email: str, plan: str, password: str | None) -> None:
     """Create the user EMAIL on PLAN."""
     if "@" not in email:
         raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="EMAIL")
-    if plan not in (models.cfg("plans") or {}):
+    if plan not in models.cfg("plans"):
         raise click.BadParameter(f"no plan {plan!r} in the configuration", param_hint="--plan")
     if User.by_email(email) is not None:
         raise click.ClickException(f"user {email} already exists")
@@ -92,17 +95,8 @@ def keys_revoke(prefix: str) -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Register every command group on ``app``."""
-    app.cli.add_command(init_db_command)
-    app.cli.add_command(domains_cli)
-    app.cli.add_command(users_cli)
-    app.cli.add_command(keys_cli)
-    for name in ("mailhandler", "ops"):
-        try:
-            module = __import__(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "register_cli"):
-            module.register_cli(app)
+    """Register every command of TempMail: the one place that lists them."""
+    for command in (init_db_command, domains_cli, users_cli, keys_cli,  # this module
+                    mailhandler.pipe_command, smtpserver.smtpd_command, imapingest.imap_poll_command,
+                    ops.purge_command, ops.stats_command, ops.reparse_command, ops.import_command):
+        app.cli.add_command(command)

@@ -47,6 +47,8 @@ def asked_language() -> Optional[str]:
 
 def select_locale() -> str:
     """Flask-Babel's locale selector (see the module docstring for the order)."""
+    if not has_request_context():  # the CLI: its messages are English
+        return DEFAULT
     if request.blueprint in API_BLUEPRINTS or request.path.startswith("/api/"):
         return DEFAULT
     asked = asked_language()

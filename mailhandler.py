@@ -2,25 +2,24 @@
 
 Every ingest path (the Salmon SMTP and LMTP daemon, the pipe mode, the IMAP
 poller, ``flask import``) hands raw bytes and envelope recipients to
-``deliver()``, which stores the message once per live mailbox through
-``models.store_message`` and commits durably. Refusals are exceptions with an
-SMTP reply and a sysexits code, so each receiver maps them the same way.
+``deliver()``, which asks the recipient policy (``mailpolicy``) which
+mailboxes take the message, stages one copy per mailbox in a
+``DeliveryBatch`` and commits it durably. Refusals are exceptions with an
+SMTP reply and a sysexits code (``mailpolicy.DeliveryError``), so each
+receiver maps them the same way.
 
 The daemon itself (subclasses of Salmon's receiver and channel that mend its
-known weaknesses) lives in ``smtpserver.py``; this module registers its CLI.
+known weaknesses) lives in ``smtpserver.py``.
 """
 from __future__ import annotations
 
 import binascii
-import ctypes
 import email.header
 import email.utils
-import hashlib
 import logging
 import mimetypes
 import os
 import re
-import secrets
 import sys
 from datetime import timedelta
 from email import policy
@@ -32,13 +31,19 @@ from typing import Iterable, Optional
 
 import click
 from bs4 import BeautifulSoup
-from flask import Flask, current_app
+from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
+import mailpolicy
+import metrics
 import models
-import ops
-from models import Domain, Mailbox, Stat, db
+import retention
+import storage
+from clock import now
+from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
+                        UnknownRecipient)
+from models import Attachment, Domain, Mailbox, Message, Stat, db
 
 log = logging.getLogger("tempmail.mail")
 
@@ -61,46 +66,6 @@ CHARSET_SUPERSETS = {
     "tis-620": "cp874", "iso-8859-11": "cp874",
 }
 SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-class DeliveryError(Exception):
-    """A message was refused; ``smtp_reply`` and ``exit_code`` say how to tell the sender."""
-
-    smtp_code = "451 4.3.0"
-    exit_code = 75  # EX_TEMPFAIL
-    reason = "error"  # the metrics label: a short fixed word per class
-
-    def __init__(self, detail: str = ""):
-        super().__init__(detail)
-        self.detail = detail
-
-    @property
-    def smtp_reply(self) -> str:
-        return f"{self.smtp_code} {self.detail or self.__doc__.strip().splitlines()[0]}"
-
-    @property
-    def permanent(self) -> bool:
-        return self.smtp_code.startswith("5")
-
-
-class UnknownRecipient(DeliveryError):
-    """User unknown"""
-    smtp_code, exit_code, reason = "550 5.1.1", 67, "user_unknown"  # EX_NOUSER
-
-
-class RelayDenied(DeliveryError):
-    """Relay access denied"""
-    smtp_code, exit_code, reason = "550 5.7.1", 67, "relay_denied"
-
-
-class TooLarge(DeliveryError):
-    """Message size exceeds fixed maximum message size"""
-    smtp_code, exit_code, reason = "552 5.3.4", 65, "too_big"  # EX_DATAERR
-
-
-class StoreFailed(DeliveryError):
-    """Temporary failure storing the message, try again later"""
-    smtp_code, exit_code = "451 4.3.0", 75
 
 
 # --------------------------------------------------------------------------
@@ -316,103 +281,55 @@ def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attac
 
 
 # --------------------------------------------------------------------------
-# recipients
-
-def split_address(address: str) -> tuple[str, str]:
-    """(local part, domain) of an envelope address, lower-cased, brackets gone."""
-    addr = (address or "").strip().strip("<>").strip().lower()
-    local, _, domain = addr.rpartition("@")
-    return local, domain
-
+# delivery
 
 def max_message_bytes() -> int:
-    return int(models.cfg("max_message_bytes", 26214400) or 26214400)
+    return int(models.cfg("max_message_bytes"))
 
 
-def check_recipient(address: str) -> None:
-    """Refuse, at RCPT time, what ``deliver`` would refuse: RelayDenied for a
-    domain that is not ours, UnknownRecipient for a mailbox that is not live
-    (unless catch-all is on). Uses one short connection, so it sees mailboxes
-    created a moment ago by the web app."""
-    local, domain = split_address(address)
-    # One round trip: the domain's id and the mailbox's expiry (NULL if none).
-    expiry = select(Mailbox.expires_at).where(Mailbox.address == f"{local}@{domain}").scalar_subquery()
-    with db.engine.connect() as conn:
-        row = conn.execute(select(Domain.id, expiry).where(
-            Domain.name == domain, Domain.active.is_(True))).first()
-    if not local or row is None:
-        raise RelayDenied(f"<{address}>: Relay access denied")
-    if models.cfg("catch_all"):
-        return
-    expires = row[1]
-    if expires is None or expires <= models.now():
-        raise UnknownRecipient(f"<{address}>: Recipient address rejected: User unknown")
+class DeliveryBatch:
+    """Messages staged in one transaction, then made durable together.
 
+    The daemon's group commit stages many messages in one batch; pipe, IMAP
+    and ``flask import`` stage one. Everything the transaction needs to know
+    travels here, explicitly: the blobs it wrote (synced before the commit,
+    removed on rollback), the counters to add, what it looked up, and the
+    blobs it freed by trimming (removed once the commit is durable)."""
 
-CATCH_ALL_LOCAL = re.compile(r"^[a-z0-9._+=-]{1,64}$")
+    def __init__(self) -> None:
+        self.pending = storage.PendingBlobs()
+        self.known = mailpolicy.Lookups()
+        self.copies: dict[tuple, Message] = {}
+        self.freed: list[str] = []
+        self.received = 0
+        self.failed = False  # rolled back: whatever was staged is gone
 
+    def stage_files(self) -> None:
+        """Make the blobs written so far durable, before the INSERTs take
+        SQLite's write lock, so another receiver process can commit meanwhile."""
+        self.pending.sync_files()
 
-def catch_all_mailbox(local: str, domain: Domain) -> Optional[Mailbox]:
-    """A new live mailbox for ``local@domain`` (catch-all mode), added to the
-    session and flushed, committed with the message."""
-    if not CATCH_ALL_LOCAL.match(local):
-        return None
-    address = f"{local}@{domain.name}"
-    old = db.session.scalar(select(Mailbox).where(Mailbox.address == address))
-    if old is not None:
-        old.delete()  # expired: live ones were found by the caller
-    t = models.now()
-    box = Mailbox(address=address, username=local, domain=domain, created_at=t,
-                  expires_at=t + timedelta(seconds=int(models.cfg("mailbox_lifetime_seconds", 86400))),
-                  token=secrets.token_hex(8))
-    db.session.add(box)
-    db.session.flush()
-    Stat.bump(total_addresses=1)
-    return box
+    def commit(self) -> None:
+        """Commit everything staged, durably; StoreFailed (after a rollback) if it cannot be."""
+        try:
+            self.stage_files()
+            if self.received or self.known.created:
+                Stat.bump(total_addresses=self.known.created, total_received=self.received)
+            storage.commit_durably(self.pending)
+        except Exception as exc:
+            log.exception("commit of %d stored copies failed", self.received)
+            self.rollback()
+            raise StoreFailed() from exc
+        storage.discard(self.freed)
+        self.freed = []
 
+    def rollback(self) -> None:
+        """Undo everything staged, and forget what was looked up in the undone transaction."""
+        db.session.rollback()
+        self.pending.after_rollback()
+        self.known, self.copies, self.freed, self.received = mailpolicy.Lookups(), {}, [], 0
+        self.failed = True
 
-def mailboxes_for(recipients: Iterable[str]) -> list[Mailbox]:
-    """The distinct live mailboxes of ``recipients`` (two queries whatever their
-    number); raises UnknownRecipient or RelayDenied when there is none. Inside
-    a ``batch()`` the domains and the mailboxes found are remembered for the
-    rest of the batch (one transaction, a few milliseconds)."""
-    cache = db.session.info.get("batch")
-    if cache is None:
-        cache = {}
-    if "domains" not in cache:
-        cache["domains"] = set(Domain.active_names(("free", "premium")))
-    ours = cache["domains"]
-    boxes = cache.setdefault("boxes", {})
-    wanted: dict[str, str] = {}
-    relay_denied = ""
-    for rcpt in recipients:
-        local, domain = split_address(rcpt)
-        if local and domain in ours:
-            wanted.setdefault(f"{local}@{domain}", rcpt)
-        else:
-            relay_denied = relay_denied or rcpt
-    found = {address: boxes[address] for address in wanted if address in boxes}
-    missing = [address for address in wanted if address not in boxes]
-    if missing:
-        found.update((box.address, box) for box in db.session.scalars(
-            select(Mailbox).where(Mailbox.address.in_(missing))) if box.is_live)
-    if models.cfg("catch_all"):
-        for address in wanted.keys() - found.keys():
-            local, domain = split_address(address)
-            box = catch_all_mailbox(local, Domain.by_name(domain))
-            if box is not None:
-                found[address] = box
-    boxes.update(found)
-    if found:
-        return list(found.values())
-    if wanted or not relay_denied:
-        unknown = next(iter(wanted.values()), "")
-        raise UnknownRecipient(f"<{unknown}>: Recipient address rejected: User unknown")
-    raise RelayDenied(f"<{relay_denied}>: Relay access denied")
-
-
-# --------------------------------------------------------------------------
-# delivery
 
 def forced_failure() -> None:
     """Test hook: ``app.config["FAIL_NEXT_STORE"] = n`` fails the next n stores
@@ -424,204 +341,144 @@ def forced_failure() -> None:
 
 
 def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = "",
-            commit: bool = True, dedupe: bool = True) -> list[models.Message]:
-    """Store ``raw`` once per live mailbox among ``recipients``; the one entry
-    point of every receiver. Raises UnknownRecipient, RelayDenied, TooLarge or
-    StoreFailed. With ``commit=False`` (the daemon's group commit) refusals are
-    still raised before anything is written, but storage errors propagate as
-    they are and the caller rolls back and commits with ``commit_durably``.
+            batch: Optional[DeliveryBatch] = None, dedupe: bool = True) -> list[Message]:
+    """Store ``raw`` once per accepted (mailbox, tag) among ``recipients``: the
+    one entry point of every receiver. Raises UnknownRecipient, RelayDenied,
+    TooLarge or StoreFailed, whether or not a ``batch`` is given.
+
+    Without ``batch`` the message is committed durably before this returns.
+    With one it is staged there, and the caller commits the batch; a store
+    failure rolls the whole batch back (the caller stores the others again).
     A sender's retry of a message already stored is answered with the stored
     copy (``earlier_copy``); ``dedupe=False`` (an operator's deliberate
     ``flask import``) always stores."""
+    own = batch is None
+    batch = batch or DeliveryBatch()
     try:
-        if len(raw) > max_message_bytes():
-            raise TooLarge(f"Message size exceeds fixed maximum message size ({max_message_bytes()})")
-        boxes = mailboxes_for(recipients)
-        forced_failure()
+        targets = accept(raw, recipients, batch)
     except DeliveryError as exc:
-        if commit:
-            db.session.rollback()  # a catch-all mailbox flushed for nothing
+        if own:
+            batch.rollback()  # a catch-all mailbox flushed for nothing
         log_rejected(exc, mail_from, recipients, len(raw), peer)
         raise
-    envelope_from, digest = clean(mail_from)[:998], hashlib.sha256(raw).hexdigest()
-    fields = parse_message(raw)
-    attachments = fields.pop("attachments")
-    db.session.info["defer_fsync"] = True
     try:
-        msgs = [(dedupe and earlier_copy(box, digest, envelope_from))
-                or store_copy(box, dict(fields, envelope_from=envelope_from, envelope_to=box.address),
-                              raw, attachments, digest)
-                for box in boxes]
-        if commit:
-            db.session.flush()
-            lines = describe(msgs, peer)  # before the commit expires the rows
-            commit_durably()
+        msgs = stage(raw, targets, clean(mail_from)[:998], batch, dedupe)
+        if own:
+            batch.commit()
     except Exception as exc:
-        if not commit:
-            raise
-        db.session.rollback()
-        log.exception("store failed for message from %s", mail_from)
-        failure = StoreFailed()
+        batch.rollback()
+        failure = exc if isinstance(exc, StoreFailed) else StoreFailed()
+        if not isinstance(exc, StoreFailed):
+            log.exception("store failed for message from %s", clean(mail_from)[:200])
         log_rejected(failure, mail_from, recipients, len(raw), peer)
         raise failure from exc
-    if commit:
-        log_accepted(lines)
+    if own:
+        log_accepted(describe(msgs, peer))
     return msgs
 
 
-def log_accepted(lines: list[str]) -> None:
-    """One log line (and one metrics count) per stored copy, once durable."""
-    for line in lines:
-        ops.count_message("accepted")
-        log.info(line)
+def accept(raw: bytes, recipients: list[str], batch: DeliveryBatch) -> list[tuple[Mailbox, Optional[str]]]:
+    """The refusals that come before anything is written: size, then the recipient policy."""
+    if len(raw) > max_message_bytes():
+        raise TooLarge(f"Message size exceeds fixed maximum message size ({max_message_bytes()})")
+    targets = mailpolicy.mailboxes_for(recipients, batch.known)
+    forced_failure()
+    return targets
 
 
-def earlier_copy(box: Mailbox, digest: str, envelope_from: str) -> Optional[models.Message]:
+def stage(raw: bytes, targets: list, envelope_from: str, batch: DeliveryBatch, dedupe: bool) -> list[Message]:
+    """Add one copy per target to the batch (or find the copy stored earlier)."""
+    sha = storage.digest(raw)  # once per message, for the blob and the duplicate check
+    fields: Optional[dict] = None
+    msgs = []
+    for box, tag in targets:
+        earlier = earlier_copy(box, tag, sha, envelope_from, batch) if dedupe else None
+        if earlier is None and fields is None:
+            fields = parse_message(raw)
+        msgs.append(earlier or store_copy(box, tag, dict(fields or {}), raw, sha, envelope_from, batch))
+        # The per-mailbox cap (max_messages_per_mailbox) in the same
+        # transaction: a mailbox never holds more once the delivery is durable.
+        batch.freed += retention.trim_mailbox(box.id).freed
+    return msgs
+
+
+def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: str,
+               envelope_from: str, batch: DeliveryBatch) -> Message:
+    """Stage one copy for ``box`` in the batch."""
+    parts = fields.pop("attachments", [])
+    columns = dict({"envelope_from": envelope_from, "envelope_to": box.address, "tag": tag}, **fields)
+    msg = Message(mailbox_id=box.id, received_at=now(), size=len(raw),
+                  raw_sha256=batch.pending.add(raw, sha), **columns)
+    # Assigned, not extended: a pending object's extended collection is not
+    # marked loaded, and reading it later (the log line) cost one SELECT.
+    msg.attachments = attachment_rows(parts, batch.pending)
+    db.session.add(msg)
+    batch.received += 1
+    batch.copies[(box.id, tag, sha, envelope_from)] = msg
+    return msg
+
+
+def attachment_rows(parts: Iterable[dict], pending: storage.PendingBlobs) -> list[Attachment]:
+    """Stage each part's bytes as a blob and return its Attachment rows (not
+    added); display names are made unique within the message."""
+    seen: set[str] = set()
+    return [Attachment(filename=models.unique_name(part.get("filename") or "attachment", seen),
+                       sha256=pending.add(part["data"]), size=len(part["data"]),
+                       content_type=part.get("content_type") or "application/octet-stream",
+                       content_id=part.get("content_id"), inline=bool(part.get("inline")))
+            for part in parts]
+
+
+def earlier_copy(box: Mailbox, tag: Optional[str], sha: str, envelope_from: str,
+                 batch: DeliveryBatch) -> Optional[Message]:
     """The copy of these very bytes from the same envelope sender that ``box``
-    got within ``dedupe_window_seconds`` (default 3600, 0 = off), or None.
+    (under the same ``tag``) got within ``dedupe_window_seconds`` (0 = off), or None.
 
     A sender that lost our 250 (the daemon was killed after its commit, the
     connection dropped) sends the same bytes again; answering with the stored
     copy instead of a second one makes every retry land exactly once. Mail
     that differs in any byte (another Date or Message-ID) is never merged."""
-    window = int(models.cfg("dedupe_window_seconds", 3600) or 0)
+    window = int(models.cfg("dedupe_window_seconds") or 0)
     if window <= 0:
         return None
-    cache = db.session.info.get("batch")
-    if cache is not None:
-        # In a batch, copies stored earlier in the same batch are remembered
-        # (store_copy), so the query need not flush them first.
-        key = (box.id, digest, envelope_from)
-        if key in cache.get("copies", {}):
-            return cache["copies"][key]
-        with db.session.no_autoflush:
-            return _earlier_copy_query(box, digest, envelope_from, window)
-    return _earlier_copy_query(box, digest, envelope_from, window)
+    key = (box.id, tag, sha, envelope_from)
+    if key in batch.copies:
+        return batch.copies[key]  # stored earlier in this batch: no query, no flush
+    since = now() - timedelta(seconds=window)
+    with db.session.no_autoflush:
+        return db.session.scalar(select(Message).where(
+            Message.raw_sha256 == sha, Message.mailbox_id == box.id, Message.tag.is_(tag) if tag is None
+            else Message.tag == tag, Message.envelope_from == envelope_from,
+            Message.received_at >= since).limit(1))
 
 
-def _earlier_copy_query(box: Mailbox, digest: str, envelope_from: str, window: int):
-    since = models.now() - timedelta(seconds=window)
-    return db.session.scalar(select(models.Message).where(
-        models.Message.mailbox_id == box.id, models.Message.raw_sha256 == digest,
-        models.Message.envelope_from == envelope_from, models.Message.received_at >= since).limit(1))
-
-
-def store_copy(box: Mailbox, fields: dict, raw: bytes, attachments: list,
-               digest: Optional[str] = None) -> models.Message:
-    """Store one copy for ``box`` and apply the per-mailbox cap
-    (``max_messages_per_mailbox``) in the same transaction, so a mailbox never
-    holds more than the cap once the delivery is durable."""
-    msg = models.store_message(box, fields, raw, attachments)
-    cache = db.session.info.get("batch")
-    if cache is not None and digest is not None:
-        cache.setdefault("copies", {})[(box.id, digest, fields.get("envelope_from", ""))] = msg
-    models.trim_mailbox(box.id)
+def store_message(box: Mailbox, fields: dict, raw: bytes, attachments: Iterable[dict] = ()) -> Message:
+    """Store one message with the given parsed ``fields`` and ``attachments``
+    in ``box``, bypassing parsing and the policy, and commit it durably (for
+    ``flask import``-like tools and tests that need exact fields)."""
+    batch = DeliveryBatch()
+    fields = dict(fields, attachments=list(attachments))
+    msg = store_copy(box, None, fields, raw, storage.digest(raw), "", batch)
+    batch.commit()
     return msg
 
 
-SYNCFS_MIN_FILES = 2  # from this many files on, one syncfs(2) beats an fsync per file and folder
-
-
-def commit_durably(synced: int = 0) -> None:
-    """Make the files this transaction wrote durable (with their folders),
-    commit, then make the commit itself durable: once this returns, the
-    messages survive a crash of the process and of the machine.
-
-    Files: one ``syncfs(2)`` of the uploads filesystem for a batch (Linux),
-    else an fsync per file and folder. The commit: SQLite runs with
-    ``synchronous=NORMAL`` in WAL mode (app.py), which does not sync the WAL
-    at commit, so the WAL file is fsynced here (what ``synchronous=FULL``
-    would do, once per batch); PostgreSQL's commit is durable by itself.
-    ``synced``: how many of the written files ``sync_written_files`` already
-    made durable (the daemon does that before its INSERTs, so the sync does
-    not happen while it holds SQLite's write lock)."""
-    fsync = current_app.config.get("FSYNC", True)
-    if fsync:
-        sync_files(db.session.info.get("written_files", [])[synced:])
-    db.session.commit()
-    if fsync:
-        sync_sqlite_wal()
-
-
-def sync_written_files() -> int:
-    """Make the files written so far in this transaction durable; returns
-    their number, to pass to ``commit_durably(synced=...)``."""
-    rels = list(db.session.info.get("written_files", []))
-    if current_app.config.get("FSYNC", True):
-        sync_files(rels)
-    return len(rels)
-
-
-def sync_files(rels: list[str]) -> None:
-    if not rels:
-        return
-    root = models.uploads_dir()
-    if len(rels) >= SYNCFS_MIN_FILES and syncfs(root):
-        return
-    folders = set()
-    for rel in rels:
-        path = root / rel
-        fsync_path(path)
-        folders.add(path.parent)
-    for folder in folders:
-        fsync_path(folder)
-
-
-_syncfs = None
-
-
-def syncfs(path: Path) -> bool:
-    """``syncfs(2)`` on the filesystem holding ``path``: every dirty page of
-    that filesystem reaches the disk in one call. False where unavailable."""
-    global _syncfs
-    if _syncfs is None:
-        try:
-            _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-        except (OSError, AttributeError):  # not Linux / no glibc symbol
-            _syncfs = False
-    if not _syncfs:
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _syncfs(fd) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"syncfs failed: {os.strerror(errno)}")
-    finally:
-        os.close(fd)
-    return True
-
-
-def sync_sqlite_wal() -> None:
-    """fsync SQLite's WAL file after a commit (no-op for other databases)."""
-    url = db.engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return
-    try:
-        fd = os.open(url.database + "-wal", os.O_RDONLY)
-    except FileNotFoundError:
-        return  # not in WAL mode: the rollback journal syncs at commit
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def describe(msgs: list, peer: str) -> list[str]:
+def describe(msgs: list, peer: str, queue_id: str = "") -> list[str]:
     """The log line of each stored copy, written once the commit succeeded."""
-    return [f"accepted id={m.id} from=<{m.envelope_from}> to=<{m.envelope_to}> size={m.size} "
+    queue = f"queue={queue_id} " if queue_id else ""
+    return [f"accepted id={m.id} {queue}from=<{m.envelope_from}> to=<{m.envelope_to}> size={m.size} "
             f"attachments={len(m.attachments)} peer={peer}" for m in msgs]
 
 
+def log_accepted(lines: list[str]) -> None:
+    """One log line (and one metrics count) per stored copy, once durable."""
+    for line in lines:
+        metrics.count_message("accepted")
+        log.info(line)
+
+
 def log_rejected(exc: DeliveryError, mail_from: str, recipients, size: int, peer: str) -> None:
-    ops.count_message("rejected", exc.reason)
+    metrics.count_message("rejected", exc.reason)
     log.info("rejected %s from=<%s> to=%s size=%d peer=%s", exc.smtp_reply, mail_from,
              ",".join(f"<{r}>" for r in recipients), size, peer)
 
@@ -639,7 +496,7 @@ def recipients_from_headers(msg: EmailMessage) -> list[str]:
         for name in names:
             for value in msg.get_all(name) or []:
                 for _, addr in email.utils.getaddresses([clean(value)]):
-                    if split_address(addr)[1] in ours and addr.lower() not in found:
+                    if mailpolicy.parse_recipient(addr).domain in ours and addr.lower() not in found:
                         found.append(addr.lower())
         if found:
             return found
@@ -695,17 +552,7 @@ def pipe_command(to: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------
-# CLI
-
-def register_cli(app: Flask) -> None:
-    """Called by ``cli.init_app``: the receiving commands."""
-    import imapingest
-    import smtpserver
-
-    app.cli.add_command(pipe_command)
-    app.cli.add_command(smtpserver.smtpd_command)
-    app.cli.add_command(imapingest.imap_poll_command)
-
+# python mailhandler.py pipe
 
 def main(argv: list[str]) -> int:
     """``python mailhandler.py pipe ...`` for MTAs: the app's commands, and exit

@@ -1,6 +1,8 @@
 """Operations: health check, Prometheus metrics, schema migrations and the
 maintenance commands (``flask purge``, ``stats``, ``reparse``, ``import``).
 
+``/metrics`` answers clients on this machine (loopback) only, unless
+``metrics.token`` is set: then anyone with the token, and no one without.
 Metrics are per process by default. Set ``PROMETHEUS_MULTIPROC_DIR`` to an
 empty folder shared by the gunicorn workers and the mail daemon (see
 ``deploy/gunicorn.conf.py``) and ``/metrics`` adds up every process instead.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hmac
+import ipaddress
 import json
 import logging
 import mailbox as mboxlib
@@ -17,7 +20,8 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from collections import Counter
+from typing import Iterator
 
 import click
 from alembic.migration import MigrationContext
@@ -26,14 +30,17 @@ from flask import Blueprint, Flask, Response, abort, jsonify, request
 from flask.cli import with_appcontext
 from flask_migrate import Migrate
 from flask_migrate import upgrade as migrate_upgrade
-from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
-                               generate_latest)
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+import mailhandler
+import metrics
 import models
-from models import Mailbox, Message, db
+import retention
+import storage
+from models import Blob, Mailbox, Message, db
 
 ROOT = Path(__file__).resolve().parent
 MIGRATIONS_DIR = ROOT / "migrations"
@@ -46,31 +53,15 @@ log = logging.getLogger("tempmail.ops")
 bp = Blueprint("ops", __name__)
 migrate = Migrate()
 
-MESSAGES = Counter("tempmail_messages", "Messages offered to the receivers, by outcome and reason.",
-                   ["outcome", "reason"])
-REQUESTS = Counter("tempmail_http_requests", "HTTP requests by URL rule, method and status.",
-                   ["route", "method", "status"])
-PURGE_RUNS = Counter("tempmail_purge_runs", "Retention passes run (flask purge and the daemon timer).")
-PURGE_ROWS = Counter("tempmail_purge_rows", "Rows and files removed by retention passes, by kind.",
-                     ["kind"])
-
 
 # --------------------------------------------------------------------------
 # metrics
-
-def count_message(outcome: str, reason: str = "") -> None:
-    """Count one message offered to a receiver: ``outcome`` is ``accepted`` or
-    ``rejected``; ``reason`` a short fixed word (``relay_denied``,
-    ``user_unknown``, ``too_big``, ``error``...), never free text, so the
-    number of label values stays small."""
-    MESSAGES.labels(outcome=outcome, reason=reason or "").inc()
-
 
 def _record_request(response: Response) -> Response:
     # The URL rule ("/api/messages/<id>"), not the path: one series per route,
     # however many ids and addresses clients ask for.
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    REQUESTS.labels(route=rule, method=request.method, status=str(response.status_code)).inc()
+    metrics.REQUESTS.labels(route=rule, method=request.method, status=str(response.status_code)).inc()
     return response
 
 
@@ -79,7 +70,7 @@ class DatabaseCollector:
     the same figures however the work was spread."""
 
     def collect(self):
-        stats = models.storage_stats()
+        stats = retention.storage_stats()
         for key, help_ in (("mailboxes_live", "Mailboxes not yet expired."),
                            ("mailboxes_expired", "Expired mailboxes waiting for the purge."),
                            ("messages", "Messages stored now."),
@@ -102,12 +93,33 @@ def metrics_text() -> bytes:
 
 def metrics_settings() -> dict:
     """``metrics`` from the configuration: ``enabled`` (default true), ``token`` (default none)."""
-    conf = models.cfg("metrics") or {}
-    return {"enabled": bool(conf.get("enabled", True)), "token": conf.get("token") or None}
+    conf = models.cfg("metrics")
+    return {"enabled": bool(conf["enabled"]), "token": conf["token"] or None}
 
 
-@bp.get("/metrics")
-def metrics():
+# Headers a reverse proxy adds: with one of them on a request from 127.0.0.1
+# while ``behind_proxy`` is off, the real client is elsewhere.
+FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+def from_this_machine() -> bool:
+    """True when the client is a loopback address. Behind a proxy that
+    ``behind_proxy`` does not declare, every request seems to come from the
+    proxy's 127.0.0.1: a request carrying forwarding headers then counts as remote."""
+    try:
+        addr = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        return False
+    addr = getattr(addr, "ipv4_mapped", None) or addr  # ::ffff:127.0.0.1 is loopback too
+    if not addr.is_loopback:
+        return False
+    return bool(models.cfg("behind_proxy")) or not any(h in request.headers for h in FORWARDING_HEADERS)
+
+
+@bp.get("/metrics", endpoint="metrics")
+def metrics_view():
+    """The scrape: for the configured token, else for loopback clients only
+    (each scrape runs COUNT/SUM queries over whole tables)."""
     settings = metrics_settings()
     if not settings["enabled"]:
         abort(404)
@@ -116,6 +128,9 @@ def metrics():
         if not hmac.compare_digest(given.encode(), settings["token"].encode()):
             return Response("metrics token required\n", 401, {"WWW-Authenticate": "Bearer"},
                             mimetype="text/plain")
+    elif not from_this_machine():
+        return Response("metrics are served to this machine only; set metrics.token to scrape "
+                        "from elsewhere\n", 403, mimetype="text/plain")
     return Response(metrics_text(), headers={"Content-Type": CONTENT_TYPE_LATEST,
                                              "Cache-Control": "no-store"})
 
@@ -135,14 +150,19 @@ def check_database() -> str:
 
 
 def check_uploads() -> str:
-    """``ok`` when a file can really be created in the uploads folder (a bare
-    permission check would pass for root and miss a stale network mount)."""
+    """``ok`` when a file can really be created where blobs are stored (a bare
+    permission check would pass for root and miss a stale network mount),
+    ``full`` below the free-space floor (``storage.min_free_bytes``), when
+    the daemon answers 452 and senders keep their mail queued."""
+    folder = storage.storage_folder()
     try:
-        models.uploads_dir().mkdir(parents=True, exist_ok=True)  # as the first stored file would
-        with tempfile.TemporaryFile(dir=models.uploads_dir()):
-            return "ok"
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)  # as the first stored file would
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        return "ok" if storage.has_room(max_age=0) else "full"
     except OSError as exc:
-        log.error("health check: uploads folder not writable: %s", exc)
+        log.error("health check: storage folder not writable: %s", exc)
         return f"error: {type(exc).__name__}"
 
 
@@ -210,28 +230,6 @@ def prepare_database(upgrade: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------
-# retention
-
-def run_purge(batch_size: int = 500, grace_seconds: float = 3600, orphans: bool = True,
-              progress: Optional[Callable[[int], None]] = None, trim: bool = True) -> dict:
-    """One full retention pass, as ``flask purge`` and the mail daemon's timer
-    run it: expired mailboxes, the per-mailbox cap, then orphaned files. The
-    daemon's timer passes ``trim=False``: ``deliver()`` caps each mailbox as
-    it stores, so a scan of every mailbox each minute would be wasted work."""
-    result = models.purge_expired(batch_size, progress)
-    result["trimmed"] = models.trim_all_mailboxes(batch_size) if trim else 0
-    result["orphan_files"] = models.remove_orphan_files(grace_seconds, batch_size) if orphans else []
-    result["missing"] = models.find_missing_files(batch_size) if orphans else {}
-    PURGE_RUNS.inc()
-    for kind in ("mailboxes", "messages", "trimmed"):
-        PURGE_ROWS.labels(kind=kind).inc(result[kind])
-    PURGE_ROWS.labels(kind="orphan_files").inc(len(result["orphan_files"]))
-    log.info("purge: %d mailboxes, %d messages, %d over the cap, %d orphaned files",
-             result["mailboxes"], result["messages"], result["trimmed"], len(result["orphan_files"]))
-    return result
-
-
-# --------------------------------------------------------------------------
 # commands
 
 def _bar(length: int, label: str, hidden: bool = False):
@@ -249,10 +247,10 @@ def _bar(length: int, label: str, hidden: bool = False):
 @click.option("--quiet", is_flag=True, help="Print warnings only (for cron, which mails any output).")
 def purge_command(batch_size: int, grace_seconds: int, no_orphans: bool, quiet: bool) -> None:
     """Delete expired mailboxes, messages over the cap and orphaned files."""
-    todo = models.count_expired()
+    todo = retention.count_expired()
     with _bar(todo["mailboxes"] + todo["messages"], "Purging expired mail", hidden=quiet) as bar:
-        result = run_purge(batch_size, grace_seconds, not no_orphans, bar.update)
-    cap = models.max_messages_per_mailbox()
+        result = retention.run_purge(batch_size, grace_seconds, not no_orphans, bar.update)
+    cap = retention.max_messages_per_mailbox()
     if not quiet:
         click.echo(f"Removed {result['mailboxes']} expired mailboxes and {result['messages']} messages.")
         click.echo(f"Removed {result['trimmed']} messages over the cap of {cap} per mailbox."
@@ -271,7 +269,7 @@ def purge_command(batch_size: int, grace_seconds: int, no_orphans: bool, quiet: 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def stats_command(as_json: bool) -> None:
     """Show what the database and the uploads folder hold."""
-    stats = models.storage_stats()
+    stats = retention.storage_stats()
     if as_json:
         click.echo(json.dumps(stats))
         return
@@ -280,27 +278,17 @@ def stats_command(as_json: bool) -> None:
         click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
 
 
-def _mailhandler():
-    try:
-        import mailhandler
-    except ModuleNotFoundError as exc:
-        if exc.name != "mailhandler":
-            raise
-        raise click.ClickException("mailhandler.py is missing: this command parses mail with it.")
-    return mailhandler
-
-
 @click.command("reparse")
 @with_appcontext
 @click.option("--id", "ids", type=click.IntRange(1), multiple=True,
               help="Only this message id (repeatable); default every message.")
 def reparse_command(ids: tuple[int, ...]) -> None:
     """Parse the stored raw .eml of messages again and refresh their fields and attachments."""
-    parse = _mailhandler().parse_message
+    parse = mailhandler.parse_message
     total = len(ids) or (db.session.scalar(select(func.count(Message.id))) or 0)
     done, skipped = 0, []
     with _bar(total, "Re-parsing messages") as bar:
-        for msg_id in ids or models.message_ids():
+        for msg_id in ids or message_ids():
             skipped += [] if _reparse_one(msg_id, parse) else [msg_id]
             done += 1
             bar.update(1)
@@ -310,16 +298,38 @@ def reparse_command(ids: tuple[int, ...]) -> None:
                    + ", ".join(map(str, skipped[:20])))
 
 
+def message_ids(batch_size: int = 500) -> Iterator[int]:
+    """Every message id in ascending order, read in keyset batches (bounded memory)."""
+    last = 0
+    while True:
+        ids = list(db.session.scalars(select(Message.id).where(Message.id > last)
+                                      .order_by(Message.id).limit(batch_size)))
+        if not ids:
+            return
+        yield from ids
+        last = ids[-1]
+
+
+REPARSED_FIELDS = ("from_email", "from_name", "to", "cc", "subject", "date", "message_id",
+                   "body_text", "body_html")
+
+
 def _reparse_one(msg_id: int, parse) -> bool:
+    """Replace one message's header and body fields and its attachments with
+    a fresh parse of its raw blob, in one transaction of its own (a failure
+    keeps the others). Envelope, read flag and ids stay."""
     msg = db.session.get(Message, msg_id)
-    if msg is None or not msg.raw_path:
+    if msg is None or not storage.exists(msg.raw_sha256):
         return False
-    try:
-        raw = models.file_path(msg.raw_path).read_bytes()
-    except (OSError, ValueError):
-        return False
-    models.reparse_message(msg, parse(raw))
-    db.session.commit()  # one message a transaction: a failure keeps the others
+    parsed = parse(storage.read(msg.raw_sha256))
+    for key in REPARSED_FIELDS:
+        setattr(msg, key, parsed[key])
+    pending = storage.PendingBlobs()
+    freed = Blob.release(Counter(a.sha256 for a in msg.attachments))
+    msg.attachments.clear()  # delete-orphan: the old rows go at flush
+    msg.attachments.extend(mailhandler.attachment_rows(parsed["attachments"], pending))
+    storage.commit_durably(pending)
+    storage.discard(freed)
     return True
 
 
@@ -350,7 +360,7 @@ def _target_mailbox(address: str, create: bool) -> Mailbox:
     if domain is None:
         raise click.BadParameter(f"{domain_name!r} is not a configured domain", param_hint="--to")
     try:
-        return Mailbox.create(username, domain, int(models.cfg("mailbox_lifetime_seconds", 86400)))
+        return Mailbox.create(username, domain, int(models.cfg("mailbox_lifetime_seconds")), origin="cli")
     except models.MailboxError as exc:
         raise click.BadParameter(f"cannot create {address!r}: {exc.code}", param_hint="--to")
 
@@ -362,7 +372,6 @@ def _target_mailbox(address: str, create: bool) -> Mailbox:
 @click.option("--create", is_flag=True, help="Create the mailbox when it does not exist.")
 def import_command(path: Path, address: str, create: bool) -> None:
     """Deliver a folder of .eml files, an mbox file or one message to ADDRESS."""
-    handler = _mailhandler()
     if "@" not in address:
         raise click.BadParameter(f"{address!r} is not an e-mail address", param_hint="--to")
     box = _target_mailbox(address, create)
@@ -376,9 +385,9 @@ def import_command(path: Path, address: str, create: bool) -> None:
     with _bar(total, f"Importing into {box.address}") as bar:
         for raw in raws:
             try:
-                stored += len(handler.deliver(raw, [box.address], mail_from="", peer="flask import",
-                                               dedupe=False))
-            except handler.DeliveryError:
+                stored += len(mailhandler.deliver(raw, [box.address], mail_from="", peer="flask import",
+                                                   dedupe=False))
+            except mailhandler.DeliveryError:
                 pass  # deliver() logged the refusal; the summary counts it
             bar.update(1)
     click.echo(f"Imported {stored} of {total} messages into {box.address}.")
@@ -395,9 +404,3 @@ def init_app(app: Flask) -> None:
     app.after_request(_record_request)
     # render_as_batch: SQLite cannot ALTER most things; batch mode copies the table
     migrate.init_app(app, db, directory=str(MIGRATIONS_DIR), render_as_batch=True, compare_type=True)
-
-
-def register_cli(app: Flask) -> None:
-    """Add the maintenance commands (``flask db`` comes from Flask-Migrate)."""
-    for command in (purge_command, stats_command, reparse_command, import_command):
-        app.cli.add_command(command)

@@ -20,10 +20,12 @@ processes can share the port with SO_REUSEPORT (``smtp.processes``).
 from __future__ import annotations
 
 import collections
+import grp
 import logging
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -37,10 +39,13 @@ from flask.cli import with_appcontext
 from salmon import server as salmon_server
 from salmon._vendor import asynchat, asyncore, smtpd
 
+import logsafe
 import mailhandler
-import ops
-from mailhandler import DeliveryError, TooLarge
-from models import Stat, db
+import mailpolicy
+import retention
+import storage
+from mailpolicy import DeliveryError, NoRoom, TooLarge
+from models import db
 
 log = logging.getLogger("tempmail.smtpd")
 
@@ -55,13 +60,13 @@ PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
 class Job:
     """One received message waiting for the writer thread."""
-    __slots__ = ("raw", "recipients", "mail_from", "peer", "channel", "reply", "lines")
+    __slots__ = ("raw", "recipients", "mail_from", "peer", "channel", "reply", "queue_id")
 
     def __init__(self, raw: bytes, recipients: list, mail_from: str, peer: str, channel):
         self.raw, self.recipients, self.mail_from = raw, recipients, mail_from
         self.peer, self.channel = peer, channel
         self.reply: Optional[str] = None
-        self.lines: list[str] = []
+        self.queue_id = secrets.token_hex(6).upper()
 
 
 class SMTPChannel(salmon_server.SMTPChannel):
@@ -77,7 +82,8 @@ class SMTPChannel(salmon_server.SMTPChannel):
         self.mail_server = self.smtp_server = mail_server
         self.conn, self.addr, self.peer = conn, addr, addr
         self.data_size_limit = mail_server.data_size_limit
-        self.enable_SMTPUTF8, self._decode_data = False, False
+        # SMTPUTF8 (RFC 6531) is offered; stock smtp_MAIL then takes the parameter.
+        self.enable_SMTPUTF8, self._decode_data = True, False
         self._emptystring, self._linesep, self._dotsep, self._newline = b"", b"\r\n", ord(b"."), b"\n"
         # The stock limits dict is shared by every channel; one per connection here.
         self.command_size_limits = collections.defaultdict(lambda: smtpd.SMTPChannel.command_size_limit)
@@ -113,6 +119,16 @@ class SMTPChannel(salmon_server.SMTPChannel):
         self.last_active = time.monotonic()
         super().handle_read()
 
+    def push(self, msg: str) -> None:
+        """Send ``msg`` (lines joined by CRLF) with nothing in it the session
+        cannot carry: control characters, bare CR and LF among them, become
+        visible escapes, and so does non-ASCII text unless the client asked
+        for SMTPUTF8 in this transaction (stock push raised UnicodeEncodeError
+        on an address like Ünï@ quoted in a refusal)."""
+        ascii_only = not self.require_SMTPUTF8
+        lines = [logsafe.escape(line, ascii_only) for line in msg.split("\r\n")]
+        asynchat.async_chat.push(self, ("\r\n".join(lines) + "\r\n").encode("utf-8"))
+
     def resume(self, reply: str) -> None:
         """Send the final reply of a stored (or refused) message, then go on
         with whatever the client pipelined behind it."""
@@ -136,12 +152,24 @@ class SMTPChannel(salmon_server.SMTPChannel):
         if self.smtp_state == self.DATA:
             self.end_of_data()
             return
+        if any(b"\r" in part or b"\n" in part for part in self.received_lines):
+            self.refuse_bare_line_break()
+            return
         try:
             super().found_terminator()
         except Exception as exc:  # undecodable command line, broken address syntax...
             self.received_lines = []
             log.debug("bad command from %s: %r", self.peer_text, exc)
             self.push("501 5.5.2 Syntax error")
+
+    def refuse_bare_line_break(self) -> None:
+        """A command holding a CR or LF that is not part of its CRLF: refused
+        whole (RFC 5321 2.3.8), so no part of it can pass for a line of its own."""
+        line = b"".join(self.received_lines)
+        self.received_lines, self.num_bytes = [], 0
+        log.info("refused command with a bare CR or LF from %s: %s", self.peer_text,
+                 logsafe.escape(line[:200].decode("utf-8", "replace")))  # also where no filter is installed
+        self.push("501 5.5.2 Syntax error: bare CR or LF in command")
 
     def handle_error(self) -> None:
         log.exception("connection from %s failed", self.peer_text)
@@ -153,7 +181,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
 
     # -- commands --------------------------------------------------------
     def ehlo_lines(self) -> list[str]:
-        return [self.fqdn, f"SIZE {self.data_size_limit}", "8BITMIME", "PIPELINING", "HELP"]
+        return [self.fqdn, f"SIZE {self.data_size_limit}", "8BITMIME", "SMTPUTF8", "PIPELINING", "HELP"]
 
     def smtp_EHLO(self, arg: Optional[str]) -> None:
         if not arg:
@@ -164,17 +192,26 @@ class SMTPChannel(salmon_server.SMTPChannel):
             return
         self._set_rset_state()
         self.seen_greeting, self.extended_smtp = arg, True
-        self.command_size_limits["MAIL"] += 26
+        self.command_size_limits["MAIL"] += 26 + 10  # SIZE= and SMTPUTF8 (RFC 1870, RFC 6531)
         lines = self.ehlo_lines()
         # One send for the whole reply: several small writes cost a delayed ACK each.
         self.push("\r\n".join([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]))
 
     def smtp_MAIL(self, arg: Optional[str]) -> None:
+        if self.seen_greeting and not self.mailfrom and not storage.has_room():
+            # Below the free-space floor: the sender keeps the mail queued
+            # instead of sending data we could not keep (RFC 5321 452).
+            self.refuse(NoRoom(), arg or "", [], 0)
+            return
         size = SIZE_PARAM.search(arg or "")
         if size and self.seen_greeting and not self.mailfrom and int(size.group(1)) > self.data_size_limit:
             exc = TooLarge(f"Message size exceeds fixed maximum message size ({self.data_size_limit})")
             mailhandler.log_rejected(exc, arg or "", [], int(size.group(1)), self.peer_text)
             self.push(exc.smtp_reply)
+            return
+        address, _ = self._getaddr(self._strip_command_keyword("FROM:", arg or ""))
+        if logsafe.UNSAFE.search(address or ""):
+            self.push("501 5.1.7 Bad sender address syntax")  # RFC 5321 4.1.2: no controls
             return
         super().smtp_MAIL(arg)
 
@@ -188,19 +225,26 @@ class SMTPChannel(salmon_server.SMTPChannel):
         address, params = self._getaddr(self._strip_command_keyword("TO:", arg or ""))
         if not address:
             self.push("501 Syntax: RCPT TO: <address>")
+        elif logsafe.UNSAFE.search(address):
+            self.push("501 5.1.3 Bad recipient address syntax")  # RFC 5321 4.1.2: no controls
         elif params.strip():
             self.push("555 RCPT TO parameters not recognized or not implemented")
         elif len(self.rcpttos) >= MAX_RECIPIENTS:
             self.push("452 4.5.3 Too many recipients")
         else:
-            self.check_and_add(address)
+            self.check_and_add(ascii_domain(address))
+
+    def refuse(self, exc: DeliveryError, mail_from: str, recipients: list, size: int) -> None:
+        mailhandler.log_rejected(exc, mail_from, recipients, size, self.peer_text)
+        self.push(exc.smtp_reply)
 
     def check_and_add(self, address: str) -> None:
         try:
-            mailhandler.check_recipient(address)
+            if not storage.has_room():
+                raise NoRoom()
+            mailpolicy.check_recipient(address)
         except DeliveryError as exc:
-            mailhandler.log_rejected(exc, self.mail_from_text, [address], 0, self.peer_text)
-            self.push(exc.smtp_reply)
+            self.refuse(exc, self.mail_from_text, [address], 0)
             return
         except Exception:
             log.exception("recipient check failed for %s", address)
@@ -242,6 +286,19 @@ class SMTPChannel(salmon_server.SMTPChannel):
         self.pending = True
         self.held, self.ac_in_buffer = self.ac_in_buffer, b""
         self.mail_server.submit(job)
+
+
+def ascii_domain(address: str) -> str:
+    """``address`` with an internationalised domain (RFC 6531 allows U-labels
+    in the envelope) in its A-label form, the form configured domains take;
+    unchanged when it is ASCII already or not a valid IDN."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address
 
 
 class LMTPChannel(SMTPChannel):
@@ -311,6 +368,13 @@ class LMTPReceiver(salmon_server.LMTPReceiver):
             os.unlink(path)  # left over from a daemon that was killed
         self.create_socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.bind(path)
+        # Before listen(): until then a connect() is refused, whatever the
+        # mode the umask gave the new socket file.
+        try:
+            set_socket_access(path, mail_server.app.config["TEMPMAIL"].get("lmtp") or {})
+        except ValueError:
+            self.close()
+            raise
         self.listen(BACKLOG)
 
     def handle_accept(self) -> None:
@@ -322,6 +386,37 @@ class LMTPReceiver(salmon_server.LMTPReceiver):
         asyncore.dispatcher.close(self)
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
+
+
+def socket_access(conf: dict) -> tuple[int, int]:
+    """(mode, gid) for the LMTP socket from ``lmtp.mode`` (an octal string,
+    default "0660") and ``lmtp.group`` (a group name or id; null: the
+    daemon's own group). Raises ValueError naming the key."""
+    mode, group = conf.get("mode", "0660"), conf.get("group")
+    if not isinstance(mode, str) or not re.fullmatch(r"0?[0-7]{3}", mode):
+        raise ValueError(f'lmtp.mode must be an octal string such as "0660", not {mode!r}')
+    if group is None:
+        return int(mode, 8), os.getegid()
+    try:
+        if isinstance(group, str):
+            return int(mode, 8), grp.getgrnam(group).gr_gid
+        if isinstance(group, int) and not isinstance(group, bool):
+            return int(mode, 8), grp.getgrgid(group).gr_gid
+    except (KeyError, OverflowError):
+        pass
+    raise ValueError(f"lmtp.group: no such group {group!r}")
+
+
+def set_socket_access(path: str, conf: dict) -> None:
+    """Give the socket file the configured group and mode, so that Postfix
+    (in that group) can connect however the daemon was started: by systemd
+    with a UMask, or by hand as root, where the umask leaves it 0755."""
+    mode, gid = socket_access(conf)
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError as exc:
+        raise ValueError(f"lmtp.group: this daemon may not give {path} to group {gid}: {exc}") from exc
+    os.chmod(path, mode)
 
 
 class Wakeup(asyncore.file_dispatcher):
@@ -341,6 +436,11 @@ class Wakeup(asyncore.file_dispatcher):
             pass
         self.mail_server.send_replies()
 
+    def handle_error(self) -> None:
+        # asyncore's default closes the dispatcher, and without the pipe no
+        # client would get a reply after DATA again: log and keep it open.
+        log.exception("answering after DATA failed")
+
 
 class MailServer:
     """SMTP (and optionally LMTP) receiver plus writer thread and purge timer,
@@ -350,13 +450,13 @@ class MailServer:
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0,
                  lmtp_socket: Optional[str] = None, reuse_port: bool = False, purge: bool = True):
         conf = app.config["TEMPMAIL"]
-        smtp_conf = conf.get("smtp") or {}
+        smtp_conf = conf["smtp"]
         self.app, self.host = app, host
-        self.data_size_limit = int(conf.get("max_message_bytes") or 26214400)
-        self.max_connections = int(smtp_conf.get("max_connections", 500))
-        self.idle_timeout = float(smtp_conf.get("idle_timeout", 300))
-        self.purge_interval = float(smtp_conf.get("purge_interval", 60)) if purge else 0
-        self.fqdn = smtp_conf.get("hostname") or socket.gethostname()
+        self.data_size_limit = int(conf["max_message_bytes"])
+        self.max_connections = int(smtp_conf["max_connections"])
+        self.idle_timeout = float(smtp_conf["idle_timeout"])
+        self.purge_interval = float(smtp_conf["purge_interval"]) if purge else 0
+        self.fqdn = smtp_conf["hostname"] or socket.gethostname()
         self.map: dict = {}
         self.channels: set = set()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -374,10 +474,6 @@ class MailServer:
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "MailServer":
         self.running = True
-        # The I/O and writer threads hand the GIL to each other around every
-        # syscall; with the default 5 ms switch interval a thread coming back
-        # from a send() or an fsync() waits up to 5 ms for the other one.
-        sys.setswitchinterval(SWITCH_INTERVAL)
         for target, name in ((self.io_loop, "smtpd-io"), (self.writer_loop, "smtpd-writer")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -473,7 +569,10 @@ class MailServer:
     def send_replies(self) -> None:
         while self.replies:
             channel, reply = self.replies.popleft()
-            channel.resume(reply)
+            try:
+                channel.resume(reply)
+            except Exception:  # that client's trouble closes that client, not the wake-up pipe
+                channel.handle_error()
 
     # -- writer thread -----------------------------------------------------
     def writer_loop(self) -> None:
@@ -516,54 +615,47 @@ class MailServer:
 
     def purge(self) -> None:
         try:
-            ops.run_purge(orphans=False, trim=False)
+            retention.run_purge(orphans=False, trim=False)
         except Exception:
             db.session.rollback()
             log.exception("purge failed")
 
 
 def store_batch(jobs: list[Job]) -> None:
-    """Group commit: deliver every job in one transaction with one sync pass;
-    if that transaction fails, store them one by one so one bad message
-    cannot cost the others. Sets each job's final SMTP reply.
+    """Group commit: stage every job in one ``DeliveryBatch`` and commit it
+    with one sync pass; if that fails, store them one by one so one bad
+    message cannot cost the others. Sets each job's final SMTP reply.
 
-    Within the batch, domains and mailboxes are looked up once
-    (``mailhandler.mailboxes_for``), the rows of all messages go in one flush
-    (multi-row INSERTs), and the stats counter gets one UPDATE."""
-    stored: list[tuple[Job, list]] = []
-    db.session.info["batch"] = {}
-    Stat.defer()
+    Within the batch, domains and mailboxes are looked up once, the rows of
+    all messages go in one flush (multi-row INSERTs), and the stats counter
+    gets one UPDATE."""
+    batch = mailhandler.DeliveryBatch()
+    staged: list[tuple[Job, list]] = []
     try:
         for job in jobs:
             try:
-                stored.append((job, mailhandler.deliver(job.raw, job.recipients, job.mail_from,
-                                                        job.peer, commit=False)))
+                staged.append((job, mailhandler.deliver(job.raw, job.recipients, job.mail_from,
+                                                        job.peer, batch=batch)))
             except DeliveryError as exc:
+                if batch.failed:
+                    raise mailhandler.StoreFailed() from exc  # all staged work is gone: again below
                 job.reply = exc.smtp_reply
-        # Files first, before the INSERTs take SQLite's write lock, so
-        # another receiver process can commit while this one syncs.
-        synced = mailhandler.sync_written_files()
-        Stat.flush_deferred()
-        db.session.flush()
-        replies = []
-        for job, msgs in stored:  # before the commit expires the rows
-            job.lines = mailhandler.describe(msgs, job.peer)
-            replies.append("250 2.0.0 Ok: stored as " + " ".join(str(m.id) for m in msgs))
-        mailhandler.commit_durably(synced)
-    except Exception:
-        db.session.rollback()
-        db.session.info.pop("batch", None)
-        db.session.info.pop("stat_deferred", None)
-        log.exception("group commit of %d messages failed; storing them one by one", len(jobs))
+        batch.commit()
+    except mailhandler.StoreFailed:
+        log.warning("group commit of %d messages failed; storing them one by one", len(jobs))
         store_singly(jobs)
         return
-    finally:
-        db.session.info.pop("batch", None)
-    for (job, _msgs), reply in zip(stored, replies):
-        job.reply = reply
+    for job, msgs in staged:
+        job.reply = accepted_reply(job)
+        mailhandler.log_accepted(mailhandler.describe(msgs, job.peer, job.queue_id))
     for job in jobs:
-        mailhandler.log_accepted(job.lines)
         job.raw = b""
+
+
+def accepted_reply(job: Job) -> str:
+    # A queue id of our own, not a message id: the reply must reveal nothing
+    # about other mail (how much arrives, which ids api.php will show).
+    return f"250 2.0.0 Ok: queued as {job.queue_id}"
 
 
 def store_singly(jobs: list[Job]) -> None:
@@ -572,7 +664,8 @@ def store_singly(jobs: list[Job]) -> None:
             continue  # refused before anything was written: the refusal stands
         try:
             msgs = mailhandler.deliver(job.raw, job.recipients, job.mail_from, job.peer)
-            job.reply = "250 2.0.0 Ok: stored as " + " ".join(str(m.id) for m in msgs)
+            job.reply = accepted_reply(job)
+            log.debug("queue %s stored as %s", job.queue_id, [m.id for m in msgs])
         except DeliveryError as exc:
             job.reply = exc.smtp_reply
         except Exception:
@@ -584,24 +677,92 @@ def store_singly(jobs: list[Job]) -> None:
 # --------------------------------------------------------------------------
 # flask smtpd
 
-def run_children(app: Flask, host: str, port: int, count: int) -> list[int]:
-    """Fork ``count`` extra receiver processes sharing the port (SO_REUSEPORT).
-    Done before any thread starts; each child gets fresh database connections."""
-    pids = []
-    for _ in range(count):
+def serve(app: Flask, host: str, port: int, lmtp_socket: Optional[str], reuse_port: bool,
+          purge: bool = True) -> None:
+    """Run one receiver process until SIGINT or SIGTERM."""
+    # The I/O and writer threads hand the GIL to each other around every
+    # syscall; with the default 5 ms switch interval a thread coming back
+    # from a send() or an fsync() waits up to 5 ms for the other one. Set
+    # here, where a daemon process starts, not by building a MailServer.
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=reuse_port, purge=purge).serve_forever()
+
+
+class Supervisor:
+    """``smtp.processes`` > 1: the parent serves nothing itself; it forks the
+    receivers (sharing the port with SO_REUSEPORT; the first one also runs
+    LMTP and the purge timer), restarts any that dies with an exponential
+    back-off, logs why it died, and stops them all on SIGINT/SIGTERM. Having
+    no threads of its own, the parent can fork safely at any time."""
+
+    MIN_BACKOFF, MAX_BACKOFF, STABLE = 1.0, 60.0, 60.0
+
+    def __init__(self, app: Flask, host: str, port: int, count: int, lmtp_socket: Optional[str]):
+        self.app, self.host, self.port, self.count, self.lmtp_socket = app, host, port, count, lmtp_socket
+        self.pids: dict[int, int] = {}  # pid -> slot
+        self.started: dict[int, float] = {}
+        self.backoff = {slot: self.MIN_BACKOFF for slot in range(count)}
+        self.due: dict[int, float] = {}  # slot -> when to restart it
+        self.stopping = False
+
+    def spawn(self, slot: int) -> None:
+        db.engine.dispose()  # no connection shared with a child
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                db.engine.dispose(close=False)
-                MailServer(app, host, port, reuse_port=True, purge=False).serve_forever()
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                with self.app.app_context():
+                    serve(self.app, self.host, self.port, self.lmtp_socket if slot == 0 else None,
+                          True, purge=slot == 0)
             except BaseException:
-                log.exception("receiver process failed")
+                log.exception("receiver process %d failed", slot)
                 code = 1
             finally:
                 os._exit(code)
-        pids.append(pid)
-    return pids
+        self.pids[pid], self.started[slot] = slot, time.monotonic()
+
+    def reaped(self, pid: int, status: int) -> None:
+        """A receiver ended: log why and schedule its restart."""
+        slot = self.pids.pop(pid)
+        why = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exited with status {os.waitstatus_to_exitcode(status)}")
+        if time.monotonic() - self.started[slot] > self.STABLE:
+            self.backoff[slot] = self.MIN_BACKOFF  # it had been running fine
+        delay = self.backoff[slot]
+        self.backoff[slot] = min(self.MAX_BACKOFF, delay * 2)
+        self.due[slot] = time.monotonic() + delay
+        log.error("receiver process %d (pid %d) %s; restarting it in %.0f s", slot, pid, why, delay)
+
+    def run(self) -> None:
+        """Supervise until SIGINT/SIGTERM, then stop every receiver gracefully."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        for slot in range(self.count):
+            self.spawn(slot)
+        while not self.stopping:
+            self.reap_and_restart()
+            time.sleep(0.2)
+        self.stop_all()
+
+    def reap_and_restart(self) -> None:
+        while self.pids:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid in self.pids:
+                self.reaped(pid, status)
+        for slot, when in list(self.due.items()):
+            if time.monotonic() >= when:
+                del self.due[slot]
+                self.spawn(slot)
+
+    def stop_all(self) -> None:
+        for pid in list(self.pids):
+            os.kill(pid, signal.SIGTERM)
+        for pid in list(self.pids):
+            os.waitpid(pid, 0)
 
 
 @click.command("smtpd")
@@ -613,23 +774,19 @@ def smtpd_command(host: Optional[str], port: Optional[int], processes: Optional[
     """Run the mail daemon: SMTP, LMTP when lmtp.socket is set, and the purge timer."""
     app = current_app._get_current_object()
     conf = app.config["TEMPMAIL"]
-    smtp_conf = conf.get("smtp") or {}
-    host = host or smtp_conf.get("host") or "127.0.0.1"
-    port = port if port is not None else int(smtp_conf.get("port") or 2525)
-    processes = max(1, processes or int(smtp_conf.get("processes") or 1))
-    lmtp_socket = (conf.get("lmtp") or {}).get("socket")
+    host = host or conf["smtp"]["host"]
+    port = port if port is not None else int(conf["smtp"]["port"])
+    processes = max(1, processes or int(conf["smtp"]["processes"] or 1))
+    lmtp_socket = conf["lmtp"]["socket"]
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    db.engine.dispose()  # no connection inherited by the forked receivers
-    children = run_children(app, host, port, processes - 1) if processes > 1 else []
-    server = MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=processes > 1)
-    click.echo(f"TempMail mail daemon: SMTP on {host}:{server.port}"
+    logsafe.install()  # control characters escaped in every line the daemon logs
+    if port == 0 and processes > 1:
+        raise click.BadParameter("several processes need a fixed port", param_hint="--port")
+    click.echo(f"TempMail mail daemon: SMTP on {host}:{port}"
                + (f", LMTP on {lmtp_socket}" if lmtp_socket else "")
                + (f", {processes} processes" if processes > 1 else ""))
-    try:
-        server.serve_forever()
-    finally:
-        for pid in children:
-            os.kill(pid, signal.SIGTERM)
-        for pid in children:
-            os.waitpid(pid, 0)
+    if processes > 1:
+        Supervisor(app, host, port, processes, lmtp_socket).run()
+    else:
+        serve(app, host, port, lmtp_socket, reuse_port=False)

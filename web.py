@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -32,14 +33,20 @@ from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import selectinload
+from werkzeug.exceptions import HTTPException
 
-import app as tempmail
+import clock
 import mailview
 import models
-from api_legacy import send_stored, stored_download
+import storage
+from mailpolicy import open_mailbox
 from models import Attachment, Domain, Mailbox, MailboxError, Message, db
 
 bp = Blueprint("web", __name__)
+log = logging.getLogger("tempmail.web")
+MAX_ID = 1 << 62  # larger path ids answer 404 before they reach the database
+# The page's answers to a refused mailbox, as /generate's (PHP) codes.
+STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
 
 SITE_HEADERS = {
     "Content-Security-Policy": (
@@ -67,7 +74,7 @@ SOURCE_LIMIT = 256 * 1024  # bytes of a raw message shown in the source view
 # the visitor's mailbox and the token scope
 
 def lifetime() -> int:
-    return int(models.cfg("mailbox_lifetime_seconds", 86400))
+    return int(models.cfg("mailbox_lifetime_seconds"))
 
 
 def free_domains() -> list[str]:
@@ -90,17 +97,23 @@ def session_box() -> Optional[Mailbox]:
     if sid is None:
         return None
     return db.session.scalar(select(Mailbox).where(
-        Mailbox.session_id == sid, Mailbox.expires_at > models.now())
+        Mailbox.session_id == sid, Mailbox.expires_at > clock.now())
         .order_by(Mailbox.id.desc()).limit(1))
 
 
 def new_session_box() -> Optional[Mailbox]:
-    """Give this browser a fresh random address on the first Free domain."""
+    """Give this browser a fresh random address on the first Free domain, or
+    None when no domain is configured. Counts one attempt against the
+    per-client-IP ``mailbox_create`` limit shared with api.php (every
+    cookie-less visit of ``/`` would otherwise create a mailbox); raises
+    MailboxError when refused."""
     names = free_domains()
     if not names:
         return None
+    box = open_mailbox("web", Domain.by_name(names[0]), None, lifetime(), request.remote_addr,
+                       session_id=session_key(True))
     session.pop("released", None)
-    return Mailbox.create(None, Domain.by_name(names[0]), lifetime(), session_id=session_key(True))
+    return box
 
 
 @dataclass
@@ -120,11 +133,11 @@ class Scope:
         """The token scope of the same mailbox. The reader's iframe is sandboxed
         into an opaque origin, so the browser does not send the SameSite session
         cookie with its requests; its document and images use the token URLs."""
-        return self if self.token else Scope(self.box, tempmail.email_token(self.box))
+        return self if self.token else Scope(self.box, self.box.email_token())
 
     def message(self, msg_id: int) -> Message:
         """A message of this mailbox, else 404 (foreign and missing look the same)."""
-        msg = db.session.get(Message, msg_id)
+        msg = db.session.get(Message, msg_id) if 0 < msg_id < MAX_ID else None
         if msg is None or msg.mailbox_id != self.box.id:
             abort(404)
         return msg
@@ -132,10 +145,15 @@ class Scope:
 
 def scope_for(token: Optional[str]) -> Scope:
     """Resolve the request's mailbox: from the token when given, else the session."""
-    box = tempmail.mailbox_from_token(token) if token is not None else session_box()
+    box = Mailbox.from_token(token) if token is not None else session_box()
     if box is None:
         abort(404)
     return Scope(box, token)
+
+
+def owns(path: str) -> bool:
+    """URLs of the page that no route matched still get the page's answers."""
+    return path.startswith(("/web/", "/m/", "/static/"))
 
 
 def both(rule: str, **options):
@@ -151,17 +169,37 @@ def wants_json() -> bool:
     return request.accept_mimetypes.best == "application/json" or request.path.endswith(".json")
 
 
-@bp.errorhandler(404)
-def web_not_found(_exc):
-    """JSON for the page's own endpoints, a friendly page for people."""
+def http_error(exc: HTTPException):
+    """The page's errors: JSON for its own fetch() endpoints, a friendly
+    page for a missing inbox or message, the plain HTTP error otherwise."""
     if wants_json():
-        return jsonify(error="Not found"), 404
-    return page("inbox_gone.html"), 404
+        return jsonify(error="Not found" if exc.code == 404 else exc.name), exc.code
+    if exc.code == 404:
+        return page("inbox_gone.html"), 404
+    return exc
+
+
+def server_error():
+    if wants_json():
+        return jsonify(error="Internal server error"), 500
+    return page("inbox_gone.html", reason="error"), 500
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException):
+    return http_error(exc)
+
+
+@bp.errorhandler(Exception)
+def _unexpected(exc: Exception):
+    db.session.rollback()
+    log.exception("page request failed: %s %s", request.method, request.path)
+    return server_error()
 
 
 def page(template: str, **context):
     """Render a page with the site name; pages about a mailbox are never cached."""
-    resp = make_response(render_template(template, site_name=models.cfg("site_name", "TempMail"),
+    resp = make_response(render_template(template, site_name=models.cfg("site_name"),
                                          **context))
     resp.headers["Cache-Control"] = "no-store"
     return resp
@@ -171,7 +209,7 @@ def page(template: str, **context):
 # inbox listing
 
 def seconds_left(box: Mailbox) -> int:
-    return max(0, int((box.expires_at - models.now()).total_seconds()))
+    return max(0, int((box.expires_at - clock.now()).total_seconds()))
 
 
 def inbox_etag(box: Mailbox, view: str = "") -> str:
@@ -189,8 +227,8 @@ def inbox_etag(box: Mailbox, view: str = "") -> str:
 def summary(scope: Scope, msg: Message) -> dict:
     """One row of the inbox list as the page's JSON shows it."""
     return {"id": msg.id, "from_name": msg.from_name, "from_email": msg.from_email,
-            "subject": msg.subject, "received_at": models.fmt_iso(msg.received_at),
-            "received": short_time(msg.received_at), "received_full": models.fmt_local(msg.received_at),
+            "subject": msg.subject, "received_at": clock.fmt_iso(msg.received_at),
+            "received": short_time(msg.received_at), "received_full": clock.fmt_local(msg.received_at),
             "is_read": bool(msg.is_read),
             "attachments": len(real_attachments(msg)), "url": scope.url("message_page", msg_id=msg.id)}
 
@@ -262,24 +300,22 @@ def real_attachments(msg: Message) -> list[Attachment]:
                     and mailview.normal_cid(a.content_id) in shown)]
 
 
-def creation_refusal() -> Optional[tuple[str, int, int]]:
-    """Why this client may not get a new address now, as (message, HTTP
-    status, Retry-After seconds), or None. Counts one attempt against the
-    per-client-IP ``mailbox_create`` limit shared with both APIs: every
-    cookie-less visit of ``/`` would otherwise create a mailbox."""
-    wait = models.retry_after("mailbox_create", request.remote_addr or "-")
-    if wait:
-        return _("Too many addresses were created from your network. Try again later."), 429, wait
-    if models.mailbox_cap_reached():
-        return _("No new addresses can be created right now. Try again later."), 503, 60
-    return None
+def refusal_text(exc: MailboxError) -> str:
+    """The page's own words for a refused address, in the visitor's language
+    (the APIs keep ``exc.message``, the PHP original's English)."""
+    texts = {"invalid": _("Invalid username. Use 3-20 alphanumeric characters only."),
+             "reserved": _("This username is reserved and cannot be used."),
+             "taken": _("Username already taken. Please choose another one."),
+             "domain": _("Invalid domain. Choose one of the listed domains."),
+             "rate_limited": _("Too many addresses were created from your network. Try again later."),
+             "full": _("No new addresses can be created right now. Try again later.")}
+    return texts.get(exc.code, exc.message)
 
 
-def refused_page(refusal: tuple[str, int, int]):
-    message, status, wait = refusal
-    resp = page("inbox_gone.html", reason="limit", message=message)
-    resp.status_code = status
-    resp.headers["Retry-After"] = str(wait)
+def refused_page(exc: MailboxError):
+    resp = page("inbox_gone.html", reason="limit", message=refusal_text(exc))
+    resp.status_code = STATUS.get(exc.code, 400)
+    resp.headers["Retry-After"] = str(exc.retry_after)
     return resp
 
 
@@ -288,10 +324,10 @@ def index():
     """The temp-mail page: the visitor's address, created on the first visit."""
     box = session_box()
     if box is None and not session.get("released"):
-        refusal = creation_refusal()
-        if refusal:
-            return refused_page(refusal)
-        box = new_session_box()
+        try:
+            box = new_session_box()
+        except MailboxError as exc:
+            return refused_page(exc)
         if box is None:
             return page("inbox_gone.html", reason="no-domain"), 503
     if box is None:
@@ -307,7 +343,7 @@ def token_inbox(token: str):
 
 def render_inbox(scope: Scope):
     return page("inbox.html", scope=scope, listing=listing(scope), domains=free_domains(),
-                seconds_left=seconds_left(scope.box), expires_iso=models.fmt_iso(scope.box.expires_at),
+                seconds_left=seconds_left(scope.box), expires_iso=clock.fmt_iso(scope.box.expires_at),
                 lifetime=lifetime())
 
 
@@ -321,7 +357,7 @@ def inbox_json(token: Optional[str]):
         resp = make_response("", 304)
     else:
         box, shown = scope.box, listing(scope)
-        resp = jsonify(address=box.address, expires_at=models.fmt_iso(box.expires_at),
+        resp = jsonify(address=box.address, expires_at=clock.fmt_iso(box.expires_at),
                        expires_in=seconds_left(box), total=shown.total, page=shown.page,
                        pages=shown.pages, first=shown.first, last=shown.last, q=shown.q,
                        newer_url=shown.url(shown.page - 1), older_url=shown.url(shown.page + 1),
@@ -386,19 +422,17 @@ class Source:
 def raw_source(msg: Message) -> Optional[Source]:
     """The first SOURCE_LIMIT bytes of the stored ``.eml``, as text: undecodable
     bytes replaced and control characters made visible, so nothing in it can
-    act on the page (Jinja escapes the rest). None when the file is gone."""
-    try:
-        path = models.file_path(msg.raw_path) if msg.raw_path else None
-    except ValueError:
-        path = None
-    if path is None or not path.exists():
+    act on the page (Jinja escapes the rest). None when the blob is gone."""
+    if not storage.exists(msg.raw_sha256):
         return None
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(SOURCE_LIMIT)
+    head = b""
+    for chunk in storage.iter_chunks(msg.raw_sha256):
+        head += chunk[:SOURCE_LIMIT - len(head)]
+        if len(head) >= SOURCE_LIMIT:
+            break
     text = mailview.printable(head.decode("utf-8", "replace"))
     headers, _sep, _body = text.partition("\n\n")
-    return Source(headers, text, size, len(head))
+    return Source(headers, text, max(msg.size or 0, len(head)), len(head))
 
 
 @both("/messages/<int:msg_id>/body")
@@ -429,9 +463,11 @@ def attachment(token: Optional[str], msg_id: int, att_id: int):
     """Download one attachment (also the target of rewritten ``cid:`` images)."""
     msg = scope_for(token).message(msg_id)
     att = next((a for a in msg.attachments if a.id == att_id), None)
-    if att is None:
+    resp = storage.download(att.sha256, att.content_type or "application/octet-stream",
+                            att.filename or "attachment") if att is not None else None
+    if resp is None:
         abort(404)
-    return send_stored(att)
+    return resp
 
 
 @both("/qr.svg")
@@ -455,7 +491,7 @@ def qr_code(token: Optional[str]):
 def message_raw(token: Optional[str], msg_id: int):
     """The message exactly as it was received, as a ``.eml`` download."""
     msg = scope_for(token).message(msg_id)
-    resp = stored_download(msg.raw_path, "message/rfc822", f"message-{msg.id}.eml")
+    resp = storage.download(msg.raw_sha256, "message/rfc822", f"message-{msg.id}.eml")
     if resp is None:
         abort(404)
     return resp
@@ -474,9 +510,7 @@ def done(message: str, category: str = "ok", status: int = 200):
 
 @bp.post("/web/messages/<int:msg_id>/delete")
 def delete_message(msg_id: int):
-    msg = scope_for(None).message(msg_id)
-    models.delete_messages(select(Message.id).where(Message.id == msg.id))
-    db.session.commit()
+    storage.commit_removal(scope_for(None).message(msg_id).delete())
     return done(_("Message deleted."))
 
 
@@ -491,17 +525,8 @@ def change_address():
     try:
         scope.box.rename(request.form.get("username", ""), domain)
     except MailboxError as exc:
-        return done(username_error(exc), "error", 409 if exc.code == "taken" else 400)
+        return done(refusal_text(exc), "error", STATUS.get(exc.code, 400))
     return done(_("Your address is now %(address)s.", address=scope.box.address))
-
-
-def username_error(exc: MailboxError) -> str:
-    """The page's own words for a refused username (the APIs keep the PHP
-    original's English wording from ``exc.message``)."""
-    texts = {"invalid": _("Invalid username. Use 3-20 alphanumeric characters only."),
-             "reserved": _("This username is reserved and cannot be used."),
-             "taken": _("Username already taken. Please choose another one.")}
-    return texts.get(exc.code, exc.message)
 
 
 @bp.post("/web/address/extend")
@@ -511,7 +536,7 @@ def extend_address():
     than it already was). So an address lives at most one configured lifetime
     past the visitor's last extension, and a forgotten one still expires."""
     box = scope_for(None).box
-    box.expires_at = max(box.expires_at, models.now() + timedelta(seconds=lifetime()))
+    box.expires_at = max(box.expires_at, clock.now() + timedelta(seconds=lifetime()))
     db.session.commit()
     # Whole minutes, rounded up: the second spent on the request would turn "24 h" into "23 h 59 min".
     left = math.ceil(seconds_left(box) / 60) * 60
@@ -520,20 +545,20 @@ def extend_address():
 
 @bp.post("/web/address/new")
 def new_address():
-    """Drop the current address with its mail and hand out a new random one."""
-    refusal = creation_refusal()
-    if refusal:  # refused before the old address is given up
-        resp = done(refusal[0], "error", refusal[1])
-        resp = resp if not isinstance(resp, tuple) else make_response(*resp)
-        resp.headers["Retry-After"] = str(refusal[2])
-        return resp
+    """Hand out a new random address, then drop the old one with its mail
+    (in that order: a refused request keeps the old address)."""
     old = session_box()
-    if old is not None:
-        old.delete()
-        db.session.commit()
-    box = new_session_box()
+    try:
+        box = new_session_box()
+    except MailboxError as exc:
+        resp = done(refusal_text(exc), "error", STATUS.get(exc.code, 400))
+        resp = resp if not isinstance(resp, tuple) else make_response(*resp)
+        resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
     if box is None:
         return done(_("No domain is configured."), "error", 503)
+    if old is not None:
+        storage.commit_removal(old.delete())
     return done(_("Your new address is %(address)s.", address=box.address))
 
 
@@ -542,8 +567,7 @@ def delete_address():
     """Delete the address and its mail; no new one until the visitor asks."""
     box = scope_for(None).box
     address = box.address
-    box.delete()
-    db.session.commit()
+    storage.commit_removal(box.delete())
     session["released"] = True
     return done(_("%(address)s and its messages are deleted.", address=address))
 
@@ -573,7 +597,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
     app.after_request(security_headers)
     app.register_error_handler(CSRFError, csrf_failed)
-    app.jinja_env.filters.setdefault("localtime", models.fmt_local)
+    app.jinja_env.filters.setdefault("localtime", clock.fmt_local)
     app.jinja_env.filters.setdefault("duration", duration)
     app.jinja_env.filters.setdefault("shorttime", short_time)
     app.jinja_env.filters.setdefault("human_size", human_size)
@@ -583,9 +607,9 @@ def init_app(app: Flask) -> None:
 def short_time(value: datetime) -> str:
     """"14:05" for today's mail, "3 Nov" (in the page's language) for older:
     the list has little room."""
-    zone = models.local_zone()
+    zone = clock.local_zone()
     local = value.replace(tzinfo=timezone.utc).astimezone(zone)
-    today = models.now().replace(tzinfo=timezone.utc).astimezone(zone).date()
+    today = clock.now().replace(tzinfo=timezone.utc).astimezone(zone).date()
     if local.date() == today:
         return local.strftime("%H:%M")
     return format_date(local.date(), "d MMM", locale=get_locale() or "en")

@@ -1,8 +1,12 @@
-"""gunicorn settings for deploy/systemd/tempmail-web.service.
+"""gunicorn settings for deploy/systemd/tempmail-web.service and `make run`.
 
 With PROMETHEUS_MULTIPROC_DIR set, every worker writes its metrics to that
 folder and /metrics adds them up; a worker that exits must be marked dead so
 its live gauges stop counting.
+
+logger_class: the access and error logs write /m/<email_token> paths (request
+line, Referer, the app's own error lines) as /m/~<fingerprint>, so the logs
+open no mailbox (logmask.py).
 """
 import os
 
@@ -10,6 +14,7 @@ bind = "127.0.0.1:8000"
 workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
 threads = 4
 accesslog = "-"
+logger_class = "logmask.MaskingLogger"
 forwarded_allow_ips = "127.0.0.1"
 
 

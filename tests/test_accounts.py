@@ -8,6 +8,8 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from models import ApiKey, QuotaUsage, User, db
+import limits  # noqa: E402
+import clock  # noqa: E402
 
 PASSWORD = "correct horse 42"
 TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -53,13 +55,18 @@ def new_key_from(page: str) -> str:
 # --------------------------------------------------------------------------
 # sign up
 
-def test_signup_creates_a_hashed_account_and_signs_in(app, client):
+def test_signup_creates_a_hashed_account_then_asks_to_sign_in(app, client):
     resp = sign_up(client, email="New.User@Example.org")
-    assert resp.status_code == 302 and resp.headers["Location"].endswith("/account")
+    assert resp.status_code == 303 and resp.headers["Location"] == "/signin"
     with app.app_context():
         user = User.by_email("new.user@example.org")
         assert user is not None and user.plan == "free"
         assert PASSWORD not in (user.password_hash or "") and user.check_password(PASSWORD)
+    signin_page = client.get("/signin").get_data(as_text=True)
+    assert "sign in with the password you chose" in signin_page
+    assert 'value="new.user@example.org"' in signin_page  # the address is filled in
+    assert client.get("/account").status_code == 302
+    assert sign_in(client, email="new.user@example.org").status_code == 302
     page = client.get("/account")
     assert page.status_code == 200 and "new.user@example.org" in page.get_data(as_text=True)
 
@@ -76,10 +83,21 @@ def test_signup_rejects_bad_input(app, client, email, password, confirm, message
         assert db.session.query(User).count() == 0
 
 
-def test_signup_with_a_taken_email_is_refused(app, client):
+def test_signup_with_a_taken_email_changes_nothing_and_says_nothing(app, client):
     make_user(app)
-    resp = sign_up(client, email="DEV@example.org")
-    assert resp.status_code == 409 and "already exists" in resp.get_data(as_text=True)
+    resp = sign_up(client, email="DEV@example.org", password="attacker's password")
+    assert resp.status_code == 303 and resp.headers["Location"] == "/signin"
+    assert "sign in with the password you chose" in client.get("/signin").get_data(as_text=True)
+    with app.app_context():
+        assert db.session.query(User).count() == 1
+        assert User.by_email("dev@example.org").check_password(PASSWORD)
+    assert client.get("/account").status_code == 302
+
+
+def test_signups_are_limited_per_ip(app_factory):
+    client = app_factory({"rate_limits": {"signup": {"limit": 2, "window_seconds": 3600}}}).test_client()
+    codes = [sign_up(client, email=f"u{n}@example.org").status_code for n in range(3)]
+    assert codes == [303, 303, 429]
 
 
 def test_registration_closed(app_factory):
@@ -95,7 +113,7 @@ def test_every_form_needs_the_csrf_token(app, client):
         resp = client.post(path, data={"email": "dev@example.org", "password": PASSWORD, "confirm": PASSWORD})
         assert resp.status_code == 400, path
     assert sign_in(client).status_code == 302
-    for path in ("/account/key", "/account/key/revoke", "/signout"):
+    for path in ("/account/key", "/account/key/revoke", "/account/password", "/signout"):
         assert client.post(path).status_code == 400, path
         assert client.post(path, data={"csrf_token": "forged"}).status_code == 400, path
     with app.app_context():
@@ -154,13 +172,37 @@ def test_next_parameter_stays_on_this_site(app, client):
         assert "evil" not in resp.headers["Location"]
 
 
-def test_password_change_ends_other_sessions(app, client):
+def test_password_set_elsewhere_ends_every_session(app, client):
     user_id = make_user(app)
     sign_in(client)
     with app.app_context():
         db.session.get(User, user_id).set_password("another password")
         db.session.commit()
     assert client.get("/account").status_code == 302
+
+
+def test_password_change_form(app, client):
+    make_user(app)
+    sign_in(client)
+    assert 'action="/account/password"' in client.get("/account").get_data(as_text=True)
+    wrong = post_form(client, "/account/password", {"current_password": "nope", "new_password": "x" * 10,
+                                                    "confirm": "x" * 10}, "/account")
+    assert wrong.status_code == 400 and "current password is not correct" in wrong.get_data(as_text=True)
+    resp = post_form(client, "/account/password", {"current_password": PASSWORD, "new_password": "x" * 10,
+                                                   "confirm": "x" * 10}, "/account")
+    assert resp.status_code == 303 and resp.headers["Location"] == "/account"
+    assert "Your password is changed" in client.get("/account").get_data(as_text=True)
+    assert sign_in(app.test_client(), password="x" * 10).status_code == 302
+
+
+def test_sessions_per_user_are_bounded(app, client):
+    from accounts import MAX_SESSIONS
+    from models import UserSession
+    make_user(app)
+    for _ in range(MAX_SESSIONS + 5):
+        assert sign_in(app.test_client()).status_code == 302
+    with app.app_context():
+        assert db.session.query(UserSession).count() == MAX_SESSIONS
 
 
 def test_session_cookie_flags(app, client):
@@ -229,9 +271,9 @@ def test_revoke_key(app, client):
 def test_management_page_shows_plan_quota_and_base_url(app):
     user_id = make_user(app)
     with app.app_context():
-        db.session.add(QuotaUsage(user_id=user_id, period=QuotaUsage.current_period(), used=1234))
+        db.session.add(QuotaUsage(user_id=user_id, period=limits.quota_period(), used=1234))
         db.session.commit()
-        reset = QuotaUsage.next_reset().isoformat()
+        reset = clock.next_month_start().isoformat()
     client = app.test_client()
     sign_in(client)
     # a browser that reached this server as mail.example.net:8080, with the session cookie

@@ -11,6 +11,8 @@ import models
 from models import Mailbox, db
 from seeds import examples
 from shapes import assert_same_shape
+import mailhandler  # noqa: E402
+import storage  # noqa: E402
 
 SEED = examples("004")
 (GENERATE, INVALID, RESERVED, TAKEN, INBOX, INBOX_404, DETAIL, DETAIL_404, DELETED,
@@ -29,12 +31,12 @@ def deliver(app, address, subject="Welcome!", attachments=(), html="<h1>Hi</h1>"
     """Store a message the way the receiver does (the receiver has its own tests)."""
     with app.app_context():
         box = Mailbox.find_live(address)
-        msg = models.store_message(box, {
+        msg = mailhandler.store_message(box, {
             "from_email": "sender@example.org", "from_name": "John Doe", "subject": subject,
             "body_text": "Hello, welcome to our service!", "body_html": html,
             "envelope_to": address}, b"Subject: x\r\n\r\nbody\r\n", attachments)
         db.session.commit()
-        return msg.id
+        return msg.legacy_id  # the id api.php shows (see idgen)
 
 
 @pytest.fixture
@@ -230,8 +232,8 @@ def test_email_of_expired_mailbox_is_gone(app, client, mailbox, clock):
 def test_delete_matches_seed_and_removes_files(app, client, mailbox):
     msg_id = deliver(app, mailbox, attachments=[{"filename": "a.txt", "data": b"abc"}])
     with app.app_context():
-        msg = db.session.get(models.Message, msg_id)
-        files = [models.file_path(a.stored_path) for a in msg.attachments] + [models.file_path(msg.raw_path)]
+        msg = models.Message.by_legacy_id(str(msg_id))
+        files = [storage.blob_path(a.sha256) for a in msg.attachments] + [storage.blob_path(msg.raw_sha256)]
     assert all(f.exists() for f in files)
     resp = client.delete(f"/api.php/email/{msg_id}")
     assert resp.status_code == 200
@@ -299,9 +301,9 @@ def test_cors_restricted_origin(app_factory):
 def test_attachment_path_never_from_sender(app, client, mailbox):
     msg_id = deliver(app, mailbox, attachments=[{"filename": "../../../etc/passwd", "data": b"x"}])
     with app.app_context():
-        stored = db.session.get(models.Message, msg_id).attachments[0].stored_path
+        stored = models.Message.by_legacy_id(str(msg_id)).attachments[0].sha256
         root = Path(app.config["UPLOADS_DIR"]).resolve()
-        assert root in models.file_path(stored).parents and "passwd" not in stored
+        assert root in storage.blob_path(stored).parents and "passwd" not in stored
     att = client.get(f"/email/{msg_id}").get_json()["attachments"][0]
     assert client.get(att["file_path"]).data == b"x"
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from urllib.parse import quote
 
+from pathlib import Path
+
 import pytest
 
-import app as app_module
 import models
 from models import ApiKey, Mailbox, Message, QuotaUsage, User, db
 from seeds import examples
 from shapes import assert_same_shape
+import api_v1  # noqa: E402
+import limits  # noqa: E402
+import mailhandler  # noqa: E402
 
 SEED = examples("000")
 (DOMAINS, CREATED, SWITCHED, MAILBOX_DELETED, MESSAGES, MESSAGE, MESSAGE_DELETED) = SEED
@@ -65,7 +69,7 @@ def deliver(app, address, html="<p>Hello from the inbox.</p>", text="Hello from 
     """Store a message the way the receiver does; returns its public id."""
     with app.app_context():
         box = Mailbox.find_live(address)
-        msg = models.store_message(box, {
+        msg = mailhandler.store_message(box, {
             "from_email": "hello@example.org", "from_name": "Example Sender",
             "subject": "Welcome to Temp Mail", "body_text": text, "body_html": html,
             "envelope_to": address, "to": address}, b"Subject: x\r\n\r\nbody\r\n", attachments)
@@ -80,7 +84,7 @@ def new_mailbox(api) -> str:
 
 
 def uploads_files(app) -> list:
-    return sorted(p.name for p in models.Path(app.config["UPLOADS_DIR"]).rglob("*") if p.is_file())
+    return sorted(p.name for p in Path(app.config["UPLOADS_DIR"]).rglob("*") if p.is_file())
 
 
 # --------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def test_create_matches_seed(app, api, clock):
     assert (datetime.fromisoformat(data["expire_at"]) - created).total_seconds() == 600
     assert created.utcoffset() is not None
     with app.test_request_context():
-        box = app_module.mailbox_from_token(data["email_token"])
+        box = models.Mailbox.from_token(data["email_token"])
         assert box.address == data["email"] and box.id == data["id"]
         assert box.user_id == User.by_email("dev@example.org").id
 
@@ -177,7 +181,7 @@ def test_switch_matches_seed_and_keeps_messages(app, api):
     assert [m["id"] for m in listed["messages"]] == [message_id]
     assert api.get(f"/api/messages?email={current}").status_code == 404
     with app.test_request_context():
-        assert app_module.mailbox_from_token(body["data"]["email_token"]).address == "demo123@example.com"
+        assert models.Mailbox.from_token(body["data"]["email_token"]).address == "demo123@example.com"
 
 
 def test_switch_errors(app, api, other):
@@ -378,7 +382,7 @@ def test_too_large_body_is_json(api):
 def test_internal_error_is_json_without_traceback(app, api, monkeypatch):
     def broken(self):
         raise RuntimeError("secret internals")
-    monkeypatch.setattr(models.Domain, "to_v1", broken)
+    monkeypatch.setattr(api_v1, "domain_json", broken)
     app.config["PROPAGATE_EXCEPTIONS"] = False
     resp = api.get("/api/domains")
     assert resp.status_code == 500
@@ -466,7 +470,7 @@ def test_over_quota_is_429_without_effect(app_factory, clock):
 def test_quota_status_for_the_management_page(app, api, clock):
     api.get("/api/domains")
     with app.app_context():
-        status = User.by_email("dev@example.org").quota_status()
+        status = limits.quota_status(User.by_email("dev@example.org"))
     assert (status["limit"], status["used"], status["remaining"]) == (50000, 1, 49999)
     assert status["reset"].day == 1 and status["reset"].utcoffset() is not None
 

@@ -7,8 +7,9 @@ import mailbox
 
 from sqlalchemy import func, select
 
-import models
 from models import Domain, Mailbox, Message, db
+import mailhandler  # noqa: E402
+import storage  # noqa: E402
 
 RAW = (b"From: Alice Example <alice@sender.test>\r\nTo: box@example.com\r\n"
        b"Subject: Fresh subject\r\nMessage-ID: <m1@sender.test>\r\n"
@@ -37,7 +38,7 @@ def test_purge_command(app, runner, clock):
     with app.app_context():
         box = new_box("old", 60)
         for i in range(2):
-            models.store_message(box, {"subject": str(i)}, eml(i))
+            mailhandler.store_message(box, {"subject": str(i)}, eml(i))
         db.session.commit()
     clock.advance(120)
     result = runner.invoke(args=["purge"])
@@ -54,9 +55,9 @@ def test_purge_command_reports_missing_files_and_applies_the_cap(app_factory):
     app = app_factory({"max_messages_per_mailbox": 1})
     with app.app_context():
         box = new_box()
-        msgs = [models.store_message(box, {"subject": str(i)}, eml(i)) for i in range(3)]
+        msgs = [mailhandler.store_message(box, {"subject": str(i)}, eml(i)) for i in range(3)]
         db.session.commit()
-        models.file_path(msgs[2].raw_path).unlink()
+        storage.blob_path(msgs[2].raw_sha256).unlink()
         last_id = msgs[2].id
     result = app.test_cli_runner().invoke(args=["purge", "--batch-size", "1"])
     assert result.exit_code == 0, result.output
@@ -66,9 +67,9 @@ def test_purge_command_reports_missing_files_and_applies_the_cap(app_factory):
 
 def test_purge_command_quiet_prints_warnings_only(app, runner):
     with app.app_context():
-        msg = models.store_message(new_box(), {"subject": "x"}, eml(1))
+        msg = mailhandler.store_message(new_box(), {"subject": "x"}, eml(1))
         db.session.commit()
-        models.file_path(msg.raw_path).unlink()
+        storage.blob_path(msg.raw_sha256).unlink()
         msg_id = msg.id
     result = runner.invoke(args=["purge", "--quiet"])
     assert result.exit_code == 0, result.output
@@ -87,7 +88,7 @@ def test_purge_command_bad_arguments(runner):
 
 def test_stats_command(app, runner):
     with app.app_context():
-        models.store_message(new_box(), {"subject": "x"}, eml(1), [{"filename": "a", "data": b"12345"}])
+        mailhandler.store_message(new_box(), {"subject": "x"}, eml(1), [{"filename": "a", "data": b"12345"}])
         db.session.commit()
     result = runner.invoke(args=["stats"])
     assert result.exit_code == 0, result.output
@@ -103,10 +104,10 @@ def test_stats_command(app, runner):
 
 def test_reparse_command_refreshes_fields_and_attachments(app, runner):
     with app.app_context():
-        msg = models.store_message(new_box(), {"subject": "stale", "body_text": "old"}, RAW,
+        msg = mailhandler.store_message(new_box(), {"subject": "stale", "body_text": "old"}, RAW,
                                    [{"filename": "old.bin", "data": b"old"}])
         db.session.commit()
-        old_file = models.file_path(msg.attachments[0].stored_path)
+        old_file = storage.blob_path(msg.attachments[0].sha256)
         msg_id = msg.id
     result = runner.invoke(args=["reparse"])
     assert result.exit_code == 0, result.output
@@ -116,15 +117,15 @@ def test_reparse_command_refreshes_fields_and_attachments(app, runner):
         assert msg.subject == "Fresh subject" and msg.from_name == "Alice Example"
         assert "Hello there" in msg.body_text
         assert [a.filename for a in msg.attachments] == ["notes.txt"]
-        assert models.file_path(msg.attachments[0].stored_path).read_bytes().strip() == b"attached words"
+        assert storage.blob_path(msg.attachments[0].sha256).read_bytes().strip() == b"attached words"
     assert not old_file.exists()
 
 
 def test_reparse_command_skips_missing_raw_and_bad_ids(app, runner):
     with app.app_context():
-        msg = models.store_message(new_box(), {"subject": "kept"}, RAW)
+        msg = mailhandler.store_message(new_box(), {"subject": "kept"}, RAW)
         db.session.commit()
-        models.file_path(msg.raw_path).unlink()
+        storage.blob_path(msg.raw_sha256).unlink()
         msg_id = msg.id
     result = runner.invoke(args=["reparse", "--id", str(msg_id), "--id", "99999"])
     assert result.exit_code == 0, result.output

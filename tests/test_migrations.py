@@ -81,19 +81,26 @@ def test_first_start_creates_and_stamps(make_app):
 
 
 def fill_like_the_previous_release(url: str) -> None:
-    """Tables as ``db.create_all()`` made them before migrations existed, with data."""
+    """Tables as ``db.create_all()`` made them before migrations existed (the
+    schema of revision 0001, built by its own script), with data."""
+    app = create_app({"TESTING": True, "TEMPMAIL": {"database_url": url, "domains": TEST_DOMAINS}})
+    drop_everything(app)
+    result = app.test_cli_runner().invoke(db_cli, ["upgrade", "0001"])
+    assert result.exit_code == 0, result.output
+    dispose([app])
     engine = create_engine(resolve_db_url(url))
-    db.metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(Domain.__table__.insert().values(id=1, name="example.com", type="free",
-                                                      custom=False, active=True))
-        conn.execute(Mailbox.__table__.insert().values(
-            id=7, address="kept@example.com", username="kept", domain_id=1, token="t",
-            created_at=datetime(2030, 1, 1), expires_at=datetime(2030, 1, 2)))
-        conn.execute(Message.__table__.insert().values(
-            id=42, public_id="p" * 46, mailbox_id=7, envelope_from="", envelope_to="", from_email="a@b.c",
-            from_name="", to="", cc="", subject="survives the upgrade", body_text="", body_html="",
-            is_read=False, size=1, received_at=datetime(2030, 1, 1)))
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(text("INSERT INTO domains (id, name, type, custom, active) "
+                          "VALUES (1, 'example.com', 'free', false, true)"))
+        conn.execute(text("INSERT INTO mailboxes (id, address, username, domain_id, token, created_at, "
+                          "expires_at) VALUES (7, 'kept@example.com', 'kept', 1, 't', :c, :e)"),
+                     {"c": datetime(2030, 1, 1), "e": datetime(2030, 1, 2)})
+        conn.execute(text("INSERT INTO messages (id, public_id, mailbox_id, envelope_from, envelope_to, "
+                          "from_email, from_name, \"to\", cc, subject, body_text, body_html, is_read, size, "
+                          "received_at) VALUES (42, :p, 7, '', '', 'a@b.c', '', '', '', "
+                          "'survives the upgrade', '', '', false, 1, :r)"),
+                     {"p": "p" * 46, "r": datetime(2030, 1, 1)})
     engine.dispose()
 
 
@@ -131,9 +138,9 @@ def test_pending_revision_is_reported_then_applied(make_app, tmp_path, monkeypat
         Mailbox.create("stays", Domain.by_name("example.com"), 3600)
     scripts = tmp_path / "migrations"
     shutil.copytree(ops.MIGRATIONS_DIR, scripts)
-    (scripts / "versions" / "0002_probe.py").write_text(
+    (scripts / "versions" / "9999_probe.py").write_text(
         "from alembic import op\nimport sqlalchemy as sa\n"
-        f"revision = '0002'\ndown_revision = '{HEAD}'\nbranch_labels = None\ndepends_on = None\n\n"
+        f"revision = 'probe'\ndown_revision = '{HEAD}'\nbranch_labels = None\ndepends_on = None\n\n"
         "def upgrade():\n    with op.batch_alter_table('mailboxes') as batch:\n"
         "        batch.add_column(sa.Column('probe', sa.Integer(), nullable=True))\n\n"
         "def downgrade():\n    with op.batch_alter_table('mailboxes') as batch:\n"
@@ -147,7 +154,7 @@ def test_pending_revision_is_reported_then_applied(make_app, tmp_path, monkeypat
         assert "probe" in columns
         assert db.session.scalar(select(Mailbox.address)) == "stays@example.com"
         with db.engine.connect() as conn:
-            assert versions(conn) == ["0002"]
+            assert versions(conn) == ["probe"]
 
 
 def test_workers_starting_together_agree(make_app):

@@ -11,6 +11,8 @@ from prometheus_client import REGISTRY
 import ops
 from conftest import ROOT
 from models import db
+import retention  # noqa: E402
+import metrics  # noqa: E402
 
 
 def sample(name: str, **labels) -> float:
@@ -45,7 +47,11 @@ def test_healthz_503_when_database_unreachable(app, monkeypatch):
     assert resp.get_json()["database"] == "error: OperationalError"
 
 
-def test_metrics_open_by_default(client, app):
+def test_metrics_served_to_this_machine_by_default(client, app):
+    """Without a token, loopback clients scrape (the test client is 127.0.0.1)
+    and any other address is refused."""
+    remote = client.get("/metrics", environ_base={"REMOTE_ADDR": "192.0.2.10"})
+    assert remote.status_code == 403 and b"metrics.token" in remote.data
     with app.app_context():
         before = sample("tempmail_http_requests_total", route="/generate", method="GET", status="200")
     client.get("/generate")
@@ -86,9 +92,9 @@ def test_metrics_disabled(app_factory):
 
 def test_count_message_by_outcome_and_reason(client):
     before = sample("tempmail_messages_total", outcome="rejected", reason="user_unknown")
-    ops.count_message("accepted")
-    ops.count_message("rejected", "user_unknown")
-    ops.count_message("rejected", "user_unknown")
+    metrics.count_message("accepted")
+    metrics.count_message("rejected", "user_unknown")
+    metrics.count_message("rejected", "user_unknown")
     assert sample("tempmail_messages_total", outcome="rejected", reason="user_unknown") == before + 2
     body = client.get("/metrics").get_data(as_text=True)
     assert 'tempmail_messages_total{outcome="accepted",reason=""}' in body
@@ -97,7 +103,7 @@ def test_count_message_by_outcome_and_reason(client):
 def test_purge_runs_are_counted(app):
     runs = sample("tempmail_purge_runs_total")
     with app.app_context():
-        result = ops.run_purge()
+        result = retention.run_purge()
     assert sample("tempmail_purge_runs_total") == runs + 1
     assert result["mailboxes"] == 0 and result["orphan_files"] == []
 
@@ -109,7 +115,7 @@ def test_multiprocess_metrics_add_up_across_processes(backend, tmp_path, config_
         pytest.skip("process aggregation does not depend on the database")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"), TEMPMAIL_CONFIG=str(config_file))
     (tmp_path / "prom").mkdir()
-    count = "import ops; [ops.count_message('rejected', 'relay_denied') for _ in range(3)]"
+    count = "import metrics; [metrics.count_message('rejected', 'relay_denied') for _ in range(3)]"
     scrape = ("from app import create_app; "
               "print(create_app().test_client().get('/metrics').get_data(as_text=True))")
     subprocess.run([sys.executable, "-c", count], cwd=ROOT, env=env, check=True)

@@ -8,8 +8,10 @@ import time
 
 from sqlalchemy import func, select
 
-import models
 from models import Attachment, Domain, Mailbox, Message, db
+import mailhandler  # noqa: E402
+import storage  # noqa: E402
+import retention  # noqa: E402
 
 
 def new_box(name: str, lifetime: int = 3600) -> Mailbox:
@@ -18,7 +20,7 @@ def new_box(name: str, lifetime: int = 3600) -> Mailbox:
 
 def store(box: Mailbox, subject: str = "hi", attachments: int = 1) -> Message:
     parts = [{"filename": f"f{i}.txt", "data": f"{subject}-{i}".encode()} for i in range(attachments)]
-    msg = models.store_message(box, {"subject": subject}, f"Subject: {subject}\r\n\r\nbody".encode(), parts)
+    msg = mailhandler.store_message(box, {"subject": subject}, f"Subject: {subject}\r\n\r\nbody".encode(), parts)
     db.session.commit()
     return msg
 
@@ -29,13 +31,13 @@ def files_on_disk(app) -> set[str]:
     for folder, _dirs, names in os.walk(root):
         for name in names:
             if not name.startswith("."):
-                found.add(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+                found.add(name)  # a blob's file is named by its SHA-256
     return found
 
 
 def referenced_files() -> set[str]:
-    paths = set(db.session.scalars(select(Message.raw_path)))
-    return paths | set(db.session.scalars(select(Attachment.stored_path)))
+    paths = set(db.session.scalars(select(Message.raw_sha256)))
+    return paths | set(db.session.scalars(select(Attachment.sha256)))
 
 
 def count(model) -> int:
@@ -49,12 +51,12 @@ def test_purge_removes_expired_mailboxes_messages_and_files(app, clock):
             store(old, f"old{i}", attachments=2)
         keep = store(live, "keep")
         clock.advance(120)
-        result = models.purge_expired()
+        result = retention.purge_expired()
         assert result == {"mailboxes": 1, "messages": 3}
         assert [b.address for b in db.session.scalars(select(Mailbox))] == ["livebox@example.com"]
         assert count(Message) == 1 and count(Attachment) == 1
-        assert files_on_disk(app) == referenced_files() == {keep.raw_path, keep.attachments[0].stored_path}
-        assert models.purge_expired() == {"mailboxes": 0, "messages": 0}
+        assert files_on_disk(app) == referenced_files() == {keep.raw_sha256, keep.attachments[0].sha256}
+        assert retention.purge_expired() == {"mailboxes": 0, "messages": 0}
 
 
 def test_purge_bounds_every_transaction(app, clock):
@@ -67,7 +69,7 @@ def test_purge_bounds_every_transaction(app, clock):
             new_box(f"empty{i}", 60)
         clock.advance(120)
         batches = []
-        result = models.purge_expired(batch_size=4, progress=batches.append)
+        result = retention.purge_expired(batch_size=4, progress=batches.append)
         assert result == {"mailboxes": 6, "messages": 23}
         assert max(batches) <= 4 and sum(batches) == 29
         assert count(Mailbox) == 0 and files_on_disk(app) == set()
@@ -97,7 +99,7 @@ def test_purge_while_mail_arrives(app, clock):
     thread = threading.Thread(target=writer)
     thread.start()
     with app.app_context():
-        result = models.purge_expired(batch_size=5)
+        result = retention.purge_expired(batch_size=5)
     thread.join()
     assert not errors
     with app.app_context():
@@ -112,15 +114,16 @@ def test_trim_mailbox_keeps_the_newest(app_factory):
     app = app_factory({"max_messages_per_mailbox": 3})
     with app.app_context():
         box = new_box("capped")
-        oldest = store(box, "m0").raw_path
+        oldest = store(box, "m0").raw_sha256
         for i in range(1, 5):
             store(box, f"m{i}")
-        assert models.trim_mailbox(box.id) == 2
-        db.session.commit()
+        trimmed = retention.trim_mailbox(box.id)
+        assert trimmed.count == 2
+        storage.commit_removal(trimmed.freed)
         assert list(db.session.scalars(select(Message.subject).order_by(Message.id))) == ["m2", "m3", "m4"]
         assert files_on_disk(app) == referenced_files()
         assert oldest not in files_on_disk(app)
-        assert models.trim_mailbox(box.id) == 0
+        assert retention.trim_mailbox(box.id).count == 0
 
 
 def test_trim_without_cap_is_off(app):
@@ -128,9 +131,9 @@ def test_trim_without_cap_is_off(app):
         box = new_box("uncapped")
         for i in range(4):
             store(box, f"m{i}", attachments=0)
-        assert models.max_messages_per_mailbox() == 0
-        assert models.trim_mailbox(box.id) == 0
-        assert models.trim_all_mailboxes() == 0
+        assert retention.max_messages_per_mailbox() == 0
+        assert retention.trim_mailbox(box.id).count == 0
+        assert retention.trim_all_mailboxes() == 0
         assert count(Message) == 4
 
 
@@ -142,7 +145,7 @@ def test_trim_all_mailboxes_in_batches(app_factory):
             for j in range(n):
                 store(box, f"{box.username}-{j}", attachments=0)
         batches = []
-        assert models.trim_all_mailboxes(batch_size=2, progress=batches.append) == 7
+        assert retention.trim_all_mailboxes(batch_size=2, progress=batches.append) == 7
         assert max(batches) <= 2
         per_box = dict(db.session.execute(select(Message.mailbox_id, func.count()).group_by(Message.mailbox_id)).all())
         assert per_box == {boxes[0].id: 2, boxes[1].id: 2, boxes[2].id: 2}
@@ -158,7 +161,7 @@ def age(path, seconds: float) -> None:
 def test_orphan_files_are_removed_after_the_grace_period(app):
     with app.app_context():
         msg = store(new_box("orphans"), "kept")
-        root = models.uploads_dir()
+        root = storage.uploads_dir()
         (root / "20200101").mkdir(parents=True)
         stray = root / "20200101" / "stray.bin"
         stray.write_bytes(b"no row")
@@ -167,16 +170,16 @@ def test_orphan_files_are_removed_after_the_grace_period(app):
         tmp = root / "20200101" / "half.tmp"
         tmp.write_bytes(b"interrupted write")
         (root / ".htaccess").write_text("Require all denied\n")
-        for path in (stray, tmp, root / ".htaccess", models.file_path(msg.raw_path)):
+        for path in (stray, tmp, root / ".htaccess", storage.blob_path(msg.raw_sha256)):
             age(path, 7200)
-        removed = models.remove_orphan_files(grace_seconds=3600)
+        removed = retention.remove_orphans(grace_seconds=3600)
         assert sorted(removed) == ["20200101/half.tmp", "20200101/stray.bin"]
         assert fresh.exists() and (root / ".htaccess").exists()
-        assert models.file_path(msg.raw_path).exists()
-        assert models.file_path(msg.attachments[0].stored_path).exists()
+        assert storage.blob_path(msg.raw_sha256).exists()
+        assert storage.blob_path(msg.attachments[0].sha256).exists()
         fresh.unlink()
         age(root / "20200101", 7200)
-        models.remove_orphan_files(grace_seconds=3600)
+        retention.remove_orphans(grace_seconds=3600)
         assert not (root / "20200101").exists()
 
 
@@ -184,8 +187,8 @@ def test_rows_whose_files_are_gone_are_reported(app):
     with app.app_context():
         box = new_box("missing")
         a, b = store(box, "a"), store(box, "b", attachments=2)
-        models.file_path(a.raw_path).unlink()
-        models.file_path(b.attachments[1].stored_path).unlink()
-        assert models.find_missing_files(batch_size=1) == {
+        storage.blob_path(a.raw_sha256).unlink()
+        storage.blob_path(b.attachments[1].sha256).unlink()
+        assert retention.find_missing(batch_size=1) == {
             "messages": [a.id], "attachments": [b.attachments[1].id]}
         assert count(Message) == 2

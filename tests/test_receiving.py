@@ -99,7 +99,7 @@ def test_html_only_inline_image_and_cpython_samples(app, client, mail_server):
     assert image["content_type"] == "image/gif"
     with app.app_context():
         from models import Attachment
-        stored = db.session.get(Attachment, image["id"])
+        stored = Attachment.by_legacy_id(str(image["id"]))
         assert (stored.content_id, stored.inline) == ("logo@x", True)
 
 

@@ -17,8 +17,7 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from bs4 import BeautifulSoup
 
-import models
-from app import email_token
+import mailhandler
 from models import Mailbox, db
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +111,7 @@ def csrf(client, path="/") -> str:
 def deliver(app, address: str, subject: str, html: str = "", attachments=()) -> int:
     with app.app_context():
         box = Mailbox.find_live(address)
-        msg = models.store_message(box, {"from_email": "qwx@zz.example", "from_name": "Qwx Zzy",
+        msg = mailhandler.store_message(box, {"from_email": "qwx@zz.example", "from_name": "Qwx Zzy",
                                          "subject": subject, "body_text": "Zzq zzq", "body_html": html},
                                    b"Subject: " + subject.encode() + b"\r\n\r\nZzq zzq", attachments)
         db.session.commit()
@@ -136,6 +135,18 @@ def visible(html: str, only: str | None = None) -> str:
     return " ".join(parts)
 
 
+def sign_in(client, email: str) -> None:
+    resp = client.post("/signin", data={"csrf_token": csrf(client, "/signin"), "email": email,
+                                        "password": PASSWORD})
+    assert resp.status_code in (302, 303), resp.status_code
+
+
+def sign_up(client, email: str) -> None:
+    client.post("/signup", data={"csrf_token": csrf(client, "/signup"), "email": email,
+                                 "password": PASSWORD, "confirm": PASSWORD})
+    sign_in(client, email)
+
+
 def page_set(app, client) -> dict:
     """One rendering of every page (and of a flash message), for one client."""
     address = ADDRESS_RE.search(client.get("/").get_data(as_text=True)).group(1)
@@ -143,7 +154,7 @@ def page_set(app, client) -> dict:
         {"filename": "zz.bin", "data": b"z" * 157, "content_type": "application/octet-stream"}])
     html_id = deliver(app, address, "Zzq html", html='<p>Zzq <img src="https://t.example/p.gif"></p>')
     with app.app_context():
-        token = email_token(Mailbox.find_live(address))
+        token = Mailbox.find_live(address).email_token()
     pages = {"inbox": client.get("/").get_data(as_text=True),
              "reader-html": client.get(f"/web/messages/{html_id}").get_data(as_text=True),
              "reader-text": client.get(f"/web/messages/{text_id}").get_data(as_text=True),
@@ -161,7 +172,16 @@ def page_set(app, client) -> dict:
                                          ).get_data(as_text=True)
     client.post("/signup", data={"csrf_token": csrf(client, "/signup"), "email": "i18n@example.org",
                                  "password": PASSWORD, "confirm": PASSWORD})
+    pages["signed-up"] = client.get("/signin").get_data(as_text=True)  # with its flash
+    pages["signin-wrong"] = client.post("/signin", data={"csrf_token": csrf(client, "/signin"),
+                                                         "email": "i18n@example.org", "password": "nope"}
+                                        ).get_data(as_text=True)
+    sign_in(client, "i18n@example.org")
     pages["account"] = client.get("/account").get_data(as_text=True)
+    pages["password-errors"] = client.post("/account/password", data={
+        "csrf_token": csrf(client, "/account"), "current_password": "nope", "new_password": "x",
+        "confirm": "y"}).get_data(as_text=True)
+    sign_in(client, "i18n@example.org")  # a wrong current password ends nothing; this is for safety
     pages["account-new-key"] = client.post("/account/key", data={"csrf_token": csrf(client, "/account")}
                                            ).get_data(as_text=True)
     pages["docs-header"] = client.get("/docs").get_data(as_text=True)
@@ -291,8 +311,7 @@ def test_the_switcher_is_on_every_page_and_keeps_the_place(app, client):
     html = client.get("/?q=zz&page=2").get_data(as_text=True)
     assert 'href="/?q=zz&amp;page=2&amp;lang=it"' in html
     # a page answering a POST has no GET to come back to: the switcher goes home
-    client.post("/signup", data={"csrf_token": csrf(client, "/signup"), "email": "s@example.org",
-                                 "password": PASSWORD, "confirm": PASSWORD})
+    sign_up(client, "s@example.org")
     key_page = client.post("/account/key", data={"csrf_token": csrf(client, "/account")}).get_data(as_text=True)
     assert 'href="/?lang=vi"' in key_page
 

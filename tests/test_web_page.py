@@ -12,8 +12,8 @@ import pytest
 import segno
 from bs4 import BeautifulSoup
 
-import models
-from app import email_token
+import mailhandler
+import storage
 from models import Mailbox, Message, db
 
 TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -34,7 +34,7 @@ def deliver(app, address: str, subject: str = "Hello", html: str = "", text: str
     """Store a message straight through models (the parser has its own tests)."""
     with app.app_context():
         box = Mailbox.find_live(address)
-        msg = models.store_message(box, {"from_email": sender[1], "from_name": sender[0],
+        msg = mailhandler.store_message(box, {"from_email": sender[1], "from_name": sender[0],
                                          "subject": subject, "body_text": text, "body_html": html},
                                    raw or b"Subject: " + subject.encode() + b"\r\n\r\n" + text.encode(),
                                    attachments)
@@ -139,7 +139,7 @@ def test_a_source_whose_file_is_gone_says_so(app, client):
     address = page_address(client)
     msg_id = deliver(app, address, subject="gone")
     with app.app_context():
-        models.file_path(db.session.get(Message, msg_id).raw_path).unlink()
+        storage.blob_path(db.session.get(Message, msg_id).raw_sha256).unlink()
     resp = client.get(f"/web/messages/{msg_id}?view=source")
     assert resp.status_code == 200 and "no longer stored" in resp.get_data(as_text=True)
 
@@ -207,7 +207,7 @@ def test_the_token_inbox_searches_and_pages_too(app, client):
     address = page_address(client)
     fill(app, address, 52)
     with app.app_context():
-        token = email_token(Mailbox.find_live(address))
+        token = Mailbox.find_live(address).email_token()
     visitor = app.test_client()
     page = visitor.get(f"/m/{token}?q=shop+1")
     assert listed(page)[0] == "Order 049" and len(listed(page)) == 17
@@ -221,7 +221,7 @@ def test_the_token_inbox_searches_and_pages_too(app, client):
 def test_the_qr_code_holds_the_inbox_link(app, client):
     address = page_address(client)
     with app.app_context():
-        link = "http://localhost/m/" + email_token(Mailbox.find_live(address))
+        link = "http://localhost/m/" + Mailbox.find_live(address).email_token()
     resp = client.get("/web/qr.svg")
     assert resp.status_code == 200 and resp.mimetype == "image/svg+xml"
     assert resp.headers["Cache-Control"] == "no-store"  # the link it holds opens the inbox
@@ -247,7 +247,7 @@ def test_extend_gives_a_full_lifetime_from_now(app_factory, clock):
     assert "Your address now expires in 1 h." in resp.get_data(as_text=True)
     with app.app_context():
         box = Mailbox.find_live(address)
-        assert box.expires_at == models.now() + timedelta(seconds=3600)
+        assert box.expires_at == clock() + timedelta(seconds=3600)
     assert 'Extend to 1 h' in client.get("/").get_data(as_text=True)
 
 
@@ -257,9 +257,9 @@ def test_extend_never_shortens_and_needs_the_session_and_csrf(app_factory, clock
     address = page_address(client)
     with app.app_context():
         box = Mailbox.find_live(address)
-        box.expires_at = models.now() + timedelta(days=2)  # e.g. made under a longer lifetime
+        box.expires_at = clock() + timedelta(days=2)  # e.g. made under a longer lifetime
         db.session.commit()
-        token = email_token(box)
+        token = box.email_token()
         before = box.expires_at
     client.post("/web/address/extend", data={"csrf_token": csrf(client)})
     assert client.post("/web/address/extend").status_code == 400  # no CSRF token
@@ -288,6 +288,9 @@ def test_the_new_api_key_has_a_copy_button(app, client):
     token = TOKEN_RE.search(client.get("/signup").get_data(as_text=True)).group(1)
     client.post("/signup", data={"csrf_token": token, "email": "copy@example.org",
                                  "password": password, "confirm": password})
+    token = TOKEN_RE.search(client.get("/signin").get_data(as_text=True)).group(1)
+    assert client.post("/signin", data={"csrf_token": token, "email": "copy@example.org",
+                                        "password": password}).status_code in (302, 303)
     token = TOKEN_RE.search(client.get("/account").get_data(as_text=True)).group(1)
     page = soup(client.post("/account/key", data={"csrf_token": token}))
     button = page.select_one(".new-key button[data-copy-text]")

@@ -90,8 +90,10 @@ class Gunicorn:
     """gunicorn serving ``wsgi:application`` in its own process group, so a
     SIGKILL of the group takes the master and every worker at once."""
 
-    def __init__(self, config: Path, log: Path, workers: int = 4):
-        self.config, self.log, self.workers = config, log, workers
+    def __init__(self, config: Path, log: Path, workers: int = 4, extra: list[str] = ()):
+        """``extra``: more gunicorn options (e.g. ``--config deploy/gunicorn.conf.py``;
+        the options given here win over a config file's)."""
+        self.config, self.log, self.workers, self.extra = config, log, workers, list(extra)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -102,7 +104,7 @@ class Gunicorn:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.port}", "--workers",
-                 str(self.workers), "--timeout", "120", "wsgi:application"], cwd=ROOT, env=env,
+                 str(self.workers), "--timeout", "120", *self.extra, "wsgi:application"], cwd=ROOT, env=env,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for_port(self.port, timeout=60)
         return self

@@ -11,7 +11,6 @@ import pytest
 from itsdangerous import URLSafeSerializer
 
 import mailhandler
-from app import email_token
 from models import ApiKey, Mailbox, Message, User, db
 
 from .helpers import build_message, record
@@ -67,7 +66,7 @@ def test_email_token_cannot_be_forged_or_moved(app, backend):
         domain = Domain.by_name("example.com")
         box_a = Mailbox.create("tokena", domain, 86400)
         box_b = Mailbox.create("tokenb", domain, 86400)
-        token_a = email_token(box_a)
+        token_a = box_a.email_token()
         (msg_b,) = mailhandler.deliver(build_message(2, box_b.address), [box_b.address])
         forged = URLSafeSerializer("not the secret", salt="mailbox-token").dumps([box_b.id, box_b.token])
         guessed = URLSafeSerializer(app.config["SECRET_KEY"], salt="mailbox-token").dumps([box_b.id, "0" * 16])

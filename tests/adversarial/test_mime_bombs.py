@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 
 from sqlalchemy import select
 
-import models
 from models import Message, db
 
 from .helpers import Daemon, record, send_one, write_config

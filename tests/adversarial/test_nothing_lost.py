@@ -19,10 +19,11 @@ import requests
 from sqlalchemy import func, select
 
 import mailhandler
-import models
 from models import Attachment, Domain, Mailbox, Message, db
 
 from .helpers import Daemon, Gunicorn, build_message, record, write_config
+import storage  # noqa: E402
+import retention  # noqa: E402
 
 MESSAGES, CONNECTIONS, MAILBOXES = 5000, 16, 20
 KILL_AT = (1500, 3300)  # acknowledged messages after which the daemon is killed
@@ -128,10 +129,10 @@ def check_stored(app, items: list[dict]) -> dict:
             if msg is None:
                 missing.append(item["n"])
                 continue
-            raw = models.file_path(msg.raw_path).read_bytes()
+            raw = storage.blob_path(msg.raw_sha256).read_bytes()
             if raw != item["data"] or msg.raw_sha256 != hashlib.sha256(raw).hexdigest():
                 bad_raw.append(item["n"])
-            got = {a.filename: hashlib.sha256(models.file_path(a.stored_path).read_bytes()).hexdigest()
+            got = {a.filename: hashlib.sha256(storage.blob_path(a.sha256).read_bytes()).hexdigest()
                    for a in msg.attachments}
             if got != item["files"]:
                 bad_files.append(item["n"])
@@ -211,11 +212,11 @@ def half_deleted(app) -> dict:
         referenced = set()
         rows_missing = []
         for msg in db.session.scalars(select(Message)):
-            paths = [msg.raw_path] + [a.stored_path for a in msg.attachments]
+            paths = [msg.raw_sha256] + [a.sha256 for a in msg.attachments]
             referenced.update(paths)
-            if len(msg.attachments) != 2 or not all(models.file_path(p).is_file() for p in paths):
+            if len(msg.attachments) != 2 or not all(storage.blob_path(p).is_file() for p in paths):
                 rows_missing.append(msg.id)
-        root = models.uploads_dir()
+        root = storage.uploads_dir()
         files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
                  and not p.name.startswith(".")}
         return {"rows_without_files": rows_missing, "orphans": sorted(files - referenced),
@@ -249,7 +250,7 @@ def test_web_app_killed_during_api_deletes(app, tmp_path):
         web.stop()
     state = half_deleted(app)
     with app.app_context():
-        swept = models.remove_orphan_files(grace_seconds=0)
+        swept = retention.remove_orphans(grace_seconds=0)
     after = half_deleted(app)
     record("nothing lost: deletes", f"300 messages x (raw + 2 attachments); gunicorn SIGKILLed after "
            f"{len(deleted)} answered deletes ({len(errors)} cut off); {state['rows']} rows left")

@@ -11,11 +11,16 @@ PASSWORD = "browser pass 123"
 
 
 def sign_up(page, base: str, email: str) -> None:
+    """Sign up, then sign in on the page sign-up leads to (address filled in)."""
     page.goto(base + "/signup")
     page.get_by_label("E-mail address").fill(email)
     page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_label("Repeat the password").fill(PASSWORD)
     page.get_by_role("button", name="Create account").click()
+    page.wait_for_url(base + "/signin")
+    assert page.get_by_label("E-mail address").input_value() == email
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(base + "/account")
 
 

@@ -1,0 +1,50 @@
+"""The database handle and the two statements every counter in TempMail uses.
+
+``db`` is the Flask-SQLAlchemy extension (models.py declares the tables on
+it); ``insert_ignore`` and ``upsert_add`` are the race-free INSERTs of
+SQLite and PostgreSQL that keep concurrent workers exact.
+"""
+from __future__ import annotations
+
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# Rows stay readable after a commit without a refresh query: cheaper, and a
+# row another worker deletes meanwhile cannot turn a finished answer into a
+# 500 (ObjectDeletedError on the refresh).
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
+
+
+def insert_ignore(model, index_elements: list[str], **values) -> None:
+    """INSERT a row unless one with the same unique key exists (a concurrent
+    creator included): ``ON CONFLICT DO NOTHING`` on SQLite and PostgreSQL."""
+    dialect = db.session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        db.session.execute(insert(model).values(**values).on_conflict_do_nothing(
+            index_elements=index_elements))
+        return
+    try:  # other databases: a savepoint absorbs the lost creation race
+        with db.session.begin_nested():
+            db.session.add(model(**values))
+    except IntegrityError:
+        pass
+
+
+def upsert_add(model, key: dict, column: str, amount: int, **extra) -> int:
+    """Add ``amount`` to ``column`` of the row with unique ``key``, creating
+    it (with ``extra``) when missing, as one atomic statement; returns the new
+    value. Concurrent callers each add exactly their amount."""
+    insert = pg_insert if db.session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    col = getattr(model.__table__.c, column)
+    stmt = insert(model).values(**key, **extra, **{column: amount})
+    stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={column: col + amount})
+    return db.session.execute(stmt.returning(col)).scalar_one()

@@ -1,0 +1,153 @@
+"""Names and identifiers: the username rules every front and catch-all
+share, and the ids that strangers must not be able to guess.
+
+* Random usernames: an adjective, a noun and seven digits (``calmotter4821907``):
+  128 × 128 × 10^7 ≈ 2^37 names, still readable and at most 19 characters.
+* User API message ids: 46 random characters of [A-Za-z0-9] (the seed's shape).
+* api.php ids: the seed shows integers (``"id": 1``), so rows keep their
+  sequential primary keys inside the database, and api.php shows a keyed
+  permutation of them instead: a Feistel network over 52 bits. Distinct
+  keys give distinct ids, the ids stay below 2^53 (exact in every JSON
+  parser), one id says nothing about any other, and because the primary keys
+  are never reused (AUTOINCREMENT / sequences) neither are the ids shown.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import string
+
+from flask import current_app
+
+USERNAME_RE = re.compile(r"^[a-z0-9]{3,20}$")
+PUBLIC_ID_ALPHABET = string.ascii_letters + string.digits
+PUBLIC_ID_LENGTH = 46  # the User API seed's message ids are 46 [A-Za-z0-9]
+ID_BITS = 52
+_HALF = ID_BITS // 2
+_MASK = (1 << _HALF) - 1
+_ROUNDS = 6
+
+ADJECTIVES = (
+    "amber", "azure", "bold", "brave", "brisk", "calm", "clear", "clever", "cool", "cosy",
+    "crisp", "curly", "dandy", "daring", "deep", "dizzy", "eager", "early", "easy", "fair",
+    "fancy", "fast", "fine", "fluffy", "fresh", "frosty", "funny", "gentle", "giant", "glad",
+    "golden", "good", "grand", "green", "happy", "hardy", "hazy", "honest", "humble", "icy",
+    "jolly", "juicy", "keen", "kind", "large", "lazy", "light", "lively", "lucky", "lunar",
+    "magic", "mellow", "merry", "mighty", "mild", "misty", "modern", "noble", "nimble", "odd",
+    "olive", "orange", "plain", "plucky", "polite", "proud", "quick", "quiet", "rapid", "rare",
+    "ready", "red", "regal", "rosy", "royal", "rustic", "safe", "sandy", "shiny", "silent",
+    "silky", "silver", "simple", "sleek", "slow", "smart", "smooth", "snowy", "soft", "solar",
+    "spicy", "steady", "stormy", "sturdy", "sunny", "super", "sweet", "swift", "tall", "tame",
+    "tender", "tidy", "tiny", "true", "urban", "vast", "velvet", "vivid", "warm", "wavy",
+    "wild", "windy", "wise", "witty", "young", "zany", "zesty", "agile", "alpine", "arctic",
+    "breezy", "bright", "cheery", "cosmic", "dusty", "jade", "lemon", "minty")
+NOUNS = (
+    "acorn", "anchor", "apple", "arrow", "badger", "bamboo", "beacon", "bear", "birch", "bison",
+    "breeze", "brook", "cactus", "canyon", "cedar", "cherry", "cloud", "clover", "comet", "coral",
+    "cotton", "crane", "daisy", "delta", "dingo", "donkey", "dove", "dragon", "dune", "eagle",
+    "ember", "falcon", "fern", "finch", "fjord", "flame", "forest", "fox", "galaxy", "garden",
+    "gecko", "glade", "goose", "grape", "harbor", "hazel", "heron", "hill", "island", "ivy",
+    "jaguar", "jasper", "kayak", "kiwi", "koala", "lagoon", "lake", "lark", "lemur", "lily",
+    "lotus", "lynx", "mango", "maple", "marble", "meadow", "meteor", "moose", "moss", "nectar",
+    "newt", "nova", "oak", "ocean", "orbit", "orchid", "otter", "owl", "panda", "parrot",
+    "peach", "pebble", "pepper", "pine", "pixel", "planet", "plum", "pond", "poppy", "quartz",
+    "rabbit", "raven", "reef", "river", "robin", "rocket", "saddle", "sage", "salmon", "shell",
+    "spruce", "squid", "star", "stone", "storm", "swan", "thorn", "tiger", "timber", "toucan",
+    "tulip", "turtle", "valley", "violet", "walrus", "willow", "wolf", "wren", "yak", "zebra",
+    "acacia", "bonsai", "cobalt", "canary", "harp", "igloo", "koi", "lamb")
+assert len(ADJECTIVES) == 128 and len(NOUNS) == 128
+assert all(len(w) <= 6 and w.isascii() and w.isalpha() for w in ADJECTIVES + NOUNS)
+
+
+class MailboxError(Exception):
+    """A mailbox could not be opened; ``code`` names why and ``message`` says
+    it in the words every front shows (the first three are the PHP
+    original's). ``retry_after`` is set for the temporary refusals."""
+
+    MESSAGES = {
+        "invalid": "Invalid username. Use 3-20 alphanumeric characters only.",
+        "reserved": "This username is reserved and cannot be used.",
+        "taken": "Username already taken. Please choose another one.",
+        "domain": "Invalid domain. Use one of the domains listed by /domains.",
+        "rate_limited": "Too many addresses were created from your network. Try again later.",
+        "full": "No new addresses can be created right now. Try again later.",
+    }
+
+    def __init__(self, code: str, retry_after: int = 0):
+        super().__init__(code)
+        self.code, self.retry_after = code, retry_after
+
+    @property
+    def message(self) -> str:
+        return self.MESSAGES.get(self.code, self.MESSAGES["invalid"])
+
+
+def check_username(username: str) -> str:
+    """Lower-case ``username`` and check it: 3-20 ASCII letters/digits, not reserved."""
+    name = (username or "").strip().lower()
+    # str.isalnum() would let unicode digits and letters through; the PHP
+    # original used ctype_alnum on bytes, i.e. ASCII only.
+    if not USERNAME_RE.match(name) or not name.isascii():
+        raise MailboxError("invalid")
+    if name in {r.lower() for r in current_app.config["TEMPMAIL"]["reserved_usernames"]}:
+        raise MailboxError("reserved")
+    return name
+
+
+def random_username() -> str:
+    """A readable random username with about 37 bits of entropy."""
+    digits = str(secrets.randbelow(10 ** 7)).zfill(7)
+    return secrets.choice(ADJECTIVES) + secrets.choice(NOUNS) + digits
+
+
+def new_public_id() -> str:
+    """An opaque, unguessable message id: 46 random characters of [A-Za-z0-9]."""
+    # One 320-bit draw written in base 62 (46 digits hold 273 bits; the bias
+    # of the reduction is below 2**-46) instead of 46 urandom calls per message.
+    number = int.from_bytes(secrets.token_bytes(40), "big")
+    digits = []
+    for _ in range(PUBLIC_ID_LENGTH):
+        number, digit = divmod(number, 62)
+        digits.append(PUBLIC_ID_ALPHABET[digit])
+    return "".join(digits)
+
+
+def _round_keys(purpose: str) -> list[bytes]:
+    cache = current_app.extensions.setdefault("tempmail_idkeys", {})
+    if purpose not in cache:
+        secret = str(current_app.config["SECRET_KEY"]).encode()
+        cache[purpose] = [hashlib.blake2b(f"{purpose}:{n}".encode(), key=secret[:64], digest_size=16).digest()
+                          for n in range(_ROUNDS)]
+    return cache[purpose]
+
+
+def _f(key: bytes, half: int) -> int:
+    digest = hashlib.blake2b(half.to_bytes(4, "big"), key=key, digest_size=4).digest()
+    return int.from_bytes(digest, "big") & _MASK
+
+
+def expose(row_id: int, purpose: str) -> int:
+    """The id api.php shows for primary key ``row_id`` of table ``purpose``."""
+    left, right = row_id >> _HALF, row_id & _MASK
+    for key in _round_keys(purpose):
+        left, right = right, left ^ _f(key, right)
+    return (left << _HALF) | right
+
+
+def unexpose(shown: int, purpose: str) -> int:
+    """The primary key behind an id that ``expose`` produced (any number below
+    2^52 maps to some key; callers look it up and answer 404 when missing)."""
+    left, right = shown >> _HALF, shown & _MASK
+    for key in reversed(_round_keys(purpose)):
+        left, right = right ^ _f(key, left), left
+    return (left << _HALF) | right
+
+
+def parse_shown_id(raw: str) -> int | None:
+    """A path segment as an api.php id, or None when it cannot be one: not
+    ASCII digits, or not below 2^52 (so no huge number reaches the database)."""
+    if not raw or not (raw.isascii() and raw.isdigit()) or len(raw) > 16:
+        return None
+    value = int(raw)
+    return value if value < (1 << ID_BITS) else None

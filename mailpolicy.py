@@ -1,0 +1,203 @@
+"""Policy: who may open a mailbox, and which mail a mailbox takes.
+
+As Inbucket's ``policy`` package does with ``ShouldAccept``/``ShouldStore``,
+one decision serves both moments of a delivery:
+
+* at RCPT time (``check_recipient``, on the daemon's I/O thread, read-only),
+* at delivery (``mailboxes_for``, inside the writer's transaction), where a
+  catch-all address is also created, by the same ``Mailbox.build`` and the
+  same username rules as ``/generate`` (reserved names included).
+
+So whatever RCPT accepts, delivery stores. ``name+tag@domain`` is delivered
+to ``name@domain`` and remembers its tag.
+
+``open_mailbox`` is the one way the three fronts (api.php, the User API and
+the web page) create an address: abuse limit, live-mailbox cap, then the
+username rules, each refusal a ``MailboxError`` with its text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Optional
+
+from sqlalchemy import select
+
+import clock
+import limits
+from models import Domain, Mailbox, MailboxError, cfg, check_username, db
+
+MAX_TAG = 64
+
+
+class DeliveryError(Exception):
+    """A message was refused; ``smtp_reply`` and ``exit_code`` say how to tell the sender."""
+
+    smtp_code = "451 4.3.0"
+    exit_code = 75  # EX_TEMPFAIL
+    reason = "error"  # the metrics label: a short fixed word per class
+
+    def __init__(self, detail: str = ""):
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def smtp_reply(self) -> str:
+        """The reply line, printable ASCII only: a sender's address quoted in
+        it may hold anything, and the session may not be able to send it."""
+        text = f"{self.smtp_code} {self.detail or self.__doc__.strip().splitlines()[0]}"
+        return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+
+    @property
+    def permanent(self) -> bool:
+        return self.smtp_code.startswith("5")
+
+
+class UnknownRecipient(DeliveryError):
+    """User unknown"""
+    smtp_code, exit_code, reason = "550 5.1.1", 67, "user_unknown"  # EX_NOUSER
+
+
+class RelayDenied(DeliveryError):
+    """Relay access denied"""
+    smtp_code, exit_code, reason = "550 5.7.1", 67, "relay_denied"
+
+
+class TooLarge(DeliveryError):
+    """Message size exceeds fixed maximum message size"""
+    smtp_code, exit_code, reason = "552 5.3.4", 65, "too_big"  # EX_DATAERR
+
+
+class StoreFailed(DeliveryError):
+    """Temporary failure storing the message, try again later"""
+    smtp_code, exit_code = "451 4.3.0", 75
+
+
+class NoRoom(DeliveryError):
+    """Insufficient system storage, try again later"""
+    smtp_code, exit_code, reason = "452 4.3.1", 75, "no_room"
+
+
+# --------------------------------------------------------------------------
+# recipients
+
+@dataclass(frozen=True)
+class Recipient:
+    """An envelope recipient as the policy reads it."""
+    given: str
+    local: str  # lower-case, without the +tag
+    domain: str
+    tag: Optional[str]
+
+    @property
+    def address(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+def parse_recipient(given: str) -> Recipient:
+    """Split an envelope address: lower-cased, brackets gone, ``+tag`` apart."""
+    addr = (given or "").strip().strip("<>").strip()
+    local, _, domain = addr.rpartition("@")
+    local, plus, tag = local.partition("+")
+    # Lower-case only what is ASCII: Unicode case folding would turn a KELVIN
+    # SIGN into "k" and let a look-alike name reach someone else's mailbox.
+    local = local.lower() if local.isascii() else local
+    tag = tag.lower() if tag.isascii() else tag
+    return Recipient(given, local, domain.lower(), tag[:MAX_TAG] if plus and tag else None)
+
+
+def decide(rcpt: Recipient, domain_known: bool, expires_at: Optional[datetime]) -> str:
+    """The one decision: ``"live"`` (its mailbox takes the mail) or
+    ``"create"`` (catch-all will make it); raises RelayDenied for a domain
+    that is not ours, UnknownRecipient for anyone else."""
+    if not rcpt.local or not domain_known:
+        raise RelayDenied(f"<{rcpt.given}>: Relay access denied")
+    if expires_at is not None and expires_at > clock.now():
+        return "live"
+    if cfg("catch_all"):
+        try:
+            check_username(rcpt.local)
+            return "create"
+        except MailboxError:
+            pass  # reserved names and what /generate refuses stay unknown
+    raise UnknownRecipient(f"<{rcpt.given}>: Recipient address rejected: User unknown")
+
+
+def check_recipient(given: str) -> Recipient:
+    """RCPT time: decide on one short connection (read only), so a mailbox the
+    web app created a moment ago is seen. Raises like ``decide``."""
+    rcpt = parse_recipient(given)
+    expiry = select(Mailbox.expires_at).where(Mailbox.address == rcpt.address).scalar_subquery()
+    with db.engine.connect() as conn:
+        row = conn.execute(select(Domain.id, expiry).where(
+            Domain.name == rcpt.domain, Domain.active.is_(True))).first()
+    decide(rcpt, row is not None, row[1] if row is not None else None)
+    return rcpt
+
+
+@dataclass
+class Lookups:
+    """What a delivery batch learnt about domains and mailboxes (one
+    transaction, a few milliseconds: safe to remember)."""
+    domains: Optional[set] = None
+    boxes: Optional[dict] = None
+    created: int = 0  # catch-all mailboxes made (the stats count them at commit)
+
+
+def mailboxes_for(recipients: Iterable[str], known: Lookups) -> list[tuple[Mailbox, Optional[str]]]:
+    """Delivery time: the distinct ``(mailbox, tag)`` pairs of ``recipients``,
+    catch-all mailboxes created (added and flushed, committed with the mail).
+    Raises UnknownRecipient or RelayDenied when no recipient is accepted."""
+    if known.domains is None:
+        known.domains, known.boxes = set(Domain.active_names(("free", "premium"))), {}
+    rcpts = [parse_recipient(given) for given in recipients]
+    _load_boxes([r.address for r in rcpts if r.domain in known.domains], known)
+    found: dict = {}
+    refusal: Optional[DeliveryError] = None
+    for rcpt in rcpts:
+        box = known.boxes.get(rcpt.address)
+        try:
+            verdict = decide(rcpt, rcpt.domain in known.domains, box.expires_at if box else None)
+        except DeliveryError as exc:
+            refusal = refusal if isinstance(refusal, UnknownRecipient) else exc
+            continue
+        if verdict == "create":
+            box = known.boxes[rcpt.address] = catch_all_mailbox(rcpt)
+            known.created += 1
+        found.setdefault((box.id, rcpt.tag), (box, rcpt.tag))
+    if not found:
+        raise refusal or UnknownRecipient("Recipient address rejected: User unknown")
+    return list(found.values())
+
+
+def _load_boxes(addresses: list[str], known: Lookups) -> None:
+    missing = [a for a in dict.fromkeys(addresses) if a not in known.boxes]
+    if missing:
+        known.boxes.update((box.address, box) for box in db.session.scalars(
+            select(Mailbox).where(Mailbox.address.in_(missing))))
+
+
+def catch_all_mailbox(rcpt: Recipient) -> Mailbox:
+    """A new catch-all mailbox, built exactly as ``/generate`` builds one."""
+    box = Mailbox.build(rcpt.local, Domain.by_name(rcpt.domain), int(cfg("mailbox_lifetime_seconds")),
+                        "catch-all")
+    db.session.flush()
+    return box
+
+
+# --------------------------------------------------------------------------
+# opening a mailbox from a front
+
+def open_mailbox(origin: str, domain: Domain, username: Optional[str], lifetime: int, client: str,
+                 limit: Optional[str] = "mailbox_create", **owner) -> Mailbox:
+    """Create a live mailbox for one of the fronts (``origin``), random when
+    ``username`` is None; ``owner`` is ``user_id=`` or ``session_id=``.
+    Refusals, in this order, each a MailboxError: the per-client abuse
+    limit ``limit`` (``rate_limited``), the live-mailbox cap (``full``),
+    then the username rules (``invalid``, ``reserved``, ``taken``)."""
+    wait = limits.take(limit, client or "-") if limit else 0
+    if wait:
+        raise MailboxError("rate_limited", wait)
+    if limits.mailbox_cap_reached():
+        raise MailboxError("full", 60)
+    return Mailbox.create(username, domain, lifetime, origin, **owner)

@@ -1,0 +1,26 @@
+"""Prometheus counters shared by the web app and the mail daemon.
+
+Deliberately imports nothing of the project: the receivers, the retention
+pass and the HTTP layer all count here without pulling each other in.
+With ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus-client writes the counts
+to files there and ``/metrics`` (ops.py) adds up every process.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+MESSAGES = Counter("tempmail_messages", "Messages offered to the receivers, by outcome and reason.",
+                   ["outcome", "reason"])
+REQUESTS = Counter("tempmail_http_requests", "HTTP requests by URL rule, method and status.",
+                   ["route", "method", "status"])
+PURGE_RUNS = Counter("tempmail_purge_runs", "Retention passes run (flask purge and the daemon timer).")
+PURGE_ROWS = Counter("tempmail_purge_rows", "Rows and files removed by retention passes, by kind.",
+                     ["kind"])
+
+
+def count_message(outcome: str, reason: str = "") -> None:
+    """Count one message offered to a receiver: ``outcome`` is ``accepted`` or
+    ``rejected``; ``reason`` a short fixed word (``relay_denied``,
+    ``user_unknown``, ``too_big``, ``error``...), never free text, so the
+    number of label values stays small."""
+    MESSAGES.labels(outcome=outcome, reason=reason or "").inc()

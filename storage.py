@@ -1,0 +1,365 @@
+"""Blob storage: raw messages and attachment bodies, each distinct blob once.
+
+A blob is named by the SHA-256 of its bytes. The ``blobs`` table counts the
+rows that use each one (``models.Blob``), in the same transaction as those
+rows, so a message sent to 100 mailboxes, or an attachment mailed a thousand
+times, is kept once and freed when its last user goes.
+
+Two backends, chosen by ``storage.backend``:
+
+* ``filesystem`` (default): files under ``uploads/blobs/ab/cd/<sha256>``,
+  written before the rows that name them and made durable before the commit.
+* ``database``: 1 MiB chunks in the ``blob_chunks`` table beside the rows,
+  for hosts that share nothing but the database.
+
+No path is ever built from what a sender or client wrote: only hex digests.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from flask import Response, current_app, send_file
+from sqlalchemy import select
+
+from models import Blob, BlobChunk, db
+
+log = logging.getLogger("tempmail.storage")
+
+CHUNK = 1 << 20
+SYNCFS_MIN_FILES = 2  # from this many files on, one syncfs(2) beats an fsync per file and folder
+SHA_HEX = frozenset("0123456789abcdef")
+
+
+def digest(data: bytes) -> str:
+    """The name of a blob: the hex SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def backend_name() -> str:
+    return current_app.config["TEMPMAIL"]["storage"]["backend"]
+
+
+def fsync_enabled() -> bool:
+    # Tests turn it off (FSYNC=False): a tmpfs-speed suite; production never does.
+    return current_app.config.get("FSYNC", True)
+
+
+# --------------------------------------------------------------------------
+# staging blobs for a transaction
+
+@dataclass
+class PendingBlobs:
+    """Blobs one transaction is about to reference: their bytes (until the
+    commit is durable), how many new references each gets, and which files
+    this transaction wrote (synced before the commit, removed on rollback)."""
+    data: dict = field(default_factory=dict)
+    refs: dict = field(default_factory=dict)
+    written: list = field(default_factory=list)
+    synced: int = 0
+
+    def add(self, data: bytes, sha: Optional[str] = None) -> str:
+        """Stage ``data`` (its SHA-256 may be given when already known); returns its name."""
+        sha = sha or digest(data)
+        self.refs[sha] = self.refs.get(sha, 0) + 1
+        if sha not in self.data:
+            self.data[sha] = data
+            if backend_name() == "filesystem":
+                write_blob_file(sha, data, self)
+        return sha
+
+    def sync_files(self) -> None:
+        """Make the files written so far durable (the daemon does this before
+        its INSERTs, so the sync does not happen under SQLite's write lock)."""
+        if fsync_enabled():
+            sync_files(self.written[self.synced:])
+        self.synced = len(self.written)
+
+    def reference(self) -> None:
+        """Count the staged references in the caller's transaction; the
+        database backend also inserts the chunks of blobs new to it."""
+        for sha, count in self.refs.items():
+            if Blob.add_refs(sha, len(self.data[sha]), count) and backend_name() == "database":
+                insert_chunks(sha, self.data[sha])
+
+    def after_commit(self) -> None:
+        """Once the rows are durable: every file they name must exist. A
+        concurrent deletion may have freed a blob whose file this batch found
+        already present (see ``discard``): write it again from memory."""
+        if backend_name() == "filesystem":
+            for sha, data in self.data.items():
+                if not blob_path(sha).exists():
+                    log.warning("blob %s vanished during its commit; written again", sha)
+                    write_blob_file(sha, data, self)
+                    self.sync_files()
+        self.data.clear()
+
+    def after_rollback(self) -> None:
+        """A rolled-back store leaves no file it wrote behind (``discard`` keeps
+        a file another row still uses)."""
+        discard([p.name for p in self.written])
+        self.written.clear()
+        self.data.clear()
+
+
+def insert_chunks(sha: str, data: bytes) -> None:
+    """The database backend's copy of a blob, in 1 MiB rows (streamable both ways)."""
+    view = memoryview(data)
+    for seq, start in enumerate(range(0, max(len(data), 1), CHUNK)):
+        db.session.execute(BlobChunk.__table__.insert().values(
+            sha256=sha, seq=seq, data=bytes(view[start:start + CHUNK])))
+
+
+# --------------------------------------------------------------------------
+# the filesystem backend
+
+def uploads_dir() -> Path:
+    return Path(current_app.config["UPLOADS_DIR"])
+
+
+def is_blob_name(name: str) -> bool:
+    """True for a lower-case hex SHA-256: the only names blob files have."""
+    return len(name) == 64 and SHA_HEX.issuperset(name)
+
+
+def blob_path(sha: str) -> Path:
+    """Where the file of blob ``sha`` lives; refuses anything but a hex digest."""
+    if not is_blob_name(sha):
+        raise ValueError("not a blob name")
+    return uploads_dir() / "blobs" / sha[:2] / sha[2:4] / sha
+
+
+def write_blob_file(sha: str, data: bytes, pending: PendingBlobs) -> None:
+    """Write the file of ``sha`` unless it exists: to a temporary name, then
+    renamed, so a file under a blob's name is always complete. The
+    temporary file is removed on any failure (a full disk included)."""
+    path = blob_path(sha)
+    if path.exists():
+        return
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    pending.written.append(path)
+
+
+def discard(shas: Iterable[str]) -> None:
+    """Remove the files of blobs whose last reference was deleted and committed.
+
+    A delivery may, at this very moment, have found the file present and be
+    committing a new reference to it. So the file is first renamed aside,
+    then the ``blobs`` row is looked up again: if a reference came back, the
+    file goes back too; the delivery itself re-checks after its commit
+    (``PendingBlobs.after_commit``). Either way no committed row is left
+    without its file. No-op for the database backend (chunks go with the rows)."""
+    if backend_name() != "filesystem":
+        return
+    for sha in shas:
+        try:
+            path = blob_path(sha)
+        except ValueError:
+            continue
+        aside = path.with_name(f"{sha}.{uuid.uuid4().hex}.gone")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            continue
+        if db.session.scalar(select(Blob.sha256).where(Blob.sha256 == sha)) is not None:
+            os.replace(aside, path)
+        else:
+            aside.unlink(missing_ok=True)
+    db.session.rollback()  # end the read transaction the look-ups opened
+
+
+def commit_removal(freed: list[str]) -> None:
+    """Commit the caller's deletion, then free the blobs it released."""
+    db.session.commit()
+    discard(freed)
+
+
+# --------------------------------------------------------------------------
+# durability
+
+def sync_files(paths: list[Path]) -> None:
+    """fsync the given files and their folders, or one ``syncfs`` for many."""
+    if not paths:
+        return
+    if len(paths) >= SYNCFS_MIN_FILES and syncfs(uploads_dir()):
+        return
+    folders = set()
+    for path in paths:
+        fsync_path(path)
+        folders.update((path.parent, path.parent.parent, path.parent.parent.parent))
+    for folder in folders:
+        fsync_path(folder)
+
+
+_syncfs = None
+
+
+def syncfs(path: Path) -> bool:
+    """``syncfs(2)`` on the filesystem holding ``path``: every dirty page of
+    that filesystem reaches the disk in one call. False where unavailable."""
+    global _syncfs
+    if _syncfs is None:
+        try:
+            _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):  # not Linux / no glibc symbol
+            _syncfs = False
+    if not _syncfs:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"syncfs failed: {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+    return True
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_sqlite_wal() -> None:
+    """fsync SQLite's WAL file after a commit (no-op for other databases).
+    SQLite runs with ``synchronous=NORMAL`` in WAL mode (app.py), which does
+    not sync the WAL at commit: this is what ``synchronous=FULL`` would do,
+    once per batch. PostgreSQL's commit is durable by itself."""
+    url = db.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    try:
+        fd = os.open(url.database + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return  # not in WAL mode: the rollback journal syncs at commit
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_durably(pending: PendingBlobs) -> None:
+    """Sync the files, count the references, commit, and make the commit
+    itself durable: once this returns, the rows and every blob they name
+    survive a crash of the process and of the machine."""
+    pending.sync_files()
+    pending.reference()
+    db.session.commit()
+    if fsync_enabled():
+        sync_sqlite_wal()
+    pending.after_commit()
+
+
+# --------------------------------------------------------------------------
+# reading
+
+def exists(sha: Optional[str]) -> bool:
+    """True when the bytes of blob ``sha`` can be read."""
+    if not sha:
+        return False
+    if backend_name() == "database":
+        return db.session.scalar(select(BlobChunk.seq).where(BlobChunk.sha256 == sha).limit(1)) is not None
+    try:
+        return blob_path(sha).is_file()
+    except ValueError:
+        return False
+
+
+def iter_chunks(sha: str) -> Iterator[bytes]:
+    """The bytes of blob ``sha`` in chunks; memory stays one chunk whatever its size."""
+    if backend_name() == "database":
+        seq = 0
+        while True:
+            part = db.session.scalar(select(BlobChunk.data).where(
+                BlobChunk.sha256 == sha, BlobChunk.seq == seq))
+            if part is None:
+                return
+            yield bytes(part)
+            seq += 1
+    else:
+        with open(blob_path(sha), "rb") as fh:
+            while part := fh.read(CHUNK):
+                yield part
+
+
+def read(sha: str) -> bytes:
+    """The whole blob (for re-parsing; downloads stream with ``download``)."""
+    return b"".join(iter_chunks(sha))
+
+
+def download(sha: Optional[str], mimetype: str, name: str) -> Optional[Response]:
+    """A blob as a download that no browser renders inline or sniffs; None
+    when it is gone, so each caller answers in its own error shape."""
+    if not exists(sha):
+        return None
+    if backend_name() == "filesystem":
+        resp = send_file(blob_path(sha), mimetype=mimetype, as_attachment=True, download_name=name,
+                         max_age=0)
+    else:
+        resp = Response(iter_chunks(sha), mimetype=mimetype)
+        resp.headers.set("Content-Disposition", "attachment", filename=name)
+        resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return resp
+
+
+# --------------------------------------------------------------------------
+# room to store
+
+def min_free_bytes() -> int:
+    """The free-space floor: ``storage.min_free_bytes``, by default four
+    times the largest message (a raw copy plus decoded parts, with margin)."""
+    conf = current_app.config["TEMPMAIL"]
+    floor = conf["storage"]["min_free_bytes"]
+    return int(floor) if floor is not None else 4 * int(conf["max_message_bytes"])
+
+
+def storage_folder() -> Optional[Path]:
+    """The folder whose filesystem fills up as mail is stored, or None when
+    that is another host's (the database backend on a server database)."""
+    if backend_name() == "filesystem":
+        return uploads_dir()
+    url = db.engine.url
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return Path(url.database).parent
+    return None
+
+
+_room_cache: dict = {}
+
+
+def has_room(max_age: float = 1.0) -> bool:
+    """False while the storage filesystem has less free space than the floor.
+    Looked up at most once a second per process: the daemon asks on every
+    MAIL and RCPT command."""
+    folder = storage_folder()
+    if folder is None:
+        return True
+    key, now = str(folder), time.monotonic()
+    cached = _room_cache.get(key)
+    if cached is None or now - cached[0] > max_age:
+        folder.mkdir(parents=True, exist_ok=True)
+        cached = (now, shutil.disk_usage(folder).free >= min_free_bytes())
+        _room_cache[key] = cached
+    return cached[1]
