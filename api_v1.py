@@ -21,6 +21,7 @@ from sqlalchemy.orm import selectinload
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
+import apierrors
 import clock
 import limits
 import storage
@@ -132,6 +133,9 @@ def server_error():
     return fail(500, HTTP_MESSAGES[500])
 
 
+apierrors.own_errors(bp, http_error, server_error)
+
+
 @bp.errorhandler(ApiError)
 def api_error(exc: ApiError):
     response = fail(exc.status, exc.message)
@@ -139,17 +143,6 @@ def api_error(exc: ApiError):
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):
-    return http_error(exc)
-
-
-@bp.errorhandler(Exception)
-def unexpected_error(exc: Exception):
-    db.session.rollback()
-    log.exception("User API request failed: %s %s", request.method, request.path)
-    return server_error()
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 import accounts
+import apierrors
 import api_legacy
 import api_v1
 import apidocs
@@ -171,6 +172,4 @@ def unexpected_error(exc: Exception):
     """A failure outside any blueprint's own handler (a before/after-request hook)."""
     if isinstance(exc, HTTPException):
         return route_error(exc)
-    db.session.rollback()
-    log.exception("request failed: %s %s", request.method, request.path)
-    return owner_of(request.path).server_error()
+    return apierrors.failed(owner_of(request.path).server_error, exc)

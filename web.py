@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
+import apierrors
 import clock
 import mailview
 import models
@@ -43,7 +43,6 @@ from mailpolicy import open_mailbox
 from models import Attachment, Domain, Mailbox, MailboxError, Message, db
 
 bp = Blueprint("web", __name__)
-log = logging.getLogger("tempmail.web")
 MAX_ID = 1 << 62  # larger path ids answer 404 before they reach the database
 # The page's answers to a refused mailbox, as /generate's (PHP) codes.
 STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
@@ -185,16 +184,7 @@ def server_error():
     return page("inbox_gone.html", reason="error"), 500
 
 
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):
-    return http_error(exc)
-
-
-@bp.errorhandler(Exception)
-def _unexpected(exc: Exception):
-    db.session.rollback()
-    log.exception("page request failed: %s %s", request.method, request.path)
-    return server_error()
+apierrors.own_errors(bp, http_error, server_error)
 
 
 def page(template: str, **context):
