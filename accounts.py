@@ -182,11 +182,18 @@ def authenticate(email: str, password: str) -> Optional[User]:
 # --------------------------------------------------------------------------
 # sign up, sign in, sign out
 
-def password_errors(password: str, confirm: str) -> list[str]:
-    """What is wrong with a new password (sign-up and password change share the rule)."""
-    errors = []
+def password_problem(password: str) -> Optional[str]:
+    """What is wrong with ``password``, or None: the one rule for the sign-up
+    form, the password change and ``flask users create``."""
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        errors.append(_("Choose a password of %(min)d to %(max)d characters.", min=MIN_PASSWORD, max=MAX_PASSWORD))
+        return _("Choose a password of %(min)d to %(max)d characters.", min=MIN_PASSWORD, max=MAX_PASSWORD)
+    return None
+
+
+def password_errors(password: str, confirm: str) -> list[str]:
+    """What is wrong with a new password and its confirmation."""
+    problem = password_problem(password)
+    errors = [problem] if problem else []
     if password != confirm:
         errors.append(_("The two passwords do not match."))
     return errors

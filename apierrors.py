@@ -4,22 +4,21 @@ its blueprint, and logs and rolls back an unexpected exception the same way
 everywhere, never showing a traceback."""
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from database import db
-
-log = logging.getLogger("tempmail.errors")
 
 
 def failed(server_error: Callable, exc: Exception):
     """An unexpected exception: undo the request's transaction, log it with
     its traceback (for the operator), answer ``server_error()`` (for the client)."""
     db.session.rollback()
-    log.error("request failed: %s %s", request.method, request.path, exc_info=exc)
+    # Flask's own wording and logger, so deployments that route or mask the
+    # app's error lines (deploy/gunicorn.conf.py, logmask.py) see these too.
+    current_app.logger.error("Exception on %s [%s]", request.path, request.method, exc_info=exc)
     return server_error()
 
 
