@@ -20,7 +20,7 @@ TEST_DEBS := /usr/lib/postgresql/*/bin/initdb:postgresql \
              swaks:swaks \
              /usr/sbin/postfix:postfix
 
-.PHONY: run test venv system-deps init-db clean bench
+.PHONY: run test venv system-deps init-db clean bench messages compile-messages
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required"; exit 1; }
@@ -66,3 +66,16 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) instance/tempmail.db* $(METRICS_DIR)/*.db .pytest_cache
+
+# Page translations (Flask-Babel): `messages` re-extracts the strings of the
+# pages into translations/messages.pot and merges them into each language's
+# .po; `compile-messages` writes the .mo files, which are committed, so
+# `make run` on a fresh machine needs no compile step.
+I18N_SOURCES := accounts.py apidocs.py languages.py web.py templates
+messages: venv
+	$(VENV)/bin/pybabel extract -F babel.cfg --no-wrap --project TempMail \
+	  --copyright-holder "TempMail contributors" -o translations/messages.pot $(I18N_SOURCES)
+	$(VENV)/bin/pybabel update --no-wrap --no-fuzzy-matching -i translations/messages.pot -d translations
+
+compile-messages: venv
+	$(VENV)/bin/pybabel compile -d translations --statistics

@@ -25,6 +25,7 @@ import api_legacy
 import api_v1
 import apidocs
 import cli
+import languages
 import logsafe
 import models
 import ops
@@ -122,6 +123,7 @@ def register_parts(app: Flask) -> None:
     """Attach the blueprints, the CLI commands and the security headers. Each
     API answers its own errors (404, 405, 500) in its own shape."""
     csrf.init_app(app)
+    languages.init_app(app)
     api_legacy.init_app(app)
     api_v1.init_app(app)
     web.init_app(app)
