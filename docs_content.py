@@ -90,12 +90,14 @@ def param(name: str, where: str, type_: str, required: bool, desc: str) -> dict:
 
 
 def route(rid, method, path, url, desc, auth, params=(), ok=None, errors=(), note=None, save_as=None,
-          statuses=()) -> dict:
+          statuses=(), code=None) -> dict:
     """One documented route: ``url`` is the full sample URL, ``ok`` the success body
-    (None for a file download), ``errors`` (status, label key, body) examples,
-    ``statuses`` the User API error codes that apply (explained in the codes table)."""
+    (None for a file download, text as it is for a stream), ``errors`` (status,
+    label key, body) examples, ``statuses`` the User API error codes that apply
+    (explained in the codes table), ``code`` samples of its own (else made from ``url``)."""
+    shown = ok if isinstance(ok, str) else pretty(ok) if ok is not None else None
     return {"id": rid, "method": method, "path": path, "desc": desc, "params": list(params), "note": note,
-            "samples": samples(method, url, auth, save_as), "ok": pretty(ok) if ok is not None else None,
+            "samples": code or samples(method, url, auth, save_as), "ok": shown,
             "errors": [(status, label, pretty(body)) for status, label, body in errors],
             "statuses": sorted(statuses)}
 
@@ -133,6 +135,23 @@ def legacy_routes(base: str, domain: str) -> list[dict]:
                                      "hint": "Generate this email first via /generate endpoint"}),
                (400, "e_invalid_number", {"success": False,
                                           "error": "Invalid limit. Use a whole number from 0 to 1000."})]),
+        route("legacy-inbox-wait", "GET", "/inbox/{email}?wait=S&since=ID", f"{api}/inbox/{box}?wait=20&since=2",
+              "d_inbox_wait", False,
+              [param("email", "path", "string", True, "p_email_path"),
+               param("wait", "query", "integer", True, "p_wait"),
+               param("since", "query", "integer", False, "p_since_legacy")],
+              {"success": True, "email": box, "created_at": "2026-01-24 14:30:00",
+               "expires_at": "2026-01-25 14:30:00", "total": 3, "emails": [
+                   {"id": 1, "from_email": "sender@example.org", "from_name": "John Doe", "subject": "Welcome!",
+                    "is_read": 0, "received_at": "2026-01-24 14:35:00"},
+                   {"id": 2, "from_email": "noreply@service.example", "from_name": "Service",
+                    "subject": "Verify your email", "is_read": 1, "received_at": "2026-01-24 14:40:00"},
+                   {"id": 7, "from_email": "noreply@service.example", "from_name": "Service",
+                    "subject": "Your code is 482913", "is_read": 0, "received_at": "2026-01-24 14:41:07"}]},
+              [(400, "e_invalid_wait", {"success": False,
+                                        "error": "Invalid wait. Use a whole number from 0 to 60."}),
+               (503, "e_busy", {"success": False, "error": "Too many waiting requests. Try again in a moment."})],
+              note="n_wait_legacy"),
         route("legacy-email", "GET", "/email/{id}", f"{api}/email/1", "d_email", False,
               [param("id", "path", "integer", True, "p_id")],
               {"success": True, "email": {
@@ -168,6 +187,104 @@ def message_example(base: str, domain: str, seen: bool) -> dict:
                              "url": f"{base}/api/messages/{MSG_ID}/attachments/file.txt"}]}
 
 
+NEW_ID = "Kq7pZ2mXvT4rLw9sYb3NcJ8hFd6GaE1uQo5iRt0kPyVnMx"
+
+
+def stream_example(base: str, domain: str) -> str:
+    """What a stream sends: its first line, one message, a heartbeat."""
+    data = dict(message_example(base, domain, False), id=NEW_ID, subject="Your code is 482913", html=False,
+                attachments=[])
+    del data["content"]
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"retry: 2000\n: connected\n\nid: {NEW_ID}\nevent: message\ndata: {body}\n\n: heartbeat\n"
+
+
+def filter_params() -> list[dict]:
+    return [param("from", "query", "string", False, "p_from"),
+            param("subject", "query", "string", False, "p_subject"),
+            param("tag", "query", "string", False, "p_tag")]
+
+
+def stream_samples(url: str) -> list[tuple]:
+    """Reading the stream in each sample language (browsers' EventSource
+    cannot send the Authorization header, so JavaScript reads it with fetch)."""
+    code = {"curl": STREAM_CURL, "js": STREAM_JS, "python": STREAM_PYTHON, "php": STREAM_PHP}
+    return [(sid, label, code[sid].replace("%URL%", url).replace("%KEY%", KEY)) for sid, label in SAMPLE_LANGS]
+
+
+STREAM_CURL = """curl --no-buffer \\
+  --url '%URL%' \\
+  --header 'Accept: text/event-stream' \\
+  --header 'Authorization: Bearer %KEY%'"""
+
+STREAM_JS = """const response = await fetch('%URL%', {
+  headers: {
+    'Authorization': 'Bearer %KEY%',
+    'Accept': 'text/event-stream',
+  },
+});
+const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+let buffer = '';
+for (;;) {
+  const { value, done } = await reader.read();
+  if (done) break;
+  buffer += value;
+  let end;
+  while ((end = buffer.indexOf('\\n\\n')) >= 0) {
+    const block = buffer.slice(0, end);
+    buffer = buffer.slice(end + 2);
+    const data = block.split('\\n').find((line) => line.startsWith('data: '));
+    if (block.includes('event: message') && data) {
+      console.log(JSON.parse(data.slice(6)));  // resume later with its id as Last-Event-ID
+    }
+  }
+}"""
+
+STREAM_PYTHON = """import json
+import requests
+
+headers = {
+    'Authorization': 'Bearer %KEY%',
+    'Accept': 'text/event-stream',
+}
+last_id = None  # send as Last-Event-ID when reconnecting
+with requests.get('%URL%', headers=headers, stream=True, timeout=(10, 60)) as response:
+    response.raise_for_status()
+    event = {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line == '':  # a blank line ends an event
+            if event.get('event') == 'message':
+                last_id = event['id']
+                print(json.loads(event['data']))
+            event = {}
+        elif not line.startswith(':'):  # ': heartbeat' lines are comments
+            field, _, value = line.partition(': ')
+            event[field] = value"""
+
+STREAM_PHP = """<?php
+$buffer = '';
+$ch = curl_init('%URL%');
+curl_setopt_array($ch, [
+    CURLOPT_HTTPHEADER => [
+        'Authorization: Bearer %KEY%',
+        'Accept: text/event-stream',
+    ],
+    CURLOPT_WRITEFUNCTION => function ($ch, $chunk) use (&$buffer) {
+        $buffer .= $chunk;
+        while (($end = strpos($buffer, "\\n\\n")) !== false) {
+            $block = substr($buffer, 0, $end);
+            $buffer = substr($buffer, $end + 2);
+            if (preg_match('/^event: message$/m', $block) && preg_match('/^data: (.*)$/m', $block, $m)) {
+                var_dump(json_decode($m[1], true));
+            }
+        }
+        return strlen($chunk);
+    },
+]);
+curl_exec($ch);
+curl_close($ch);"""
+
+
 def mailbox_example(box_id: int, address: str, domain: str) -> dict:
     return {"id": box_id, "email": address, "domain": domain, "expire_at": "2026-06-07T19:47:26+00:00",
             "expires_in_seconds": 600, "created_at": "2026-06-07T19:37:26+00:00",
@@ -201,6 +318,23 @@ def user_routes(base: str, domain: str) -> list[dict]:
               [param("email", "query", "string", True, "p_owned_email")],
               {"status": True, "mailbox": f"randombox@{domain}",
                "messages": [message_example(base, domain, False)]}, statuses=(*common, 404, 422)),
+        route("user-messages-wait", "GET", "/messages?email=…&wait=S&since=ID",
+              f"{api}/messages?email={box}&wait=20&subject=code&since={MSG_ID}", "d_user_messages_wait", True,
+              [param("email", "query", "string", True, "p_owned_email"),
+               param("wait", "query", "integer", True, "p_wait"),
+               param("since", "query", "string", False, "p_since_user"),
+               *filter_params()],
+              {"status": True, "mailbox": f"randombox@{domain}",
+               "messages": [dict(message_example(base, domain, False), id=NEW_ID, subject="Your code is 482913",
+                                 html=False, content="Your code is 482913.", attachments=[])]},
+              note="n_wait_user", statuses=(*common, 404, 422, 503)),
+        route("user-stream", "GET", "/messages/stream", f"{api}/messages/stream?email={box}",
+              "d_user_stream", True,
+              [param("email", "query", "string", True, "p_owned_email"),
+               param("Last-Event-ID", "header", "string", False, "p_last_event_id"),
+               param("since", "query", "string", False, "p_since_stream"), *filter_params()],
+              stream_example(base, domain), note="n_stream", statuses=(*common, 403, 404, 422, 503),
+              code=stream_samples(f"{api}/messages/stream?email={box}")),
         route("user-message", "GET", "/messages/{id}", f"{api}/messages/{MSG_ID}", "d_user_message", True,
               [param("id", "path", "string", True, "p_message_id")],
               {"status": True, "data": message_example(base, domain, True)}, note="n_marks_read",
@@ -233,6 +367,7 @@ USER_CODES = [
     (422, "c422", {"status": False, "message": "Username already taken. Please choose another one."}),
     (429, "c429", {"status": False, "message": "Monthly request quota exhausted. It resets at 2026-05-01T00:00:00+05:00."}),
     (500, "c500", {"status": False, "message": "Internal server error."}),
+    (503, "c503", {"status": False, "message": "Too many waiting requests. Try again in a moment."}),
 ]
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 from email.message import EmailMessage
@@ -21,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+import docs_content
 from adversarial.helpers import Daemon, Gunicorn, record
 from app import create_app
 from conftest import BACKENDS, TEST_DOMAINS, dispose, wipe
@@ -436,6 +440,27 @@ def test_page_stream_sends_rows_pings_and_resumes(stack):
     resumed = EventStream(f"{stack.url}/web/stream", {"Cookie": cookie, "Last-Event-ID": event["id"]})
     assert resumed.next_message()["data"]["subject"] == "missed by the page"
     resumed.close()
+
+
+def test_the_docs_python_stream_sample_works(stack):
+    """/docs's Python sample for the stream, run as a reader would paste it."""
+    auth = stack.key("sample@example.org")
+    box = stack.api_mailbox(auth)
+    code = dict((sid, text) for sid, _label, text in docs_content.stream_samples(
+        f"{stack.url}/api/messages/stream?email={box}"))["python"]
+    code = code.replace(docs_content.KEY, auth["Authorization"].split()[1])
+    reader = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and reader.poll() is None:
+            stack.send(box, "for the sample")
+            ready, _, _ = select.select([reader.stdout], [], [], 1.0)
+            if ready:
+                break
+        assert "'subject': 'for the sample'" in reader.stdout.readline()
+    finally:
+        reader.kill()
+        reader.wait(10)
 
 
 def test_a_stopping_worker_ends_its_held_requests_at_once(stack):
