@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from flask import current_app
 from sqlalchemy import func, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
 
 from database import db
 from models import Message
@@ -164,7 +164,7 @@ def hub() -> Hub:
         found = _hubs.get(key)
         if found is None:
             found = _hubs[key] = Hub()
-            start_listener(found, engine)
+            start_listener(found, engine, live_config("listen_url"))
     return found
 
 
@@ -345,12 +345,13 @@ def poke_one(folder: Path, folder_fd: int, name: str) -> None:
 # --------------------------------------------------------------------------
 # listeners (one per process and database)
 
-def start_listener(target: Hub, engine: Engine) -> None:
-    """Start the listener for ``engine``'s database. Its set-up runs here,
-    before the first waiter looks at the database, so no mail committed
-    after that look can go unnoticed."""
+def start_listener(target: Hub, engine: Engine, listen_url: Optional[str] = None) -> None:
+    """Start the listener for ``engine``'s database (on PostgreSQL through
+    ``listen_url`` when set). Its set-up runs here, before the first waiter
+    looks at the database, so no mail committed after that look can go
+    unnoticed."""
     if engine.dialect.name == "postgresql":
-        PgListener(target, engine).start()
+        PgListener(target, make_url(listen_url) if listen_url else engine.url).start()
         return
     folder = events_folder(engine)
     if folder is not None:
@@ -437,9 +438,9 @@ class PgListener:
     """PostgreSQL: one ``LISTEN`` connection of its own (autocommit, TCP
     keepalives so a dead link is noticed), reconnected when lost."""
 
-    def __init__(self, target: Hub, engine: Engine) -> None:
+    def __init__(self, target: Hub, url: URL) -> None:
         self.hub = target
-        self.conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.conn = None
 
     def start(self) -> None:
@@ -487,12 +488,14 @@ class PgListener:
     def reconnect(self) -> None:
         """Connect again with back-off; then every waiter looks once, for
         the notifications sent while nobody listened."""
-        pause = 0.2
+        pause, tries = 0.2, 0
         while self.conn is None:
             try:
                 self.conn = self.connect()
             except Exception as exc:  # noqa: BLE001
-                log.warning("new-mail listener cannot connect (%s); retrying in %.1f s", exc, pause)
+                tries += 1
+                if tries % 60 == 1:  # the first failure, then every five minutes or so
+                    log.warning("new-mail listener cannot connect (%s); retrying", exc)
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
         self.hub.healthy = True

@@ -265,6 +265,9 @@ SCHEMA: tuple = (
             at_least(0.05)),
         Key("stream_max_seconds", INT, 3600,
             "a stream ends after this long (clients reconnect with Last-Event-ID)", at_least(1)),
+        Key("listen_url", nullable(STR), None,
+            "PostgreSQL: URL of each web worker's LISTEN connection for new-mail events; null: "
+            "`database_url` (point it past a PgBouncer in transaction mode, which cannot LISTEN)"),
     )),
     Section("webhooks", "User API webhooks", (
         Key("allow_private", BOOL, False, "allow webhook URLs on loopback, private or link-local addresses"),

@@ -93,9 +93,12 @@ def stack(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"live-{request.param}")
     url = (f"sqlite:///{tmp}/tempmail.db" if request.param == "sqlite"
            else request.getfixturevalue("pg_test_url"))
+    live = {"heartbeat_seconds": 0.5}
+    if request.param == "postgresql":  # the LISTEN connection by a URL of its own (as past PgBouncer)
+        live["listen_url"] = url.replace("postgresql+psycopg://", "postgres://")
     app = create_app({"TESTING": True, "TEMPMAIL": {
         "database_url": url, "uploads_dir": str(tmp / "uploads"), "domains": TEST_DOMAINS,
-        "cors_origins": [ALLOWED_ORIGIN], "live": {"heartbeat_seconds": 0.5}}})
+        "cors_origins": [ALLOWED_ORIGIN], "live": live}})
     if request.param == "postgresql":
         wipe(app)
     running = Stack(app, tmp, request.param)
@@ -483,6 +486,14 @@ def test_a_stopping_worker_ends_its_held_requests_at_once(stack):
     assert event == {}  # the stream ended
     assert time.monotonic() - started < 15  # not the 30 s graceful timeout, nor the 60 s wait
     stream.close()
+
+
+def test_every_worker_listened_for_new_mail(stack):
+    """The figures above would hold even with a degraded listener (waiters
+    then look every second); the logs say whether each worker's listener ran."""
+    log = (stack.tmp / "gunicorn.log").read_text(errors="replace")
+    assert "cannot LISTEN" not in log and "no new-mail events" not in log and "listener lost" not in log
+    assert "Traceback" not in log
 
 
 @pytest.fixture(scope="module", autouse=True)
