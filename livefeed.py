@@ -162,7 +162,11 @@ def stream_response(feed: Feed, slot: mailevents.Slot) -> Response:
     """The ``text/event-stream`` response of ``feed``; ``slot`` (taken by the
     caller, which answers 503 when none is free) is released when the
     response closes, even if no byte was ever sent."""
-    resp = Response(stream_with_context(events(feed)), mimetype="text/event-stream")
+    if request.method == "HEAD":  # headers only: never hold a thread for a body nobody reads
+        slot.release()
+        resp = Response(mimetype="text/event-stream")
+    else:
+        resp = Response(stream_with_context(events(feed)), mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache, no-store"
     resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     resp.call_on_close(slot.release)
@@ -174,6 +178,7 @@ def events(feed: Feed) -> Iterator[str]:
     now), then events as mail arrives, heartbeats in between."""
     beat = float(mailevents.live_config("heartbeat_seconds"))
     end = time.monotonic() + float(mailevents.live_config("stream_max_seconds"))
+    db.session.close()  # no pooled connection held while queueing for the hub
     current = mailevents.hub()
     yield "retry: 2000\n: connected\n\n"
     with current.watch(feed.mailbox_id) as waiter:

@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from flask import current_app
-from sqlalchemy import func, select, text
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.pool import NullPool
 
 from database import db
 from models import Message
@@ -157,7 +158,10 @@ def hub_key(engine: Engine) -> tuple:
 
 def hub() -> Hub:
     """This process's hub for the current app's database; its listener is
-    started on first use, before the caller first looks at the database."""
+    started on first use, before the caller first looks at the database.
+    Callers hold no pooled connection while they call this: a thousand
+    requests arriving at once would otherwise hold the whole pool while
+    queueing behind the one that starts the listener."""
     engine = db.engine
     key = hub_key(engine)
     with _hubs_lock:
@@ -174,6 +178,7 @@ def wait_for(mailbox_id: int, probe: Callable[[], bool], seconds: float) -> bool
     for ``mailbox_id``; the session is closed after each run, so no
     database connection is held while waiting."""
     deadline = time.monotonic() + seconds
+    db.session.close()  # give the connection back before queueing for the hub (see hub())
     current = hub()
     with current.watch(mailbox_id) as waiter:
         while True:
@@ -365,7 +370,9 @@ class SocketListener:
     cursor over message ids that says which mailboxes got mail."""
 
     def __init__(self, target: Hub, engine: Engine, folder: Path) -> None:
-        self.hub, self.engine, self.folder = target, engine, folder
+        # A connection of its own for each look, outside the request pool:
+        # a wake-up must not queue behind the requests it is meant to wake.
+        self.hub, self.engine, self.folder = target, create_engine(engine.url, poolclass=NullPool), folder
         self.sock: Optional[socket.socket] = None
         self.folder_fd = -1
         self.name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"

@@ -3,7 +3,7 @@
 ``make run``'s deployment (gunicorn with ``--config deploy/gunicorn.conf.py
 --workers 2``, the mail daemon beside it, SQLite) serves ordinary API
 requests with wrk, first with nothing held, then while N connections are
-held open (default 1,000: half ``GET /api.php/inbox/{email}?wait=60`` long
+held open (default 1,000: half ``GET /api.php/inbox/{email}?wait=30`` long
 polls, re-sent as each one ends, half ``GET /api/messages/stream`` Server-
 Sent Events streams). Rounds alternate (none, held, none, held, ...) so the
 machine's own drift hits both sides; the figure is the median of each
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import json
 import os
 import resource
 import smtplib
 import threading
 import time
+from collections import Counter
 from email.message import EmailMessage
 from urllib.request import Request, urlopen
 
@@ -34,6 +36,11 @@ import wrkutil
 from common import log
 
 BOXES = 50  # mailboxes per kind of held request; held requests share them
+POLL_WAIT = 30  # seconds each long poll asks to wait
+# After the client hangs up, the server holds a long poll until its wait ends
+# and a stream until its next heartbeat (15 s): the "none" rounds start only
+# once the last round's held requests are gone on the server too.
+DRAIN = POLL_WAIT + 5
 
 
 # --------------------------------------------------------------------------
@@ -44,16 +51,15 @@ class Held:
 
     def __init__(self, port: int, polls: list[str], streams: list[str], key: str):
         self.port, self.polls, self.streams, self.key = port, polls, streams, key
-        self.open_polls = self.open_streams = self.answers = self.errors = 0
+        self.open_polls = self.open_streams = self.answers = 0
+        self.failures: Counter = Counter()  # what went wrong, by kind
         self.events: list[tuple[str, float]] = []  # (what, when) of stream events and poll answers
         self.loop = asyncio.new_event_loop()
-        self.stop = None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
     def start(self, count: int) -> None:
         """Open ``count`` held connections, half polls, half streams."""
-        self.stop = asyncio.run_coroutine_threadsafe(self._stop_event(), self.loop).result()
         for n in range(count):
             if n % 2 == 0:
                 box = self.polls[n // 2 % len(self.polls)]
@@ -62,76 +68,68 @@ class Held:
                 box = self.streams[n // 2 % len(self.streams)]
                 asyncio.run_coroutine_threadsafe(self.stream(box), self.loop)
 
-    async def _stop_event(self) -> asyncio.Event:
-        return asyncio.Event()
-
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        time.sleep(1.0)
+        """Hang up every held connection (and forget their tasks)."""
+        asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(60)
 
-    async def connect(self):
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
-        return reader, writer
+    async def _close(self) -> None:
+        """Cancel every held connection's task: each closes its socket."""
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     async def poll(self, box: str) -> None:
-        """A long poll re-sent on the same connection as each one ends."""
+        """A long poll re-sent on the same connection as each one ends,
+        until cancelled."""
+        writer = None
         try:
-            reader, writer = await self.connect()
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
             self.open_polls += 1
             since = ""
-            while not self.stop.is_set():
-                writer.write(f"GET /api.php/inbox/{box}?wait=60&since={since} HTTP/1.1\r\n"
+            while True:
+                writer.write(f"GET /api.php/inbox/{box}?wait={POLL_WAIT}&since={since} HTTP/1.1\r\n"
                              "Host: bench\r\n\r\n".encode())
                 await writer.drain()
-                task = asyncio.ensure_future(read_response(reader))
-                stopper = asyncio.ensure_future(self.stop.wait())
-                done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if task not in done:
-                    task.cancel()
-                    break
-                stopper.cancel()
-                status, body = task.result()
+                status, body = await read_response(reader)
                 self.answers += 1
                 if status != 200:
-                    self.errors += 1
+                    self.failures[f"poll {status}"] += 1
                     await asyncio.sleep(1)
                 elif json.loads(body)["total"]:
                     self.events.append((box, time.perf_counter()))
                     since = json.loads(body)["emails"][-1]["id"]  # wait for newer mail next
-            writer.close()
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            self.errors += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            self.failures[f"poll {type(exc).__name__}"] += 1
         finally:
-            self.open_polls = max(0, self.open_polls - 1)
+            if writer is not None:
+                self.open_polls -= 1
+                writer.close()
 
     async def stream(self, box: str) -> None:
-        """A stream read until told to stop; message events are timed."""
+        """A stream read until cancelled; message events are timed."""
+        writer, opened = None, False
         try:
-            reader, writer = await self.connect()
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
             writer.write((f"GET /api/messages/stream?email={box} HTTP/1.1\r\nHost: bench\r\n"
                           f"Authorization: Bearer {self.key}\r\n\r\n").encode())
             await writer.drain()
             status = int((await reader.readline()).split()[1])
             if status != 200:
-                self.errors += 1
-                writer.close()
+                self.failures[f"stream {status}"] += 1
                 return
+            opened = True
             self.open_streams += 1
-            stopper = asyncio.ensure_future(self.stop.wait())
-            while not self.stop.is_set():
-                line = asyncio.ensure_future(reader.readline())
-                done, _ = await asyncio.wait({line, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if line not in done:
-                    line.cancel()
-                    break
-                if not line.result():
-                    break
-                if line.result().startswith(b"event: message"):
+            while line := await reader.readline():
+                if line.startswith(b"event: message"):
                     self.events.append((box, time.perf_counter()))
-            self.open_streams -= 1
-            writer.close()
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-            self.errors += 1
+            self.failures["stream ended by the server"] += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+            self.failures[f"stream {type(exc).__name__}"] += 1
+        finally:
+            self.open_streams -= opened
+            if writer is not None:
+                writer.close()
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -164,7 +162,8 @@ def start(box: common.Sandbox, threads: int | None) -> int:
     if threads:
         env["TEMPMAIL_THREADS"] = str(threads)
     box.start("gunicorn", [str(common.VENV_BIN / "gunicorn"), "--config", "deploy/gunicorn.conf.py",
-                           "--bind", f"127.0.0.1:{port}", "--workers", "2", "wsgi:application"], port, env=env)
+                           "--bind", f"127.0.0.1:{port}", "--workers", "2", "--no-control-socket",
+                           "wsgi:application"], port, env=env)
     return port
 
 
@@ -178,6 +177,8 @@ def send(port: int, to: str, subject: str) -> float:
     """One message; the moment its 250 arrived."""
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "bench <b@source.test>", to, subject
+    # Distinct bytes every time: the daemon stores a resent identical message once.
+    msg["Message-ID"] = email.utils.make_msgid(domain="source.test")
     msg.set_content("capacity probe\n")
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as conn:
         conn.sendmail("b@source.test", [to], msg.as_bytes())
@@ -193,11 +194,13 @@ def measure(base: str, key: str, box_legacy: str, box_user: str, seconds: float)
 
 
 def wait_held(held: Held, want: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while held.open_polls + held.open_streams < want and time.monotonic() < deadline:
+    """Until ``want`` connections are open (a stream once its 200 came, a
+    poll once connected), at most ``timeout`` seconds; logs how long it took."""
+    started = time.monotonic()
+    while held.open_polls + held.open_streams < want and time.monotonic() < started + timeout:
         time.sleep(0.5)
-    # a poll counts as open once connected; give the last requests time to land
-    time.sleep(2)
+    log(f"{held.open_polls} polls and {held.open_streams} streams open after {time.monotonic() - started:.1f} s")
+    time.sleep(2)  # a poll counts as open once connected: give the last requests time to land
 
 
 def line(kind: str, held_now: int, m: dict) -> str:
@@ -252,7 +255,9 @@ def main() -> None:
             rss = worker_rss(box)
             probe = probe_held(box, held, polls[0], streams[0])
             held.close()
-            log(f"workers while held: {rss}; probe {probe}")
+            log(f"workers while held: {rss}; probe {probe}; failures so far {dict(held.failures)}; "
+                f"waiting {DRAIN} s for the server to let go")
+            time.sleep(DRAIN)
         report(none, busy, held, rss, probe)
 
 
@@ -277,7 +282,8 @@ def report(none: list, busy: list, held: Held, rss: str, probe: str) -> None:
         print(f"{label}: {med(none, kind):.0f} rps with none held, {med(busy, kind):.0f} with "
               f"held ({100 * med(busy, kind) / med(none, kind):.0f} %)")
     print(f"gunicorn workers while held: {rss}")
-    print(f"mail while held (250 -> answer): {probe}; held-client errors: {held.errors}")
+    print(f"mail while held (250 -> answer): {probe}; held-client failures: "
+          f"{dict(held.failures) or 'none'}")
     print(common.machine_line())
 
 

@@ -394,6 +394,8 @@ def test_stream_filters_and_ends_when_the_mailbox_goes(stack):
         assert "comment" in event
     assert stream.resp.read() == b""  # and the response ends
     stream.close()
+    head = requests.head(f"{stack.url}/api/messages/stream?email={box}&tag=only", headers=auth, timeout=30)
+    assert head.status_code == 404  # checked like a GET, answered at once
     gone = requests.get(f"{stack.url}/api/messages/stream?email={box}", headers=auth, timeout=30)
     assert gone.status_code == 404 and gone.json() == {"status": False, "message": "Email not found."}
 
@@ -405,6 +407,8 @@ def test_stream_origin_is_checked(stack):
     refused = requests.get(url, headers=dict(auth, Origin="https://evil.example"), timeout=30)
     assert refused.status_code == 403 and refused.json()["status"] is False
     assert "Access-Control-Allow-Origin" not in refused.headers
+    head = requests.head(url, headers=auth, timeout=30)  # at once, not held for the stream's hour
+    assert head.status_code == 200 and head.headers["Content-Type"].startswith("text/event-stream")
     for origin in (ALLOWED_ORIGIN, stack.url, None):
         headers = dict(auth, Origin=origin) if origin else auth
         allowed = EventStream(url, headers)
@@ -464,6 +468,29 @@ def test_the_docs_python_stream_sample_works(stack):
     finally:
         reader.kill()
         reader.wait(10)
+
+
+def test_a_burst_of_held_requests_on_a_fresh_worker(stack):
+    """80 long polls and streams at once on a worker that has not listened
+    yet: far more than its pool of 15 connections. None may hold a
+    connection while the first starts the worker's listener (they did, and
+    every one of them waited 30 s for the pool and answered 500)."""
+    web = Gunicorn(stack.config, stack.tmp / "burst.log", workers=1,
+                   extra=["--config", "deploy/gunicorn.conf.py"]).start()
+    auth = stack.key("burst@example.org")
+    boxes = [stack.legacy_mailbox() for _ in range(4)]
+    api_box = stack.api_mailbox(auth)
+    try:
+        polls = [Held(f"{web.url}/api.php/inbox/{boxes[n % 4]}?wait=3") for n in range(60)]
+        streams = [EventStream(f"{web.url}/api/messages/stream?email={api_box}", auth) for _ in range(20)]
+        assert [s.status for s in streams] == [200] * 20
+        assert [p.result().status_code for p in polls] == [200] * 60
+        stack.send(api_box, "to every stream")
+        assert {s.next_message()["data"]["subject"] for s in streams} == {"to every stream"}
+        for stream in streams:
+            stream.close()
+    finally:
+        web.stop()
 
 
 def test_a_stopping_worker_ends_its_held_requests_at_once(stack):
