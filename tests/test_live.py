@@ -14,6 +14,7 @@ import http.client
 import json
 import select
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -472,19 +473,25 @@ def test_the_docs_python_stream_sample_works(stack):
 
 def test_a_burst_of_held_requests_on_a_fresh_worker(stack):
     """80 long polls and streams at once on a worker that has not listened
-    yet: far more than its pool of 15 connections. None may hold a
-    connection while the first starts the worker's listener (they did, and
-    every one of them waited 30 s for the pool and answered 500)."""
+    yet, far more than its pool of 15 connections: all are answered. (The
+    pool deadlock this guards against needs a larger burst to show reliably;
+    tests/test_mailevents.py checks its cause directly.)"""
     web = Gunicorn(stack.config, stack.tmp / "burst.log", workers=1,
                    extra=["--config", "deploy/gunicorn.conf.py"]).start()
     auth = stack.key("burst@example.org")
     boxes = [stack.legacy_mailbox() for _ in range(4)]
     api_box = stack.api_mailbox(auth)
     try:
-        polls = [Held(f"{web.url}/api.php/inbox/{boxes[n % 4]}?wait=3") for n in range(60)]
+        # Connected first, then every request written at once: they reach
+        # the worker together, as after a restart with clients waiting.
+        socks = [socket.create_connection(("127.0.0.1", web.port), timeout=60) for _ in range(60)]
+        for n, sock in enumerate(socks):
+            sock.sendall(f"GET /api.php/inbox/{boxes[n % 4]}?wait=3 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         streams = [EventStream(f"{web.url}/api/messages/stream?email={api_box}", auth) for _ in range(20)]
         assert [s.status for s in streams] == [200] * 20
-        assert [p.result().status_code for p in polls] == [200] * 60
+        assert [sock.makefile("rb").readline().split()[1] for sock in socks] == [b"200"] * 60
+        for sock in socks:
+            sock.close()
         stack.send(api_box, "to every stream")
         assert {s.next_message()["data"]["subject"] for s in streams} == {"to every stream"}
         for stream in streams:
