@@ -25,6 +25,8 @@ import common  # noqa: E402
 import wrkutil  # noqa: E402
 
 MESSAGES = 50
+ENDPOINTS = {"inbox": "TempMail /api.php/inbox/{email}", "email": "TempMail /api.php/email/{id}",
+             "messages": "TempMail /api/messages?email="}
 
 
 def fill_tempmail(box: common.Sandbox) -> dict:
