@@ -140,9 +140,9 @@ def inbox(email: str):
     conn = db.session.connection()
     params = {"mailbox_id": box.id, "offset": offset}
     if limit is None:
-        rows = conn.execute(INBOX_ALL, params)
+        rows = conn.execute(INBOX_ALL, params).all()  # one fetchall, not a fetchone per row
     else:
-        rows = conn.execute(INBOX_PAGE, dict(params, limit=limit))
+        rows = conn.execute(INBOX_PAGE, dict(params, limit=limit)).all()
     zone = clock.local_zone()  # once, not once per message
     emails = [{"id": idgen.expose(row.id, "messages"), "from_email": row.from_email,
                "from_name": row.from_name, "subject": row.subject,

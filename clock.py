@@ -41,7 +41,8 @@ def fmt_local(value: Optional[datetime], zone: Optional[ZoneInfo] = None) -> Opt
     formatting many values), as the PHP API printed MySQL DATETIMEs."""
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc).astimezone(zone or local_zone()).strftime("%Y-%m-%d %H:%M:%S")
+    # isoformat is C code, several times faster than strftime (a listing formats one per message).
+    return value.replace(tzinfo=timezone.utc).astimezone(zone or local_zone()).isoformat(" ", "seconds")[:19]
 
 
 def fmt_iso(value: datetime) -> str:

@@ -26,7 +26,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import idgen
 from clock import fmt_local, now
-from database import db, insert_ignore, upsert_add  # noqa: F401  (db is imported from here too)
+from database import db, insert_ignore, upsert_add, upsert_add_many  # noqa: F401  (db is imported from here too)
 from idgen import MailboxError, check_username  # noqa: F401  (the fronts import them from here)
 
 
@@ -417,7 +417,11 @@ class Message(db.Model):
                       Index("ix_messages_raw_sha256_mailbox_id", "raw_sha256", "mailbox_id"),
                       {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(primary_key=True)
-    public_id: Mapped[str] = mapped_column(String(46), unique=True, default=idgen.new_public_id)
+    # insert_sentinel: a unique value set client-side, so the ORM can INSERT a
+    # delivery batch's messages in one multi-row statement and match each
+    # RETURNING id to its object (without it SQLite gets one INSERT per row).
+    public_id: Mapped[str] = mapped_column(String(46), unique=True, default=idgen.new_public_id,
+                                           insert_sentinel=True)
     mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
     envelope_from: Mapped[str] = mapped_column(Text, default="")
     envelope_to: Mapped[str] = mapped_column(Text, default="")
@@ -535,10 +539,13 @@ class Blob(db.Model):
     refs: Mapped[int] = mapped_column(Integer, default=0)
 
     @staticmethod
-    def add_refs(sha: str, size: int, count: int) -> bool:
-        """Count ``count`` new users of blob ``sha`` (atomic upsert); True
-        when the blob is new, i.e. its bytes must be stored now."""
-        return upsert_add(Blob, {"sha256": sha}, "refs", count, size=size) == count
+    def add_refs(counts: dict[str, tuple[int, int]]) -> set[str]:
+        """Count new users of several blobs, ``{sha: (size, count)}``, in
+        multi-row atomic upserts; returns the blobs that are new, i.e. whose
+        bytes must be stored now."""
+        added = upsert_add_many(Blob, "sha256", "refs", [
+            {"sha256": sha, "size": size, "refs": count} for sha, (size, count) in counts.items()])
+        return {sha for sha, refs in added.items() if refs == counts[sha][1]}
 
     @staticmethod
     def release(counts: Counter) -> list[str]:

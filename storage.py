@@ -86,8 +86,11 @@ class PendingBlobs:
     def reference(self) -> None:
         """Count the staged references in the caller's transaction; the
         database backend also inserts the chunks of blobs new to it."""
-        for sha, count in self.refs.items():
-            if Blob.add_refs(sha, len(self.data[sha]), count) and backend_name() == "database":
+        if not self.refs:
+            return
+        new = Blob.add_refs({sha: (len(self.data[sha]), count) for sha, count in self.refs.items()})
+        if backend_name() == "database":
+            for sha in sorted(new):
                 insert_chunks(sha, self.data[sha])
 
     def after_commit(self) -> None:

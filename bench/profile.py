@@ -76,7 +76,7 @@ def parse_stacks(files: list[Path]):
             yield f"pid {pid} {thread}", [frame_name(f) for f in frames[1:]], int(count)
 
 
-def summarise(files: list[Path], top: int) -> str:
+def summarise(files: list[Path], top: int, merge_threads: bool = False) -> str:
     """Per thread: its share of the samples, the functions with the most
     samples of their own (leaf frames) and the frames present in the most
     samples (inclusive), as text. With ``--idle`` (always on here) a thread
@@ -85,6 +85,8 @@ def summarise(files: list[Path], top: int) -> str:
     threads: dict = collections.defaultdict(lambda: (collections.Counter(), collections.Counter()))
     sizes, total = collections.Counter(), 0
     for thread, frames, n in parse_stacks(files):
+        if merge_threads:  # gunicorn's request threads do the same work: one summary per worker
+            thread = thread.split(" ")[0] + " " + thread.split(" ")[1] + " (all threads)"
         total += n
         sizes[thread] += n
         leaves, inclusive = threads[thread]
@@ -133,7 +135,7 @@ def profile_http(args, box: common.Sandbox, out: Path) -> list[Path]:
     url, headers = targets[http_api.ENDPOINTS[args.endpoint]]
     web = next(s for s in box.servers if s.name == "gunicorn")
     workers = [p for p in common.tree_pids(web.pid) if p != web.pid]
-    cmd = [common.ensure_wrk(), "-t2", "-c50", f"-d{args.seconds + 4}s", "--latency"]
+    cmd = [common.ensure_wrk(), "-t2", "-c50", f"-d{int(args.seconds) + 4}s", "--latency"]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
     wrk = subprocess.Popen(cmd + [url], stdout=subprocess.PIPE, text=True)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     import json
     with common.Sandbox("profile", **json.loads(args.config)) as box:
         files = profile_smtp(args, box, out) if args.target == "smtp" else profile_http(args, box, out)
-        print(summarise(files, args.top))
+        print(summarise(files, args.top, merge_threads=args.target == "http"))
     print(f"raw stacks: {', '.join(str(f) for f in files)}")
 
 
