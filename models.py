@@ -18,7 +18,7 @@ from urllib.parse import quote
 from flask import current_app
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
-                        String, Text, UniqueConstraint, delete, func, select, update)
+                        String, Text, UniqueConstraint, bindparam, delete, func, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
@@ -206,12 +206,20 @@ class QuotaUsage(db.Model):
         """Take one unit of the quota if any is left, atomically (one guarded
         UPDATE: concurrent workers can never together pass the limit), and
         commit; returns the new count, or None when the quota is spent."""
-        insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
-        used = db.session.execute(update(QuotaUsage).where(
-            QuotaUsage.user_id == user_id, QuotaUsage.period == period, QuotaUsage.used < limit)
-            .values(used=QuotaUsage.used + 1).returning(QuotaUsage.used)).scalar()
+        # The month's row exists after its first request: try the guarded
+        # UPDATE alone first (one statement per request), and create the row
+        # only when nothing matched (a new month, or the quota is spent).
+        used = QuotaUsage._take(user_id, period, limit)
+        if used is None:
+            insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
+            used = QuotaUsage._take(user_id, period, limit)
         db.session.commit()
         return used
+
+    @staticmethod
+    def _take(user_id: int, period: str, limit: int) -> Optional[int]:
+        params = {"quota_user": user_id, "quota_period": period, "quota_limit": limit}
+        return db.session.connection().execute(_QUOTA_TAKE, params).scalar()
 
     @staticmethod
     def refund(user_id: int, period: str) -> int:
@@ -221,6 +229,14 @@ class QuotaUsage(db.Model):
             .values(used=QuotaUsage.used - 1).returning(QuotaUsage.used)).scalar()
         db.session.commit()
         return used or 0
+
+
+_quota = QuotaUsage.__table__
+# Built once: the guarded increment runs on every User API request.
+_QUOTA_TAKE = (update(_quota).where(_quota.c.user_id == bindparam("quota_user"),
+                                    _quota.c.period == bindparam("quota_period"),
+                                    _quota.c.used < bindparam("quota_limit"))
+               .values(used=_quota.c.used + 1).returning(_quota.c.used))
 
 
 class RateCounter(db.Model):
@@ -500,7 +516,12 @@ class Attachment(db.Model):
 
     @property
     def extension(self) -> str:
-        suffix = os.path.splitext(self.filename or "")[1]
+        return Attachment.extension_of(self.filename)
+
+    @staticmethod
+    def extension_of(filename: Optional[str]) -> str:
+        """The lower-case extension of a display name, without its dot ("" if none)."""
+        suffix = os.path.splitext(filename or "")[1]
         return suffix[1:].lower() if suffix else ""
 
     @property

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -196,18 +197,17 @@ class Server:
 # what `make run` starts
 
 def make_run_gunicorn(port: int, code: Path = ROOT) -> list[str]:
-    """The gunicorn command of ``make run``: the recipe line of the Makefile
-    that starts ``$(VENV)/bin/gunicorn``, with its make variables filled in
-    (HOST 127.0.0.1, PORT ``port``) and the backgrounding ``&`` dropped."""
-    text = (code / "Makefile").read_text()
-    recipe = text[text.index("\nrun:"):]
-    line = next(l for l in recipe.splitlines() if "/bin/gunicorn" in l)
-    line = line.split("&")[0].strip().rstrip("\\").strip()
-    values = {"VENV": str(ROOT / ".venv"), "HOST": "127.0.0.1", "PORT": str(port)}
-    line = re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], line)
-    args = line.split()
-    # Relative paths (deploy/gunicorn.conf.py) are the project folder's: the servers run there.
-    return args
+    """The gunicorn command ``make run`` starts: the line of ``deploy/run.sh``
+    (the script the Makefile's ``run`` recipe executes) that starts
+    ``$venv/bin/gunicorn``, with its shell variables filled in (host
+    127.0.0.1, port ``port``) and the backgrounding ``&`` dropped. Read from
+    the script itself, so the bench follows whatever ships."""
+    text = (code / "deploy" / "run.sh").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if "/bin/gunicorn" in l and not l.lstrip().startswith("#"))
+    line = line.split("&")[0].strip()
+    values = {"venv": str(ROOT / ".venv"), "host": "127.0.0.1", "port": str(port)}
+    line = re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], line)
+    return shlex.split(line)
 
 
 # --------------------------------------------------------------------------
@@ -217,11 +217,12 @@ class Sandbox:
     """A temporary TempMail installation: config JSON, SQLite file, uploads
     folder, and the servers started for it (stopped on exit)."""
 
-    def __init__(self, name: str = "bench", keep: bool = False, code: Path = ROOT, **config):
+    def __init__(self, name: str = "bench", keep: bool = False, code: Path = ROOT,
+                 processes: int | None = None, extra_env: dict | None = None, **config):
         """``code``: the project folder whose code runs (another checkout for
         an A/B comparison in the same run; the venv stays this one's)."""
         self.dir = Path(tempfile.mkdtemp(prefix=f"tempmail-{name}-"))
-        self.keep, self.code = keep, Path(code)
+        self.keep, self.code, self.extra_env = keep, Path(code), dict(extra_env or {})
         self.db_path = self.dir / "tempmail.db"
         self.uploads = self.dir / "uploads"
         self.uploads.mkdir()
@@ -244,6 +245,8 @@ class Sandbox:
             "cors_origins": "*",
         }
         self.config.update(config)
+        if processes:
+            self.config["smtp"]["processes"] = processes
         self.config_path = self.dir / "config.json"
         self.config_path.write_text(json.dumps(self.config, indent=2))
 
@@ -259,6 +262,7 @@ class Sandbox:
                    PYTHONUNBUFFERED="1", FLASK_APP="app")
         env.pop("DATABASE_URL", None)
         env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+        env.update(self.extra_env)
         return env
 
     def flask(self, *args: str, timeout: float = 600) -> str:
@@ -292,6 +296,28 @@ class Sandbox:
         if not access_log:
             cmd += ["--access-logfile", "/dev/null"]
         return self.start("gunicorn", cmd, port)
+
+    def start_make_run(self, http_port: int | None = None) -> Server:
+        """Both servers exactly as ``make run`` starts them: ``deploy/run.sh``
+        (gunicorn with deploy/gunicorn.conf.py, and ``flask smtpd``), with the
+        shared metrics folder in the sandbox; waits for both ports."""
+        self.http_port = http_port or free_port()
+        env = self.env()
+        env.update(VENV=str(ROOT / ".venv"), METRICS_DIR=str(self.dir / "metrics"))
+        server = self.start("make-run", [str(self.code / "deploy" / "run.sh"), "127.0.0.1", str(self.http_port)],
+                            self.smtp_port, env=env)
+        wait_port(self.http_port, server.proc)
+        return server
+
+    def pids(self, server: Server, word: str) -> list[int]:
+        """The processes under ``server`` whose command line holds ``word``
+        (``gunicorn``, ``smtpd``), parents before children."""
+        found = []
+        for pid in tree_pids(server.pid):
+            with contextlib.suppress(OSError):
+                if word in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(pid)
+        return found
 
     def db(self) -> sqlite3.Connection:
         """A direct connection to the sandbox's SQLite file (bulk work, counts)."""

@@ -1,7 +1,8 @@
 """Benchmark 1: SMTP ingest as shipped, side by side with MailDev and smtp-sink.
 
-TempMail's daemon runs as ``make run`` starts it (``flask smtpd``, default
-configuration: the duplicate filter on, ``smtp.processes`` as configured).
+TempMail runs as ``make run`` starts it (``deploy/run.sh``: gunicorn and
+``flask smtpd``, default configuration: the duplicate filter on,
+``smtp.processes`` as shipped).
 The loads, server after server inside every round (so a burst of noise on
 a shared machine hits them all alike), the figure being the median:
 
@@ -20,10 +21,10 @@ after ``--cap`` seconds is stopped and rated on what was stored by then.
 smtp-sink stores nothing: it is the ceiling of the protocol (and of the
 load generators) on this machine. MailDev is warmed up first (its JIT).
 
-``--compare DIR`` adds the daemon of another checkout (e.g. ``git worktree``
-of main) as a second TempMail target in the same run: an A/B comparison
-under the same noise. ``--processes N`` starts this tree's daemon with
-``--processes N``.
+``--compare DIR`` adds ``make run`` of another checkout (e.g. ``git
+archive main`` unpacked) as a second TempMail target in the same run: an
+A/B comparison under the same noise. ``--processes N`` (and
+``--compare-processes N``) set ``smtp.processes`` in the sandbox config.
 
 Run: ``.venv/bin/python bench/smtp_ingest.py`` (``--quick`` for a smoke run).
 """
@@ -105,22 +106,22 @@ def maildev_counter(maildir: Path) -> Callable[[str], int]:
     return count
 
 
-def start_tempmail(name: str, code: Path, extra: list[str], stack: contextlib.ExitStack) -> Target:
-    box = stack.enter_context(common.Sandbox("ingest", code=code))
+def start_tempmail(name: str, code: Path, processes: int | None, stack: contextlib.ExitStack) -> Target:
+    """``make run`` of checkout ``code`` (deploy/run.sh: gunicorn and flask smtpd) in a sandbox."""
+    box = stack.enter_context(common.Sandbox("ingest", code=code, processes=processes))
     box.init_db()
     box.mailboxes([RCPT, ROUNDS_RCPT])
-    smtpd = box.start_smtpd(extra=extra)
+    box.start_make_run()
     time.sleep(0.5)
-    return Target(name, smtpd.port, tempmail_counter(box))
+    return Target(name, box.smtp_port, tempmail_counter(box))
 
 
 def start_targets(args, stack: contextlib.ExitStack) -> list[Target]:
     """TempMail (this tree, then ``--compare``'s) and the peers, all listening."""
-    extra = ["--processes", str(args.processes)] if args.processes else []
-    targets = [start_tempmail("TempMail", common.ROOT, extra, stack)]
+    targets = [start_tempmail("TempMail", common.ROOT, args.processes, stack)]
     if args.compare:
         targets.append(start_tempmail(f"TempMail@{Path(args.compare).name}", Path(args.compare),
-                                      extra if args.compare_same_options else [], stack))
+                                      args.compare_processes or args.processes, stack))
     peers = [p for p in args.peers.split(",") if p]
     box = stack.enter_context(common.Sandbox("peers"))
     if "maildev" in peers:
@@ -182,10 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--growth-rounds", type=int, default=3)
     parser.add_argument("--growth-messages", type=int, default=2000)
     parser.add_argument("--growth-cap", type=float, default=120.0)
-    parser.add_argument("--processes", type=int, help="flask smtpd --processes N for this tree")
+    parser.add_argument("--processes", type=int, help="smtp.processes for this tree's daemon (default: as shipped)")
     parser.add_argument("--compare", help="another checkout of TempMail to run beside this one (A/B)")
-    parser.add_argument("--compare-same-options", action="store_true",
-                        help="give --compare's daemon the same --processes")
+    parser.add_argument("--compare-processes", type=int, help="smtp.processes for --compare's daemon")
     parser.add_argument("--json", help="write the medians to this file (run_all.py reads it)")
     parser.add_argument("--quick", action="store_true", help="1 round of 1000 messages, rounds of 500")
     args = parser.parse_args(argv)
