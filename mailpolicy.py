@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Optional
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 import clock
 import limits
@@ -127,12 +127,16 @@ def check_recipient(given: str) -> Recipient:
     """RCPT time: decide on one short connection (read only), so a mailbox the
     web app created a moment ago is seen. Raises like ``decide``."""
     rcpt = parse_recipient(given)
-    expiry = select(Mailbox.expires_at).where(Mailbox.address == rcpt.address).scalar_subquery()
     with db.engine.connect() as conn:
-        row = conn.execute(select(Domain.id, expiry).where(
-            Domain.name == rcpt.domain, Domain.active.is_(True))).first()
+        row = conn.execute(RCPT_CHECK, {"address": rcpt.address, "domain": rcpt.domain}).first()
     decide(rcpt, row is not None, row[1] if row is not None else None)
     return rcpt
+
+
+_boxes, _domains = Mailbox.__table__, Domain.__table__
+# Built once: it runs for every RCPT, on the daemon's I/O thread.
+RCPT_CHECK = select(_domains.c.id, select(_boxes.c.expires_at).where(_boxes.c.address == bindparam("address"))
+                    .scalar_subquery()).where(_domains.c.name == bindparam("domain"), _domains.c.active.is_(True))
 
 
 @dataclass

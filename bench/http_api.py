@@ -48,7 +48,7 @@ def fill_tempmail(box: common.Sandbox) -> dict:
     box.init_db()
     legacy = box.mailboxes(["reader"])[0]
     key = box.api_key()
-    box.start_make_run()
+    run = box.start_make_run()
     base = f"http://127.0.0.1:{box.http_port}"
     req = urllib.request.Request(f"{base}/api/emails", method="POST",
                                  headers={"Authorization": f"Bearer {key}"})
@@ -57,10 +57,11 @@ def fill_tempmail(box: common.Sandbox) -> dict:
     common.send_messages(box.smtp_port, owned, MESSAGES)
     inbox = json.load(urllib.request.urlopen(f"{base}/api.php/inbox/{legacy}", timeout=30))
     first_id = inbox["emails"][0]["id"]
+    workers = common.child_pids(box.pids(run, "gunicorn")[0])
     return {
-        ENDPOINTS["inbox"]: (f"{base}/api.php/inbox/{legacy}", {}),
-        ENDPOINTS["email"]: (f"{base}/api.php/email/{first_id}", {}),
-        ENDPOINTS["messages"]: (f"{base}/api/messages?email={owned}", {"Authorization": f"Bearer {key}"}),
+        ENDPOINTS["inbox"]: (f"{base}/api.php/inbox/{legacy}", {}, workers),
+        ENDPOINTS["email"]: (f"{base}/api.php/email/{first_id}", {}, workers),
+        ENDPOINTS["messages"]: (f"{base}/api/messages?email={owned}", {"Authorization": f"Bearer {key}"}, workers),
     }
 
 
@@ -70,7 +71,18 @@ def fill_maildev(box: common.Sandbox) -> dict:
     common.send_messages(server.port, f"reader@{common.DOMAIN}", MESSAGES)
     base = f"http://127.0.0.1:{web}"
     first = json.load(urllib.request.urlopen(f"{base}/email", timeout=30))[0]["id"]
-    return {MAILDEV_LIST: (f"{base}/email", {}), MAILDEV_ONE: (f"{base}/email/{first}", {})}
+    return {MAILDEV_LIST: (f"{base}/email", {}, []), MAILDEV_ONE: (f"{base}/email/{first}", {}, [])}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``), 0 if gone.
+    The split between gunicorn's workers shows whether one of them took all
+    of wrk's connections while the other idled."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -113,14 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
             targets.update({f"{k} @{label}": v for k, v in fill_tempmail(box).items() if k in wanted})
         if not args.no_maildev:
             targets.update(fill_maildev(stack.enter_context(common.Sandbox("http-maildev"))))
-        for name, (url, headers) in targets.items():  # warm-up: imports, caches, MailDev's JIT
+        for name, (url, headers, _pids) in targets.items():  # warm-up: imports, caches, MailDev's JIT
             wrkutil.run(url, 2, args.connections, headers=headers)
         for rnd in range(args.rounds):
-            for name, (url, headers) in targets.items():
+            for name, (url, headers, pids) in targets.items():
+                before = [cpu_seconds(p) for p in pids]
                 res = wrkutil.run(url, args.seconds, args.connections, headers=headers)
+                used = [cpu_seconds(p) - b for p, b in zip(pids, before)]
+                res.split = "/".join(f"{100 * u / sum(used):.0f}" for u in used) if sum(used) else "-"
                 results.setdefault(name, []).append(res)
                 common.log(f"  [round {rnd + 1}] {name}: {res.rps:,.0f} req/s p50 {res.p50_ms:.1f} ms "
-                           f"p99 {res.p99_ms:.1f} ms errors {res.errors}")
+                           f"p99 {res.p99_ms:.1f} ms errors {res.errors}, workers' CPU split % {res.split}")
     summary = report(results)
     print(f"load average at the start {load_start:.2f}, at the end {os.getloadavg()[0]:.2f}")
     if args.json:
@@ -136,10 +151,11 @@ def report(results: dict[str, list]) -> dict:
                       "errors": sum(r.errors for r in runs)} for name, runs in results.items()}
     maildev = summary.get(MAILDEV_LIST, {}).get("rps", float("nan"))
     rows = [[name, f"{s['rps']:,.0f}", f"{s['p50']:.1f}", f"{s['p99']:.1f}", s["errors"],
-             " ".join(f"{r.rps:.0f}" for r in results[name]), common.ratio(s["rps"], maildev)]
+             " ".join(f"{r.rps:.0f}" for r in results[name]), common.ratio(s["rps"], maildev),
+             " ".join(getattr(r, "split", "-") for r in results[name])]
             for name, s in summary.items()]
     print(common.table(rows, ["endpoint", "median req/s", "p50 ms", "p99 ms", "errors",
-                              "rounds req/s", "vs MailDev"]))
+                              "rounds req/s", "vs MailDev GET /email", "workers' CPU split %"]))
     return summary
 
 

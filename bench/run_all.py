@@ -86,7 +86,9 @@ def smtp_rows(fig: dict) -> list[list]:
         ours_r, dev_r = rounds.get("TempMail", []), rounds.get(MAILDEV, [])
         show = lambda r: " -> ".join(f"{x:,.0f}" for x in r) if r else "-"
         ok = None if len(ours_r) < 2 or not ours_r[0] else ours_r[-1] >= 0.85 * ours_r[0]
-        rows.append(["3 rounds of 2,000 messages into one mailbox (msg/s)", show(ours_r), show(dev_r), "-",
+        size = fig.get("growth_messages", 2000)
+        rows.append([f"{len(ours_r)} rounds of {size:,} messages into one mailbox (msg/s)", show(ours_r),
+                     show(dev_r), "-",
                      common.ratio(ours_r[-1], dev_r[-1]) if ours_r and dev_r else "n/a",
                      "round 3 within 15 % of round 1", verdict(ok)])
     return rows

@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             report(MODES[mode], mode, targets)
         if "rounds" in modes:
             results["rounds"] = growth_rounds(targets, args)
+            results["growth_messages"] = args.growth_messages
     results["load_end"] = common.os.getloadavg()[0]
     results["medians"] = {t.name: {m: common.median(r) for m, r in t.rates.items()} for t in targets}
     print(f"load average at the end: {results['load_end']:.2f}")
