@@ -134,11 +134,12 @@ def inbox(email: str):
     else:
         rows = conn.execute(INBOX_PAGE, dict(params, limit=limit)).all()
     zone = clock.local_zone()  # once, not once per message
-    emails = [{"id": idgen.expose(row.id, "messages"), "from_email": row.from_email,
+    shown = idgen.expose_many([row.id for row in rows], "messages")
+    emails = [{"id": shown_id, "from_email": row.from_email,
                "from_name": row.from_name, "subject": row.subject,
                "is_read": int(row.is_read),  # PHP/MySQL TINYINT
                "received_at": clock.fmt_local(row.received_at, zone)}
-              for row in rows]
+              for shown_id, row in zip(shown, rows)]
     # Unpaged, the list is the whole mailbox (same transaction): no COUNT needed.
     total = len(emails) if limit is None and offset == 0 else conn.scalar(INBOX_COUNT, params) or 0
     return jsonify(success=True, email=box.address, created_at=clock.fmt_local(box.created_at, zone),

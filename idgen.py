@@ -151,6 +151,12 @@ def expose(row_id: int, purpose: str) -> int:
     return shown
 
 
+def expose_many(row_ids: list[int], purpose: str) -> list[int]:
+    """``expose`` of each id of a listing, with one look-up of the app's cache."""
+    cache = current_app.extensions.setdefault("tempmail_exposed", {})
+    return [cache.get((purpose, row_id)) or expose(row_id, purpose) for row_id in row_ids]
+
+
 def unexpose(shown: int, purpose: str) -> int:
     """The primary key behind an id that ``expose`` produced (any number below
     2^52 maps to some key; callers look it up and answer 404 when missing)."""

@@ -113,12 +113,12 @@ def summarise(files: list[Path], top: int, merge_threads: bool = False) -> str:
 def profile_smtp(args, box: common.Sandbox, out: Path) -> list[Path]:
     box.init_db()
     box.mailboxes(["ingest"])
-    smtpd = box.start_smtpd()
+    run = box.start_make_run()
     time.sleep(1)
-    pids = common.tree_pids(smtpd.pid)
+    pids = box.pids(run, "smtpd")
     # The supervisor (several processes) serves nothing itself: profile the receivers.
-    pids = [p for p in pids if p != smtpd.pid] or pids
-    load = smtpload.Load(args.mode, smtpd.port, f"ingest@{common.DOMAIN}", box.dir)
+    pids = pids[1:] or pids
+    load = smtpload.Load(args.mode, box.smtp_port, f"ingest@{common.DOMAIN}", box.dir)
     load.start(seconds=args.seconds + 5)
     time.sleep(2)
     try:
@@ -132,9 +132,7 @@ def profile_smtp(args, box: common.Sandbox, out: Path) -> list[Path]:
 def profile_http(args, box: common.Sandbox, out: Path) -> list[Path]:
     import http_api
     targets = http_api.fill_tempmail(box)
-    url, headers = targets[http_api.ENDPOINTS[args.endpoint]]
-    web = next(s for s in box.servers if s.name == "gunicorn")
-    workers = [p for p in common.tree_pids(web.pid) if p != web.pid]
+    url, headers, workers = targets[http_api.ENDPOINTS[args.endpoint]]
     cmd = [common.ensure_wrk(), "-t2", "-c50", f"-d{int(args.seconds) + 4}s", "--latency"]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
@@ -156,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--config", default="{}", help="JSON merged into the sandbox config")
+    parser.add_argument("--processes", type=int, help="smtp.processes")
     args = parser.parse_args(argv)
     common.ensure_profilers()
     out_dir = common.BENCH / "results"
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"profile {args.target} {label} {'--native ' if args.native else ''}{'--gil ' if args.gil else ''}"
           f"({common.machine_line()})")
     import json
-    with common.Sandbox("profile", **json.loads(args.config)) as box:
+    with common.Sandbox("profile", processes=args.processes, **json.loads(args.config)) as box:
         files = profile_smtp(args, box, out) if args.target == "smtp" else profile_http(args, box, out)
         print(summarise(files, args.top, merge_threads=args.target == "http"))
     print(f"raw stacks: {', '.join(str(f) for f in files)}")
