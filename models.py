@@ -530,7 +530,11 @@ class Attachment(db.Model):
 
     def legacy_url(self) -> str:
         """URL path that downloads this file through api.php's routes."""
-        return f"/uploads/attachments/{self.legacy_id}/{quote(self.filename or 'attachment', safe='')}"
+        return Attachment.legacy_url_of(self.id, self.filename)
+
+    @staticmethod
+    def legacy_url_of(row_id: int, filename: Optional[str]) -> str:
+        return f"/uploads/attachments/{idgen.expose(row_id, 'attachments')}/{quote(filename or 'attachment', safe='')}"
 
     @staticmethod
     def by_legacy_id(raw: str) -> Optional["Attachment"]:
