@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 import accounts
 import api_legacy
 import api_v1
+import api_webhooks  # noqa: F401  (adds /api/webhook to the User API's blueprint)
 import apidocs
 import cli
 import logsafe
