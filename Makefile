@@ -8,8 +8,9 @@ PORT   ?= 8000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite drives for real: Chromium for the browser
 # tests, Dovecot for IMAP ingest, swaks for manual checks, Postfix as the
-# front end tests/test_postfix_front.py runs (its own instance, never the system's).
-TEST_DEBS := chromium dovecot-imapd swaks postfix
+# front end tests/test_postfix_front.py runs (its own instance, never the system's),
+# Node.js and PHP to run the webhook receivers /docs shows (tests/test_webhooks_live.py).
+TEST_DEBS := chromium dovecot-imapd swaks postfix nodejs php-cli
 
 .PHONY: run test venv system-deps init-db clean bench
 
@@ -40,6 +41,8 @@ system-deps:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-imapd"; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v php >/dev/null || missing="$$missing php-cli"; \
 	[ -x /usr/sbin/postfix ] || if [ -e /usr/sbin/sendmail ]; then \
 	  echo "Not installing Postfix: another MTA owns /usr/sbin/sendmail (tests/test_postfix_front.py needs Postfix)"; \
 	else missing="$$missing postfix"; fi; \

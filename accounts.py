@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import limits
+import webhooks
 from clock import now
 from models import ApiKey, User, UserSession, cfg, db
 
@@ -315,7 +316,8 @@ def management_context(user: User, new_key: Optional[str] = None) -> dict:
     return {"user": user, "key": user.live_key(), "new_key": new_key, "quota": quota, "used_pct": used_pct,
             "reset": quota["reset"].isoformat(), "reset_text": quota["reset"].strftime("%Y-%m-%d %H:%M (UTC%z)"),
             "plan": user.plan_config(),
-            "domain_types": user.allowed_domain_types(), "api_base": request.host_url + "api"}
+            "domain_types": user.allowed_domain_types(), "api_base": request.host_url + "api",
+            **webhooks.page_context(user.id)}
 
 
 @bp.get("/account")
@@ -346,6 +348,32 @@ def revoke_key():
         db.session.commit()
         flash("Your API key is revoked. Requests using it now answer 401.", "ok")
     return redirect(url_for("accounts.api_management"))
+
+
+@bp.post("/account/webhook")
+@login_required
+def set_webhook():
+    """Set or replace the webhook. Its new secret is rendered into this
+    response only (like a new key): shown once, never put in the session."""
+    user = current_user()
+    try:
+        url = webhooks.check_url(request.form.get("url"), webhooks.allow_private())
+    except webhooks.UnsafeURL as exc:
+        flash(str(exc), "error")
+        return render_template("account/api.html", **management_context(user), webhook_url=request.form.get("url")), 400
+    _hook, secret = webhooks.set_webhook(user.id, url, request.host_url)
+    db.session.commit()
+    resp = render_template("account/api.html", **management_context(user), new_secret=secret)
+    return resp, 201, {"Cache-Control": "no-store"}
+
+
+@bp.post("/account/webhook/remove")
+@login_required
+def remove_webhook():
+    if webhooks.remove_webhook(current_user().id):
+        db.session.commit()
+        flash("Your webhook is removed. Events not yet delivered were dropped.", "ok")
+    return redirect(url_for("accounts.api_management"), 303)
 
 
 def inject_account():

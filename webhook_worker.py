@@ -205,7 +205,7 @@ def lease() -> timedelta:
     """How long a claim lasts: longer than any attempt can take (the
     deadline, plus time for the database), short enough that the events of
     a killed sender soon go out from another."""
-    return timedelta(seconds=2 * float(settings()["timeout_seconds"]) + 10)
+    return timedelta(seconds=3 * float(settings()["timeout_seconds"]) + 5)
 
 
 def claim_due(limit: int) -> list[Claim]:
