@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import http.client
 import logging
+import os
 import random
 import secrets
 import signal
@@ -306,6 +307,7 @@ class Worker:
 
     def start(self) -> "Worker":
         self.thread.start()
+        log.info("webhook sender started in process %d (%d at a time)", os.getpid(), self.concurrency)
         return self
 
     def stop(self, timeout: float = 30) -> None:

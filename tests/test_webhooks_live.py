@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
@@ -22,11 +23,14 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from adversarial.helpers import Daemon, Gunicorn, build_message, record, send_one, write_config
-from conftest import free_port, wait_for_port
-from models import ApiKey, User, db
+import mailhandler
+import webhooks
+from adversarial.helpers import VENV_BIN, Daemon, Gunicorn, build_message, record, send_one, write_config
+from conftest import ROOT, free_port, wait_for_port
+from models import ApiKey, Domain, Mailbox, User, db
 from webhook_receiver import Receiver, check_signature
 
+VENV_FLASK = VENV_BIN / "flask"
 # Retries in fractions of a second and a 1 s deadline, so the test takes
 # seconds; the schedule itself is the configured one (tests/test_webhooks.py
 # checks the defaults: first retry within a minute, given up after a day).
@@ -259,3 +263,81 @@ def check_curl_sample(samples: dict, tmp_path) -> None:
         assert proc.line_with("00000000000000000000000000000000 demo123@example.com Test event")
     finally:
         proc.stop()
+
+
+# --------------------------------------------------------------------------
+# where senders run: one per daemon, and any number of `flask webhooks run`
+
+def flask_env(config) -> dict:
+    env = dict(os.environ, TEMPMAIL_CONFIG=str(config))
+    env.pop("DATABASE_URL", None)
+    return env
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_supervised_daemon_runs_one_sender(app_factory, tmp_path):
+    """``smtp.processes`` = 2: mail arrives in either receiver process, and
+    the one sender (slot 0, beside the purge timer) delivers every event."""
+    app = app_factory({"webhooks": FAST, "smtp": {"processes": 2}})
+    receiver = Receiver()
+    daemon = Daemon(write_config(app, tmp_path / "config.json"), tmp_path / "daemon.log")
+    try:
+        with app.app_context():
+            user = User.create("procs@example.org")
+            db.session.flush()
+            box = Mailbox.create("procbox", Domain.by_name("example.com"), 3600, "user-api", user_id=user.id).address
+            webhooks.set_webhook(user.id, receiver.url(), "http://localhost")
+            db.session.commit()
+        daemon.start()
+        for n in range(12):  # a new connection each: SO_REUSEPORT spreads them over both processes
+            assert send_one(daemon.port, box, build_message(n, box, tag="procs"))[0] == 250
+        with app.app_context():  # and one stored by another process altogether (pipe, IMAP...)
+            mailhandler.deliver(build_message(12, box, tag="procs"), [box], "a@peer.test")
+        got = receiver.wait_for(lambda rs: len({event_of(r)["message"]["subject"] for r in rs}) == 13)
+        assert len({r.delivery for r in got}) == 13
+        log = (tmp_path / "daemon.log").read_text()
+        assert log.count("SMTP receiver on") == 2 and log.count("webhook sender started") == 1
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_standalone_senders_share_the_outbox(app_factory, tmp_path):
+    """No daemon: ``flask pipe`` stores, two ``flask webhooks run`` send side
+    by side, and no event goes out twice."""
+    count = 30
+    app = app_factory({"webhooks": FAST})
+    config = write_config(app, tmp_path / "config.json")
+    receiver = Receiver()
+    senders = []
+    try:
+        with app.app_context():
+            user = User.create("standalone@example.org")
+            db.session.flush()
+            box = Mailbox.create("pipebox", Domain.by_name("example.com"), 3600, "user-api", user_id=user.id).address
+            _hook, secret = webhooks.set_webhook(user.id, receiver.url(), "http://localhost")
+            db.session.commit()
+            for n in range(count - 1):
+                mailhandler.deliver(build_message(n, box, tag="pipe"), [box], "a@peer.test")
+        piped = subprocess.run([str(VENV_FLASK), "--app", "app", "pipe", "--to", box], cwd=ROOT,
+                               input=build_message(count - 1, box, tag="pipe"), env=flask_env(config),
+                               capture_output=True, timeout=60)
+        assert piped.returncode == 0, piped.stderr
+        senders = [subprocess.Popen([str(VENV_FLASK), "--app", "app", "webhooks", "run"], cwd=ROOT,
+                                    env=flask_env(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for _ in range(2)]
+        got = receiver.wait_for(lambda rs: len(rs) >= count)
+        time.sleep(1)  # a double send, if any, would arrive now
+        got = receiver.wait_for(lambda rs: True)
+        assert {event_of(r)["message"]["subject"] for r in got} == {f"pipe message {n}" for n in range(count)}
+        assert len(got) == count and len({r.delivery for r in got}) == count
+        for one in got:
+            check_signature(secret, one)
+        for proc in senders:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    finally:
+        receiver.close()
+        for proc in senders:
+            if proc.poll() is None:
+                proc.kill()
