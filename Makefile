@@ -9,8 +9,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite drives for real: Chromium for the browser
 # tests, Dovecot for IMAP ingest, swaks for manual checks, Postfix as the
 # front end tests/test_postfix_front.py runs (its own instance, never the system's),
-# Node.js and PHP to run the webhook receivers /docs shows (tests/test_webhooks_live.py).
-TEST_DEBS := chromium dovecot-imapd swaks postfix nodejs php-cli
+# Node.js and PHP to run the webhook receivers /docs shows, openssl for its cURL
+# sample and the HTTPS receiver's certificate (tests/test_webhooks*.py).
+TEST_DEBS := chromium dovecot-imapd swaks postfix nodejs php-cli openssl
 
 .PHONY: run test venv system-deps init-db clean bench
 
@@ -43,6 +44,7 @@ system-deps:
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v php >/dev/null || missing="$$missing php-cli"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	[ -x /usr/sbin/postfix ] || if [ -e /usr/sbin/sendmail ]; then \
 	  echo "Not installing Postfix: another MTA owns /usr/sbin/sendmail (tests/test_postfix_front.py needs Postfix)"; \
 	else missing="$$missing postfix"; fi; \

@@ -79,19 +79,29 @@ def settings() -> dict:
 # one HTTP POST, to the address that was checked
 
 class PinnedConnection(http.client.HTTPConnection):
-    """An HTTP connection to ``host`` made to the resolved and checked
-    ``sockaddr`` rather than to whatever the name resolves to a moment later
-    (DNS rebinding). ``abort()`` from another thread ends it at once."""
+    """An HTTP connection to ``host`` made to one of the resolved and checked
+    ``addresses`` ((family, sockaddr) pairs, tried in order) rather than to
+    whatever the name resolves to a moment later (DNS rebinding).
+    ``abort()`` from another thread ends it at once."""
 
-    def __init__(self, host: str, port: int, sockaddr: tuple, family: int, timeout: float):
+    def __init__(self, host: str, port: int, addresses: list[tuple], timeout: float):
         super().__init__(host, port, timeout=timeout)
-        self.sockaddr, self.family, self.aborted = sockaddr, family, False
+        self.addresses, self.aborted = addresses, False
 
     def connect(self) -> None:
-        self.sock = socket.socket(self.family, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.sockaddr)
-        self.check()
+        failure: Optional[OSError] = None
+        for family, sockaddr in self.addresses:
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                self.sock.settimeout(self.timeout)
+                self.sock.connect(sockaddr)
+                self.check()
+                return
+            except OSError as exc:  # refused, unreachable: the next address (a dual-stack name)
+                self.sock.close()
+                self.sock, failure = None, exc
+                self.check()
+        raise failure or OSError("no address to connect to")
 
     def check(self) -> None:
         """Stop here if the deadline passed while connecting (a shutdown of a
@@ -151,9 +161,10 @@ def post(url: str, headers: dict, body: bytes, timeout: float, private_ok: bool)
     (connect, TLS, request, status line and headers) has ``timeout`` seconds:
     a receiver that trickles its answer is cut off like a silent one."""
     host, port = webhooks.split_url(url)
-    family, _type, _proto, _name, sockaddr = webhooks.resolve(host, port, private_ok)[0]
+    addresses = [(family, sockaddr) for family, _type, _proto, _name, sockaddr
+                 in webhooks.resolve(host, port, private_ok)]
     tls = urlsplit(url).scheme.lower() == "https"
-    conn = (PinnedTLSConnection if tls else PinnedConnection)(host, port, sockaddr, family, timeout)
+    conn = (PinnedTLSConnection if tls else PinnedConnection)(host, port, addresses, timeout)
     deadline = threading.Timer(timeout, conn.abort)
     deadline.start()
     try:

@@ -6,6 +6,8 @@ The end-to-end runs through gunicorn and the daemon are in test_webhooks_live.py
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from datetime import timedelta
 
 import pytest
@@ -19,7 +21,9 @@ import webhooks
 from models import ApiKey, Domain, Mailbox, Message, User, db
 from test_accounts import make_user, post_form, sign_in
 from test_openapi import operation_checker
-from webhook_receiver import Receiver, check_signature
+from adversarial.helpers import VENV_BIN, write_config
+from conftest import ROOT, free_port
+from webhook_receiver import Receiver, Trickler, check_signature, self_signed
 from webhooks import Webhook, WebhookOutbox
 
 REFUSED = ["http://127.0.0.1:9/hook", "http://10.1.2.3/", "http://169.254.169.254/latest/meta-data",
@@ -339,5 +343,64 @@ def test_page_lists_recent_attempts(app_factory):
         page = client.get("/account").get_data(as_text=True)
         assert 'data-testid="webhook-deliveries"' in page and "HTTP 502" in page
         assert receiver.requests[0].delivery in page
+    finally:
+        receiver.close()
+
+
+# --------------------------------------------------------------------------
+# receivers that misbehave, and HTTPS
+
+def test_slow_silent_refusing_and_untrusted_receivers_fail_within_the_deadline(app_factory, tmp_path):
+    """A receiver trickling one byte every 0.2 s never trips a socket
+    timeout; only the attempt's overall deadline can end it."""
+    app = app_factory({"webhooks": {"allow_private": True, "timeout_seconds": 1}})
+    uid, auth = keyed(app)
+    box = owned_mailbox(app, uid)
+    drip, silent = Trickler(0.2), Trickler(None)
+    untrusted = Receiver(tls=self_signed(tmp_path))
+    try:
+        cases = [(f"http://127.0.0.1:{drip.port}/", "no answer within 1 s"),
+                 (f"http://127.0.0.1:{silent.port}/", "no answer within 1 s"),
+                 (f"http://127.0.0.1:{free_port()}/", "connection refused"),
+                 (untrusted.url(host="localhost"), "TLS certificate not accepted")]
+        for n, (url, error) in enumerate(cases):
+            with app.app_context():
+                webhooks.set_webhook(uid, url, "http://localhost")
+                db.session.commit()
+            deliver(app, box, n)
+            assert drain(app) == 1
+            latest = app.test_client().get("/api/webhook/deliveries", headers=auth).get_json()["data"][0]
+            assert latest["status_code"] is None and error in latest["error"], (url, latest)
+        assert untrusted.requests == [] and drip.connections == silent.connections == 1
+    finally:
+        drip.close()
+        silent.close()
+        untrusted.close()
+
+
+def test_https_receiver_is_reached_on_the_checked_address_with_its_name(app_factory, tmp_path):
+    """``flask webhooks run --once`` connects to the checked address while
+    TLS (SNI, certificate) and Host use the URL's name."""
+    cert, key = self_signed(tmp_path)
+    receiver = Receiver(tls=(cert, key))
+    try:
+        app = app_factory({"webhooks": {"allow_private": True}})
+        uid, _auth = keyed(app)
+        box = owned_mailbox(app, uid)
+        with app.app_context():
+            _hook, secret = webhooks.set_webhook(uid, receiver.url("/in?src=tm", host="localhost"), "http://x")
+            db.session.commit()
+        deliver(app, box)
+        env = dict(os.environ, TEMPMAIL_CONFIG=str(write_config(app, tmp_path / "config.json")),
+                   SSL_CERT_FILE=str(cert))
+        env.pop("DATABASE_URL", None)
+        done = subprocess.run([str(VENV_BIN / "flask"), "--app", "app", "webhooks", "run", "--once"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "1 webhook attempts made." in done.stdout, done.stderr
+        [got] = receiver.requests
+        assert got.path == "/in?src=tm" and got.headers["Host"] == f"localhost:{receiver.port}"
+        check_signature(secret, got)
+        [row] = outbox(app)
+        assert row.delivered_at is not None and row.last_status == 204
     finally:
         receiver.close()

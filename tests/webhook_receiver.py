@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,18 +27,24 @@ class Receiver:
     """Answers the statuses queued with ``answer()`` first, then ``default``;
     a 3xx carries ``Location: <url of /elsewhere>``."""
 
-    def __init__(self, default: int = 204):
+    def __init__(self, default: int = 204, tls: tuple | None = None):
+        """``tls``: (certificate file, key file) to serve HTTPS."""
         self.default, self.queued = default, []
         self.hold_at, self.released = 0, threading.Event()
         self.requests: list[Received] = []
         self.changed = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.server.daemon_threads = True
+        self.scheme = "https" if tls else "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def answer(self, *statuses: int) -> None:
         with self.changed:
@@ -97,3 +106,50 @@ def check_signature(secret: str, got: Received) -> None:
     expected = hmac.new(secret.encode(), fields["t"].encode() + b"." + got.body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(fields["v1"], expected)
     assert abs(int(fields["t"]) - time.time()) < 300
+
+
+def self_signed(folder) -> tuple:
+    """A certificate for localhost and 127.0.0.1 and its key, made with openssl."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+class Trickler:
+    """A server that accepts, reads the request and then answers one byte of
+    a never-ending header every ``pause`` seconds (or, with ``pause`` None,
+    never answers at all): only an overall deadline ends such an attempt."""
+
+    def __init__(self, pause: float | None = 0.2):
+        self.pause, self.connections = pause, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _addr = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.trickle, args=(conn,), daemon=True).start()
+
+    def trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 100000
+            for i in range(len(answer)):
+                if self.stopped.wait(self.pause if self.pause is not None else 60):
+                    return
+                try:
+                    conn.sendall(answer[i:i + 1])
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
