@@ -15,6 +15,7 @@ from pathlib import Path
 from flask import Blueprint, Flask, jsonify, make_response, render_template, request
 
 import docs_content
+import languages
 import openapi
 from models import Domain, cfg
 
@@ -33,12 +34,11 @@ def catalogue(lang: str) -> dict:
 
 
 def pick_language() -> str:
-    """``?lang=`` when it names a supported language, else the best match of
-    ``Accept-Language`` (``it-IT`` finds ``it``), else English."""
-    wanted = (request.args.get("lang") or "").strip().lower()
-    if wanted in LANGS:
-        return wanted
-    return request.accept_languages.best_match(LANGS) or DEFAULT_LANG
+    """The page's language as every page picks it (languages.py: ``?lang=``,
+    the remembered choice, ``Accept-Language``, English), so the site header
+    (gettext) and the documentation (these catalogues) always agree."""
+    lang = languages.current()
+    return lang if lang in LANGS else DEFAULT_LANG
 
 
 def group_digits(number: int, lang: str) -> str:

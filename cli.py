@@ -12,6 +12,7 @@ import models
 import ops
 import smtpserver
 import webhook_worker
+from accounts import password_problem
 from models import ApiKey, Domain, User, db
 
 domains_cli = AppGroup("domains", help="Add and list the mail domains.")
@@ -63,6 +64,8 @@ def users_create(email: str, plan: str, password: str | None) -> None:
         raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="EMAIL")
     if plan not in models.cfg("plans"):
         raise click.BadParameter(f"no plan {plan!r} in the configuration", param_hint="--plan")
+    if password is not None and (problem := password_problem(password)):
+        raise click.BadParameter(problem, param_hint="--password")
     if User.by_email(email) is not None:
         raise click.ClickException(f"user {email} already exists")
     User.create(email, plan=plan, password=password)

@@ -207,6 +207,13 @@ def user_routes(base: str, domain: str) -> list[dict]:
               [param("id", "path", "string", True, "p_message_id")],
               {"status": True, "data": message_example(base, domain, True)}, note="n_marks_read",
               statuses=(*common, 404)),
+        route("user-message-extract", "GET", "/messages/{id}/extract", f"{api}/messages/{MSG_ID}/extract",
+              "d_user_extract", True, [param("id", "path", "string", True, "p_message_id")],
+              {"status": True, "data": {"codes": ["482913"], "links": [
+                  {"url": "https://service.example/verify?token=6f1c2e9a", "text": "Verify email address",
+                   "kind": "verify"},
+                  {"url": "https://service.example/unsubscribe?u=42", "text": "Unsubscribe", "kind": "unsubscribe"}]}},
+              note="n_extract", statuses=(*common, 404)),
         route("user-message-delete", "DELETE", "/messages/{id}", f"{api}/messages/{MSG_ID}",
               "d_user_message_delete", True, [param("id", "path", "string", True, "p_message_id")],
               {"status": True, "message": "Message was deleted successfully."}, statuses=(*common, 404)),

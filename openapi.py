@@ -70,6 +70,11 @@ def schemas() -> dict:
         "MessageList": obj(status={"const": True}, mailbox=STRING,
                            messages={"type": "array", "items": ref("Message")}),
         "MessageResponse": obj(status={"const": True}, data=ref("Message")),
+        "Extraction": obj(status={"const": True}, data=obj(
+            codes={"type": "array", "items": STRING, "description": "One-time codes, most likely first"},
+            links={"type": "array", "items": obj(
+                url={"type": "string", "format": "uri", "pattern": "^https?://"}, text=STRING,
+                kind={"enum": ["verify", "reset", "login", "unsubscribe", "other"]})})),
     }
 
 
@@ -171,6 +176,9 @@ def user_paths() -> dict:
         "/api/messages/{id}": {
             "get": user_op("Read an owned message (marks it seen)", "MessageResponse", (401, 404, 429), [msg_id]),
             "delete": user_op("Delete an owned message", "Done", (401, 404, 429), [msg_id])},
+        "/api/messages/{id}/extract": {"get": user_op(
+            "One-time codes and links of an owned message (does not mark it seen)", "Extraction",
+            (401, 404, 429), [msg_id])},
         "/api/messages/{id}/attachments/{name}": {"get": user_op(
             "Download an attachment of an owned message", None, (401, 404, 429),
             [msg_id, p("name", "path", STRING, True, "Attachment name from the message")])},

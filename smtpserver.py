@@ -507,12 +507,18 @@ class MailServer:
             pass  # the pipe is full, so a wake-up is pending anyway
 
     def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM (``flask smtpd``)."""
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        """Run until SIGINT or SIGTERM (``flask smtpd``).
+
+        The signals are blocked (before the threads start, so they inherit
+        that) and taken with ``sigwait``, not handled: a handler calling
+        ``Event.set()`` deadlocked on the Event's lock when a second signal
+        (Ctrl-C to the group, then TERM from ``make run``) arrived while the
+        main thread was waking up from the first; a signal during ``stop()``
+        stays pending and is dropped at exit."""
+        signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         self.start()
-        stop.wait()
+        signal.sigwait(signals)
         self.stop()
 
     # -- I/O thread ------------------------------------------------------
