@@ -356,6 +356,18 @@ def revoke_key():
     return redirect(url_for("accounts.api_management"))
 
 
+def webhook_problem(exc: webhooks.UnsafeURL) -> str:
+    """Why a webhook URL was refused, in the page's language (the User API
+    says the same in English)."""
+    if exc.kind == "private":
+        return _("%(host)s resolves to %(address)s, which is not a public address.", **exc.details)
+    if exc.kind == "unresolved":
+        return _("The host %(host)s does not resolve.", **exc.details)
+    if exc.kind == "credentials":
+        return _("A user name or password in the URL is not allowed.")
+    return _("Enter an http or https URL of at most %(max)d characters.", max=webhooks.MAX_URL)
+
+
 @bp.post("/account/webhook")
 @login_required
 def set_webhook():
@@ -365,8 +377,9 @@ def set_webhook():
     try:
         url = webhooks.check_url(request.form.get("url"), webhooks.allow_private())
     except webhooks.UnsafeURL as exc:
-        flash(str(exc), "error")
-        return render_template("account/api.html", **management_context(user), webhook_url=request.form.get("url")), 400
+        flash(webhook_problem(exc), "error")
+        return render_template("account/api.html", **management_context(user),
+                               webhook_url=request.form.get("url")), 400
     _hook, secret = webhooks.set_webhook(user.id, url, request.host_url)
     db.session.commit()
     resp = render_template("account/api.html", **management_context(user), new_secret=secret)
@@ -378,7 +391,7 @@ def set_webhook():
 def remove_webhook():
     if webhooks.remove_webhook(current_user().id):
         db.session.commit()
-        flash("Your webhook is removed. Events not yet delivered were dropped.", "ok")
+        flash(_("Your webhook is removed. Events not yet delivered were dropped."), "ok")
     return redirect(url_for("accounts.api_management"), 303)
 
 

@@ -50,6 +50,7 @@ from webhooks import UnsafeURL, Webhook, WebhookDelivery, WebhookOutbox
 log = logging.getLogger("tempmail.webhooks")
 
 USER_AGENT = "TempMail-Webhook/1"
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 JITTER = 0.1  # up to 10 % added to each delay, so failed events spread out
 MAX_ERROR = 300  # characters of an error kept per attempt
 
@@ -317,7 +318,15 @@ class Worker:
         self.thread = threading.Thread(target=self.run, name="webhook-claim", daemon=True)
 
     def start(self) -> "Worker":
-        self.thread.start()
+        # Started with SIGINT and SIGTERM blocked, so that this thread, and the
+        # senders and deadline timers it starts (threads inherit the mask),
+        # never take a signal meant for the main thread's sigwait (flask smtpd
+        # and flask webhooks run stop on it).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         log.info("webhook sender started in process %d (%d at a time)", os.getpid(), self.concurrency)
         return self
 
@@ -401,10 +410,11 @@ def run_command(once: bool) -> None:
     if once:
         click.echo(f"{worker.drain()} webhook attempts made.")
         return
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # Taken with sigwait, not a handler, as flask smtpd does: a handler setting
+    # an Event can deadlock when a second signal arrives during the first.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     click.echo("Sending webhook events (Ctrl-C stops).")
     worker.start()
-    stop.wait()
+    signal.sigwait(STOP_SIGNALS)
     worker.stop()
+    click.echo("Stopped.")

@@ -45,7 +45,13 @@ WAKE = threading.Event()
 
 
 class UnsafeURL(ValueError):
-    """A webhook URL that is refused; the message says why, for the user."""
+    """A webhook URL that is refused. The message says why in the User API's
+    English; ``kind`` (missing, invalid, credentials, unresolved, private)
+    and ``details`` let the web page say it in the reader's language."""
+
+    def __init__(self, message: str, kind: str = "invalid", **details: str):
+        super().__init__(message)
+        self.kind, self.details = kind, details
 
 
 # --------------------------------------------------------------------------
@@ -113,7 +119,7 @@ def check_url(url: Optional[str], private_ok: bool) -> str:
     """``url`` stripped, if a webhook may call it; else UnsafeURL. Its host
     must resolve, and (unless ``private_ok``) only to public addresses."""
     if not isinstance(url, str) or not url.strip():
-        raise UnsafeURL("The url parameter is required.")
+        raise UnsafeURL("The url parameter is required.", "missing")
     url = url.strip()
     if len(url) > MAX_URL or not url.isprintable() or " " in url:
         raise UnsafeURL(f"Invalid url: use an http or https URL of at most {MAX_URL} characters.")
@@ -132,7 +138,7 @@ def split_url(url: str) -> tuple[str, int]:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise UnsafeURL("Invalid url: only http and https URLs with a host name are allowed.")
     if parts.username is not None or parts.password is not None:
-        raise UnsafeURL("Invalid url: credentials in the URL are not allowed.")
+        raise UnsafeURL("Invalid url: credentials in the URL are not allowed.", "credentials")
     return parts.hostname, port or (443 if parts.scheme.lower() == "https" else 80)
 
 
@@ -144,12 +150,12 @@ def resolve(host: str, port: int, private_ok: bool) -> list[tuple]:
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError, ValueError):
-        raise UnsafeURL(f"Invalid url: the host {host} does not resolve.") from None
+        raise UnsafeURL(f"Invalid url: the host {host} does not resolve.", "unresolved", host=host) from None
     if not private_ok:
         for *_rest, sockaddr in found:
             if not is_public(sockaddr[0]):
                 raise UnsafeURL(f"Invalid url: {host} resolves to {sockaddr[0]}, which is not a public "
-                                "address.")
+                                "address.", "private", host=host, address=sockaddr[0])
     return found
 
 

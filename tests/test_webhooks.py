@@ -311,7 +311,7 @@ def test_page_sets_shows_and_removes_the_webhook(app_factory):
     assert 'action="/account/webhook"' in page and "Set webhook" in page
     assert client.post("/account/webhook", data={"url": "http://127.0.0.1:9/"}).status_code == 400  # no CSRF
     bad = post_form(client, "/account/webhook", {"url": "ftp://x.example/"}, "/account")
-    assert bad.status_code == 400 and "only http and https" in bad.get_data(as_text=True)
+    assert bad.status_code == 400 and "Enter an http or https URL" in bad.get_data(as_text=True)
     made = post_form(client, "/account/webhook", {"url": "http://127.0.0.1:9/hook"}, "/account")
     text = made.get_data(as_text=True)
     assert made.status_code == 201 and made.headers["Cache-Control"] == "no-store"
@@ -404,3 +404,15 @@ def test_https_receiver_is_reached_on_the_checked_address_with_its_name(app_fact
         assert row.delivered_at is not None and row.last_status == 204
     finally:
         receiver.close()
+
+
+def test_page_says_why_a_url_is_refused_in_the_readers_language(app_factory):
+    app = app_factory({"webhooks": {"allow_private": False}})
+    client = app.test_client()
+    make_user(app)
+    sign_in(client)
+    client.get("/account?lang=it")
+    refused = post_form(client, "/account/webhook", {"url": "http://10.9.8.7/"}, "/account")
+    text = refused.get_data(as_text=True)
+    assert refused.status_code == 400 and 'lang="it"' in text
+    assert "10.9.8.7 si risolve in 10.9.8.7, che non è un indirizzo pubblico." in text
