@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 import clock
 import logsafe
+import metrics
 import webhooks
 from models import cfg, db
 from webhooks import UnsafeURL, Webhook, WebhookDelivery, WebhookOutbox
@@ -253,6 +254,9 @@ def deliver(claim: Claim) -> Optional[Outcome]:
     conf = settings()
     outcome = send(row.url, row.secret, row.payload.encode("utf-8"), row.event_id,
                    float(conf["timeout_seconds"]), bool(conf["allow_private"]))
+    # Fixed label values (never the receiver's words): delivered, refused, failed.
+    verdict = "delivered" if outcome.ok else "refused" if (outcome.error or "").startswith("refused") else "failed"
+    metrics.WEBHOOK_ATTEMPTS.labels(outcome=verdict).inc()
     if not outcome.ok:
         log.info("webhook event %s attempt %d to %s failed: %s", row.event_id, row.attempts + 1,
                  urlsplit(row.url).hostname, outcome.error)

@@ -11,6 +11,7 @@ import subprocess
 from datetime import timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import event, func, select, update
 
 import mailhandler
@@ -206,9 +207,10 @@ def test_rebound_address_is_refused_at_send_time(app_factory):
             webhooks.set_webhook(uid, receiver.url(), "http://localhost")
             db.session.commit()
         deliver(app, box)
+        refusals = refused_count()
         result = app.test_cli_runner().invoke(args=["webhooks", "run", "--once"])
         assert result.exit_code == 0 and "1 webhook attempts made" in result.output, result.output
-        assert receiver.requests == []
+        assert receiver.requests == [] and refused_count() == refusals + 1
         [attempt] = app.test_client().get("/api/webhook/deliveries", headers=auth).get_json()["data"]
         assert attempt["status_code"] is None and attempt["ok"] is False
         assert "127.0.0.1, which is not a public address" in attempt["error"]
@@ -216,6 +218,10 @@ def test_rebound_address_is_refused_at_send_time(app_factory):
         assert row.next_at is not None and row.delivered_at is None  # retried later: DNS may change back
     finally:
         receiver.close()
+
+
+def refused_count() -> float:
+    return REGISTRY.get_sample_value("tempmail_webhook_attempts_total", {"outcome": "refused"}) or 0
 
 
 def test_schedule_first_retry_within_a_minute_and_gives_up_after_a_day(app):
