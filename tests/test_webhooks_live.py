@@ -341,3 +341,20 @@ def test_standalone_senders_share_the_outbox(app_factory, tmp_path):
         for proc in senders:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_private_addresses_are_refused_over_http(app_factory, tmp_path):
+    """``webhooks.allow_private`` false (the default), through gunicorn."""
+    app = app_factory()
+    web = Gunicorn(write_config(app, tmp_path / "config.json"), tmp_path / "gunicorn.log", workers=1).start()
+    try:
+        api = user_api(SimpleNamespace(app=app, web=web))
+        for url in ("http://127.0.0.1:8080/hook", "http://10.0.0.8/", "http://169.254.169.254/latest/meta-data/",
+                    "http://[::1]/", "http://localhost/hook", "https://0.0.0.0/"):
+            resp = api.put(api.url("/api/webhook"), json={"url": url}, timeout=30)
+            assert resp.status_code == 422, url
+            assert "which is not a public address" in resp.json()["message"], url
+        assert api.get(api.url("/api/webhook"), timeout=30).status_code == 404
+        assert api.put(api.url("/api/webhook"), json={"url": "https://93.184.215.14/hook"}, timeout=30).ok
+    finally:
+        web.stop()
