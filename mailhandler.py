@@ -40,6 +40,7 @@ import metrics
 import models
 import retention
 import storage
+import webhooks
 from clock import now
 from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
                         UnknownRecipient)
@@ -300,6 +301,7 @@ class DeliveryBatch:
         self.pending = storage.PendingBlobs()
         self.known = mailpolicy.Lookups()
         self.copies: dict[tuple, Message] = {}
+        self.stored: list[tuple[Mailbox, Message]] = []  # every new copy, for the webhook outbox
         self.freed: list[str] = []
         self.received = 0
         self.failed = False  # rolled back: whatever was staged is gone
@@ -315,19 +317,24 @@ class DeliveryBatch:
             self.stage_files()
             if self.received or self.known.created:
                 Stat.bump(total_addresses=self.known.created, total_received=self.received)
+            # The webhook events commit with the messages they announce, or not at all.
+            events = webhooks.stage_events(self.stored)
             storage.commit_durably(self.pending)
         except Exception as exc:
             log.exception("commit of %d stored copies failed", self.received)
             self.rollback()
             raise StoreFailed() from exc
         storage.discard(self.freed)
-        self.freed = []
+        self.freed, self.stored = [], []
+        if events:
+            webhooks.wake()
 
     def rollback(self) -> None:
         """Undo everything staged, and forget what was looked up in the undone transaction."""
         db.session.rollback()
         self.pending.after_rollback()
         self.known, self.copies, self.freed, self.received = mailpolicy.Lookups(), {}, [], 0
+        self.stored = []
         self.failed = True
 
 
@@ -415,6 +422,7 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     db.session.add(msg)
     batch.received += 1
     batch.copies[(box.id, tag, sha, envelope_from)] = msg
+    batch.stored.append((box, msg))
     return msg
 
 
