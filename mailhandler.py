@@ -25,32 +25,29 @@ import sys
 from datetime import timedelta
 from email import policy
 from email.message import Message as EmailMessage
-from email.feedparser import BytesFeedParser
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Iterable, Optional
 
 import click
-from bs4 import BeautifulSoup
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
 import models
 import ops
+from mailparse import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, PARSE_POLICY, BoundedMessage,
+                       html_to_text, line_extent, parse_bytes, safe_codec, unfold)
 from models import Domain, Mailbox, Stat, db
 
 log = logging.getLogger("tempmail.mail")
 
-MAX_DEPTH = 30  # MIME nesting we follow; deeper parts are kept only in the raw .eml
 MAX_ATTACHMENTS = 1000  # parts stored as files; the rest stay in the raw .eml
-# The stdlib's modern header parser takes quadratic time and gigabytes on a
-# megabyte-long folded header (measured: 7 MB Subject, 226 s, 3.4 GiB), and
-# its compat32 address parser recurses once per "(": longer headers are read
-# from their first MAX_HEADER_CHARS characters with the linear legacy decoder.
-MAX_HEADER_CHARS = 16384
+# MAX_DEPTH and MAX_HEADER_CHARS (mailparse): every header is read from its
+# first 16 KiB, once per message part; the stdlib's header parser takes
+# quadratic time and gigabytes on a megabyte-long one (measured: 7 MB
+# Subject, 226 s, 3.4 GiB).
 MAX_NAME = 200
-PARSE_CHUNK = 1 << 20
 # Labels senders use for charsets whose real-world content is a superset
 # (what browsers do too): decoding with the superset never loses characters.
 CHARSET_SUPERSETS = {
@@ -124,11 +121,12 @@ def decode_bytes(data: bytes, charset: Optional[str]) -> str:
     undecodable bytes become U+FFFD."""
     name = (charset or "").strip().strip('"').lower()
     name = CHARSET_SUPERSETS.get(name, name)
-    if name and name != "cp1252":
+    codec = safe_codec(name) if name and name != "cp1252" else None
+    if codec:
         try:
-            return data.decode(name, "replace")
-        except (LookupError, UnicodeError, ValueError, TypeError):
-            pass  # unknown or unusable label: guess below
+            return data.decode(codec, "replace")
+        except (UnicodeError, ValueError, TypeError):
+            pass  # unusable label ("undefined"): guess below
     text = data.decode("utf-8", "replace")
     bad = text.count("\ufffd")
     if bad and sum(1 for ch in text if ch > "\x7f") <= 2 * bad:
@@ -136,31 +134,24 @@ def decode_bytes(data: bytes, charset: Optional[str]) -> str:
     return text
 
 
-def html_to_text(html: str) -> str:
-    """Readable text of an HTML body, for messages without a text part."""
-    soup = BeautifulSoup(html, "html.parser")
-    for tag in soup(["script", "style", "head", "title"]):
-        tag.decompose()
-    text = soup.get_text("\n")
-    lines = [line.strip() for line in text.splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
 def raw_header(msg: EmailMessage, name: str) -> Optional[str]:
-    """The first ``name`` header as received (unparsed), or None."""
-    return next((v for k, v in msg.raw_items() if k.lower() == name.lower()), None)
+    """The first ``name`` header as received (unparsed, unfolded), cut to
+    MAX_HEADER_CHARS, or None: the one way headers are read here."""
+    if isinstance(msg, BoundedMessage):
+        return msg.raw_value(name)  # read once per part
+    value = next((v for k, v in msg.raw_items() if k.lower() == name.lower()), None)
+    return None if value is None else unfold(value[:MAX_HEADER_CHARS])
 
 
 def header(msg: EmailMessage, name: str) -> str:
-    """A decoded header value; never raises, however broken the header is,
-    and takes linear time however long it is (see MAX_HEADER_CHARS)."""
+    """A decoded header value; never raises, however broken the header is.
+    On a parsed message (BoundedMessage) the stdlib parses each header once,
+    from its first MAX_HEADER_CHARS characters."""
     raw = raw_header(msg, name)
     if raw is None:
         return ""
-    if len(raw) > MAX_HEADER_CHARS:
-        return legacy_decode(raw[:MAX_HEADER_CHARS])
     try:
-        value = msg.get(name)
+        value = msg.get(name) if isinstance(msg, BoundedMessage) else PARSE_POLICY.header_fetch_parse(name, raw)
         return clean(value) if value is not None else ""
     except Exception:  # the header parser has corner cases that raise
         return legacy_decode(raw)
@@ -176,9 +167,9 @@ def legacy_decode(raw: str) -> str:
 
 def sender(msg: EmailMessage) -> tuple[str, str]:
     """(display name, address) of the From header."""
-    raw = raw_header(msg, "from") or ""
     try:
-        addresses = msg["from"].addresses if raw and len(raw) <= MAX_HEADER_CHARS else ()
+        value = msg.get("from") if isinstance(msg, BoundedMessage) else None
+        addresses = value.addresses if value is not None else ()
         if addresses:
             return clean(addresses[0].display_name), clean(addresses[0].addr_spec)
     except Exception:
@@ -245,22 +236,12 @@ def parse_message(raw: bytes) -> dict:
     return fields
 
 
-def parse_bytes(raw: bytes) -> EmailMessage:
-    """The stdlib parser fed in slices: ``parsebytes`` would first make a str
-    copy of the whole message, which doubles the peak memory of a big one."""
-    parser = BytesFeedParser(policy=policy.default)
-    with memoryview(raw) as view:
-        for start in range(0, len(view), PARSE_CHUNK):
-            parser.feed(bytes(view[start:start + PARSE_CHUNK]))
-    return parser.close()
-
-
 def part_bytes(part: EmailMessage) -> bytes:
     """The decoded body of a leaf part. Base64 is decoded straight from the
     payload (the stdlib first splits it into lines and joins them again,
     several copies of a 25 MiB attachment); anything odd goes the stdlib way."""
     payload = part.get_payload()
-    if isinstance(payload, str) and str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
+    if isinstance(payload, str) and transfer_encoding(part) == "base64":
         try:
             return binascii.a2b_base64(payload)
         except (binascii.Error, ValueError):
@@ -268,13 +249,21 @@ def part_bytes(part: EmailMessage) -> bytes:
     return part.get_payload(decode=True) or b""
 
 
+def transfer_encoding(part: EmailMessage) -> str:
+    """The Content-Transfer-Encoding token in lower case ("" when absent)."""
+    words = (raw_header(part, "content-transfer-encoding") or "").split(None, 1)
+    return words[0].lower() if words else ""
+
+
 def collect_parts(part: EmailMessage, texts: list, htmls: list, attachments: list, depth: int) -> None:
     """Walk the MIME tree: inline text and HTML into the body lists, every other
     leaf (and every nested message/rfc822) into ``attachments``."""
-    if depth > MAX_DEPTH or len(attachments) >= MAX_ATTACHMENTS:
+    if depth > MAX_DEPTH or len(attachments) >= MAX_ATTACHMENTS or getattr(part, "opaque", False):
         return  # kept in the raw .eml only: a 10,000-part message is not 10,000 files
     ctype = part.get_content_type()
     payload = part.get_payload()
+    if payload is None:
+        return  # the part the parse stopped in (mailparse.MAX_PARSE_PARTS)
     if ctype.startswith("multipart/") and isinstance(payload, list):
         for sub in payload:
             collect_parts(sub, texts, htmls, attachments, depth + 1)
@@ -290,7 +279,8 @@ def nested_message(part: EmailMessage, payload: list) -> dict:
         data = inner.as_bytes(policy=policy.default.clone(max_line_length=0))
     except Exception:
         data = part.as_bytes()
-    subject = header(inner, "subject") if payload else ""
+    # Only a file label: the linear decoder, not a stdlib parse per nested message.
+    subject = legacy_decode(raw_header(inner, "subject") or "") if payload else ""
     name = part.get_filename() or ((subject[:80] or "message") + ".eml")
     return {"filename": display_name(name, "message/rfc822", False), "data": data,
             "content_type": "message/rfc822", "content_id": None, "inline": False}
@@ -308,7 +298,7 @@ def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attac
         text = decode_bytes(data, charset).replace("\r\n", "\n")
         (htmls if ctype == "text/html" else texts).append(text)
         return
-    content_id = header(part, "content-id").strip().strip("<>").strip()[:255] or None
+    content_id = clean(raw_header(part, "content-id") or "").strip().strip("<>").strip()[:255] or None
     inline = disposition == "inline" or (content_id is not None and disposition != "attachment")
     attachments.append({"filename": display_name(filename, ctype, inline), "data": data,
                         "content_type": clean(ctype)[:255], "content_id": content_id,
@@ -647,7 +637,10 @@ def recipients_from_headers(msg: EmailMessage) -> list[str]:
 
 
 def headers_only(raw: bytes) -> EmailMessage:
-    return BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+    """The headers of ``raw``, read through the bounded path (``get_all`` gives
+    at most 100 values of 16 KiB each), from its first MAX_PARSE_LINES lines."""
+    return BytesParser(policy=PARSE_POLICY).parsebytes(raw[:line_extent(raw, MAX_PARSE_LINES)],
+                                                       headersonly=True)
 
 
 def pipe_recipients(raw: bytes, to: tuple[str, ...]) -> list[str]:
