@@ -398,7 +398,11 @@ def html_to_text(markup: str) -> str:
     inline elements flow as text, blocks break lines. Linear in the input,
     of which at most MAX_HTML_TEXT_CHARS characters are used."""
     cut = len(markup) > MAX_HTML_TEXT_CHARS
-    markup = HTML_HIDDEN.sub("", markup[:MAX_HTML_TEXT_CHARS].translate(MARKERS))
+    if cut:
+        markup = markup[:MAX_HTML_TEXT_CHARS]
+        if markup.rfind("<") > markup.rfind(">"):
+            markup = markup[:markup.rfind("<")]  # no half tag at the cut
+    markup = HTML_HIDDEN.sub("", markup.translate(MARKERS))
     pieces = HTML_PRE.split(markup)  # outside, inside, outside, ... <pre>
     text = "".join(pre_text(piece) if index % 2 else flow_text(piece) for index, piece in enumerate(pieces))
     text = BREAK_RUN.sub(lambda run: "\n\n" if "\x02" in run[0] else "\n", text)
