@@ -48,6 +48,12 @@ MAX_ATTACHMENTS = 1000  # parts stored as files; the rest stay in the raw .eml
 # quadratic time and gigabytes on a megabyte-long one (measured: 7 MB
 # Subject, 226 s, 3.4 GiB).
 MAX_NAME = 200
+# Of text and of HTML body kept in the Message row (each; the raw .eml keeps
+# all). A str costs up to 4 bytes a character and is copied when decoded and
+# stored: 25 MiB of ASCII text with one emoji took the daemon 519 MiB over
+# idle. Webmail clips far earlier (Gmail: 102 KB of HTML).
+MAX_BODY_BYTES = 6 << 20
+TRUNCATED = "\n[\u2026]"
 # Labels senders use for charsets whose real-world content is a superset
 # (what browsers do too): decoding with the superset never loses characters.
 CHARSET_SUPERSETS = {
@@ -58,6 +64,7 @@ CHARSET_SUPERSETS = {
     "tis-620": "cp874", "iso-8859-11": "cp874",
 }
 SURROGATES = re.compile("[\ud800-\udfff]")
+HIGH_BYTES = bytes(range(0x80, 0x100))
 
 
 class DeliveryError(Exception):
@@ -129,7 +136,10 @@ def decode_bytes(data: bytes, charset: Optional[str]) -> str:
             pass  # unusable label ("undefined"): guess below
     text = data.decode("utf-8", "replace")
     bad = text.count("\ufffd")
-    if bad and sum(1 for ch in text if ch > "\x7f") <= 2 * bad:
+    # Non-ASCII characters = all minus the ASCII bytes (counted in C: a
+    # 25 MiB body must not be walked character by character in Python).
+    if bad and len(text) - len(data.translate(None, HIGH_BYTES)) <= 2 * bad:
+        text = None  # freed before the second decoding of a big body
         return data.decode("cp1252", "replace")  # mostly not UTF-8: a legacy 8-bit text
     return text
 
@@ -229,24 +239,51 @@ def parse_message(raw: bytes) -> dict:
         collect_parts(msg, texts, htmls, fields["attachments"], 0)
     except Exception:  # keep what was collected before the broken part
         log.warning("malformed MIME structure in message %s", fields["message_id"])
-    fields["body_text"] = clean("\n".join(texts))
-    fields["body_html"] = clean("\n".join(htmls))
+    del msg  # the parsed tree (and its copy of every body) is not needed any more
+    fields["body_text"] = clean(join_and_clear(texts))
+    fields["body_html"] = clean(join_and_clear(htmls))
     if not fields["body_text"] and fields["body_html"]:
         fields["body_text"] = clean(html_to_text(fields["body_html"]))
     return fields
 
 
-def part_bytes(part: EmailMessage) -> bytes:
-    """The decoded body of a leaf part. Base64 is decoded straight from the
-    payload (the stdlib first splits it into lines and joins them again,
-    several copies of a 25 MiB attachment); anything odd goes the stdlib way."""
-    payload = part.get_payload()
-    if isinstance(payload, str) and transfer_encoding(part) == "base64":
+def join_and_clear(parts: list[str]) -> str:
+    """The parts joined by newlines; the list is emptied, so a big body is
+    not held twice while it is cleaned."""
+    text = "\n".join(parts)
+    parts.clear()
+    return text
+
+
+def part_bytes(part: BoundedMessage) -> bytes:
+    """The decoded body of a leaf part, which is then dropped from the parsed
+    tree (its last use: a 25 MiB body is not held twice while it is decoded).
+    Base64 and quoted-printable are decoded in C straight from the payload
+    (the stdlib first splits base64 into lines and joins them again, several
+    copies of a 25 MiB attachment); uuencode and base64 that needs more
+    than padding go the stdlib way."""
+    cte, data = transfer_encoding(part), None
+    if cte not in ("x-uuencode", "uuencode", "uue", "x-uue"):
+        data = part.payload_bytes()
+        if cte == "quoted-printable":
+            data = binascii.a2b_qp(data)
+        elif cte == "base64":
+            data = decode_base64(data)
+    if data is None:
+        data = part.get_payload(decode=True) or b""
+    part.set_payload(None)
+    return data
+
+
+def decode_base64(data: bytes) -> Optional[bytes]:
+    """Base64 with what is not base64 ignored and missing padding added, or
+    None when even that fails (the stdlib then keeps what it can)."""
+    for padding in (b"", b"=="):
         try:
-            return binascii.a2b_base64(payload)
+            return binascii.a2b_base64(data + padding if padding else data)
         except (binascii.Error, ValueError):
-            pass  # bad padding, stray bytes: the stdlib repairs what it can
-    return part.get_payload(decode=True) or b""
+            continue
+    return None
 
 
 def transfer_encoding(part: EmailMessage) -> str:
@@ -255,22 +292,19 @@ def transfer_encoding(part: EmailMessage) -> str:
     return words[0].lower() if words else ""
 
 
-def collect_parts(part: EmailMessage, texts: list, htmls: list, attachments: list, depth: int) -> None:
+def collect_parts(part: BoundedMessage, texts: list, htmls: list, attachments: list, depth: int) -> None:
     """Walk the MIME tree: inline text and HTML into the body lists, every other
     leaf (and every nested message/rfc822) into ``attachments``."""
-    if depth > MAX_DEPTH or len(attachments) >= MAX_ATTACHMENTS or getattr(part, "opaque", False):
+    if depth > MAX_DEPTH or len(attachments) >= MAX_ATTACHMENTS or part.opaque or part.unfinished:
         return  # kept in the raw .eml only: a 10,000-part message is not 10,000 files
     ctype = part.get_content_type()
-    payload = part.get_payload()
-    if payload is None:
-        return  # the part the parse stopped in (mailparse.MAX_PARSE_PARTS)
-    if ctype.startswith("multipart/") and isinstance(payload, list):
-        for sub in payload:
-            collect_parts(sub, texts, htmls, attachments, depth + 1)
-    elif isinstance(payload, list):  # message/rfc822 and friends: keep as a .eml
-        attachments.append(nested_message(part, payload))
-    else:
+    if not part.is_multipart():  # (get_payload() of a leaf would decode all of it)
         collect_leaf(part, ctype, texts, htmls, attachments)
+    elif ctype.startswith("multipart/"):
+        for sub in part.get_payload():
+            collect_parts(sub, texts, htmls, attachments, depth + 1)
+    else:  # message/rfc822 and friends: keep as a .eml
+        attachments.append(nested_message(part, part.get_payload()))
 
 
 def nested_message(part: EmailMessage, payload: list) -> dict:
@@ -286,8 +320,20 @@ def nested_message(part: EmailMessage, payload: list) -> dict:
             "content_type": "message/rfc822", "content_id": None, "inline": False}
 
 
+def body_text(data: bytes, charset: Optional[str], room: int) -> str:
+    """The text of a body part, from at most ``room`` of its bytes (a mark
+    tells when it was cut). Each copy of a big body is dropped as soon as
+    the next one exists."""
+    cut = len(data) > room
+    if cut:
+        data = data[:room]
+    text = decode_bytes(data, charset)
+    del data
+    text = text.replace("\r\n", "\n") if "\r" in text else text
+    return text + TRUNCATED if cut else text
+
+
 def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attachments: list) -> None:
-    data = part_bytes(part)
     disposition = part.get_content_disposition()
     filename = part.get_filename()
     if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
@@ -295,9 +341,12 @@ def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attac
             charset = part.get_content_charset()
         except Exception:
             charset = None
-        text = decode_bytes(data, charset).replace("\r\n", "\n")
-        (htmls if ctype == "text/html" else texts).append(text)
+        body = htmls if ctype == "text/html" else texts
+        room = MAX_BODY_BYTES - sum(len(text) for text in body)
+        if room > 0:
+            body.append(body_text(part_bytes(part), charset, room))
         return
+    data = part_bytes(part)
     content_id = clean(raw_header(part, "content-id") or "").strip().strip("<>").strip()[:255] or None
     inline = disposition == "inline" or (content_id is not None and disposition != "attachment")
     attachments.append({"filename": display_name(filename, ctype, inline), "data": data,

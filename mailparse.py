@@ -45,6 +45,12 @@ MAX_MIME_HEADER_CHARS = 4096
 MAX_DEPTH = 20  # MIME nesting the parser follows; deeper parts stay one opaque leaf
 MAX_PARSE_PARTS = 2000
 MAX_PARSE_LINES = 400_000
+# The parser gathers a line in an io.StringIO, which stores 4 bytes a
+# character once read: one 25 MiB line cost ~150 MiB. Longer lines (RFC 5322
+# allows 998 characters) are folded for the parser with CRLF + space, which a
+# header reads as folding, base64 ignores, and text shows as a line break.
+MAX_LINE = 1 << 16
+FOLD = b"\r\n "
 MAX_SAME_HEADERS = 100  # values ``get_all`` returns
 MAX_HTML_TEXT_CHARS = 1 << 20  # of HTML turned into body_text (a derived convenience field)
 PARSE_CHUNK = 1 << 20
@@ -243,6 +249,25 @@ class BoundedMessage(EmailMessage):
             name = self.get_param("name")
         return failobj if name is None else name.strip()
 
+    @property
+    def unfinished(self) -> bool:
+        """The part the parse stopped in (MAX_PARSE_PARTS): it has no payload."""
+        return self._payload is None
+
+    def payload_bytes(self) -> bytes:
+        """A leaf's payload as received, still transfer-encoded. The parser
+        keeps it as ASCII with surrogate escapes; ``get_payload`` would first
+        try to encode all of it as UTF-8 to look for them (a buffer of three
+        bytes a character: 75 MiB for a 25 MiB body), and without ``decode``
+        then decodes all of it."""
+        payload = self._payload
+        if isinstance(payload, str):
+            try:
+                return payload.encode("ascii", "surrogateescape")
+            except UnicodeEncodeError:  # text set by a program, not by the parser
+                return payload.encode("utf-8", "surrogateescape")
+        return payload if isinstance(payload, bytes) else b""
+
     def get_content_disposition(self) -> Optional[str]:
         value = self.mime("content-disposition")
         return (value[0] or None) if value is not None else None
@@ -315,18 +340,48 @@ def line_extent(raw: bytes, limit: int) -> int:
     return len(raw)
 
 
-def parse_bytes(raw: bytes) -> BoundedMessage:
-    """``raw`` parsed by the stdlib (``PARSE_POLICY``): its first
-    MAX_PARSE_LINES lines, and its first MAX_PARSE_PARTS parts (the tree
-    parsed so far when there are more; the last part may then be unfinished,
-    with no payload). Fed in slices: ``parsebytes`` would first make a str
-    copy of the whole message, which doubles the peak memory of a big one."""
+def fold_points(raw: bytes, end: int) -> list[int]:
+    """Offsets in ``raw[:end]`` where a line has run MAX_LINE bytes without a
+    line break. Each step searches (in C) a window of MAX_LINE bytes and then
+    moves past its last line break or to its end, so ``raw`` is searched
+    about twice."""
+    points, pos = [], 0
+    while end - pos > MAX_LINE:
+        stop = pos + MAX_LINE
+        last = max(raw.rfind(b"\n", pos, stop), raw.rfind(b"\r", pos, stop))
+        if last < 0:
+            points.append(stop)
+        pos = stop if last < 0 else last + 1
+    return points
+
+
+def parser_input(raw: bytes):
+    """The slices of ``raw`` the parser is fed: its first MAX_PARSE_LINES
+    lines, in pieces of at most PARSE_CHUNK bytes, long lines folded."""
     end = line_extent(raw, MAX_PARSE_LINES)
+    if end < len(raw):
+        log.warning("message of %d bytes has more than %d lines: parsed up to byte %d, the rest is "
+                    "in the raw .eml only", len(raw), MAX_PARSE_LINES, end)
+    start = 0
+    with memoryview(raw) as view:
+        for stop in fold_points(raw, end) + [end]:
+            for piece in range(start, stop, PARSE_CHUNK):
+                yield bytes(view[piece:min(piece + PARSE_CHUNK, stop)])
+            if stop < end:
+                yield FOLD
+            start = stop
+
+
+def parse_bytes(raw: bytes) -> BoundedMessage:
+    """``raw`` parsed by the stdlib (``PARSE_POLICY``) from ``parser_input``,
+    and up to its first MAX_PARSE_PARTS parts (the tree parsed so far when
+    there are more; the last part may then be unfinished, with no payload).
+    Fed in slices: ``parsebytes`` would first make a str copy of the whole
+    message, which doubles the peak memory of a big one."""
     parser = BytesFeedParser(policy=PARSE_POLICY)
     try:
-        with memoryview(raw) as view:
-            for start in range(0, end, PARSE_CHUNK):
-                parser.feed(bytes(view[start:min(start + PARSE_CHUNK, end)]))
+        for piece in parser_input(raw):
+            parser.feed(piece)
         msg = parser.close()
     except TooManyParts as exc:
         if exc.root is None:
@@ -334,9 +389,6 @@ def parse_bytes(raw: bytes) -> BoundedMessage:
         log.warning("message of %d bytes has more than %d MIME parts: the rest is in the raw .eml only",
                     len(raw), MAX_PARSE_PARTS)
         return exc.root
-    if end < len(raw):
-        log.warning("message of %d bytes has more than %d lines: parsed up to byte %d, the rest is "
-                    "in the raw .eml only", len(raw), MAX_PARSE_LINES, end)
     return msg
 
 

@@ -146,6 +146,20 @@ def test_parse_stops_at_its_part_and_line_bounds(monkeypatch):
     assert text["subject"] == "lines" and text["body_text"] == "".join(f"line {i}\n" for i in range(10))
 
 
+def test_text_and_html_bodies_are_kept_up_to_their_cap():
+    """Each of the text and the HTML body keeps MAX_BODY_BYTES (the raw .eml
+    keeps all): a str costs up to 4 bytes a character."""
+    cap = mailhandler.MAX_BODY_BYTES
+    text = "\u00e9".encode() + b"t" * 74 + b"\r\n" + (b"t" * 76 + b"\r\n") * (cap // 78 - 1)
+    raw = (b"Subject: big\r\nContent-Type: multipart/alternative; boundary=Z\r\n\r\n--Z\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text + b"m" * 76 + b"\r\nlast\r\n--Z\r\n"
+           b"Content-Type: text/html\r\n\r\n<p>" + b"h" * 100 + b"</p>\r\n--Z--\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert len(text) < cap < len(text) + 78
+    assert fields["body_text"] == (text + b"m" * 76)[:cap].decode().replace("\r\n", "\n") + "\n[\u2026]"
+    assert fields["body_html"] == "<p>" + "h" * 100 + "</p>"
+
+
 def test_slow_codecs_are_not_body_charsets():
     """punycode takes quadratic time (40 KB: 1.6 s) and is no mail charset."""
     body = b"-" + b"9" * 60_000
