@@ -169,13 +169,13 @@ def header_object(pol: policy.EmailPolicy, name: str, value: str):
 class BoundedMessage(EmailMessage):
     """The message class of every parse here (``policy.default`` otherwise).
 
-    Its raw headers are read once into a table of first values cut to
-    MAX_HEADER_CHARS (rebuilt only if the headers change). The MIME queries
-    the stdlib parser and the receiving code make (content type, parameters,
-    boundary, disposition, file name, charset) are answered from that table
-    with the linear ``mime_header``; ``get()`` builds the stdlib header object
-    from the cut value once per header. ``depth`` and ``opaque`` bound the
-    nesting the parser follows."""
+    Each header it is asked for is looked up once, its first value cut to
+    MAX_HEADER_CHARS, and what was read from it is kept (until the headers
+    change). The MIME queries the stdlib parser and the receiving code make
+    (content type, parameters, boundary, disposition, file name, charset)
+    are answered by the linear ``mime_header``; ``get()`` builds the stdlib
+    header object from the cut value, once per header. ``depth`` and
+    ``opaque`` bound the nesting the parser follows."""
 
     depth = 0  # 0: the message itself; +1 per multipart or message/rfc822 level
     opaque = False  # deeper than MAX_DEPTH: one leaf, kept in the raw .eml only
@@ -183,20 +183,27 @@ class BoundedMessage(EmailMessage):
     _count: Optional["PartCount"] = None
 
     def _table(self) -> dict:
+        """What was read from the headers, valid while they stay the same."""
         key = (id(self._headers), len(self._headers))
         if self._key != key:
-            first: dict[str, tuple[str, str]] = {}
-            for name, value in reversed(self._headers):  # the first of a name is written last
-                first[name.lower()] = (name, value)
-            self._key, self._cache = key, {"raw": first, "mime": {}, "objects": {}}
+            self._key, self._cache = key, {"raw": {}, "mime": {}, "objects": {}}
         return self._cache
 
     def _changed(self) -> None:
         self._key = None
 
+    def _first(self, key: str) -> Optional[tuple[str, str]]:
+        """(name, value as received) of the first header named ``key`` (lower
+        case). A scan per name asked for (a few per part), rather than a
+        table of every name: 400,000 header fields would cost ~60 MiB."""
+        raw = self._table()["raw"]
+        if key not in raw:
+            raw[key] = next(((k, v) for k, v in self._headers if k.lower() == key), None)
+        return raw[key]
+
     def raw_value(self, name: str) -> Optional[str]:
         """The first ``name`` header as received, cut to MAX_HEADER_CHARS and unfolded."""
-        found = self._table()["raw"].get(name.lower())
+        found = self._first(name.lower())
         return None if found is None else unfold(found[1][:MAX_HEADER_CHARS])
 
     def mime(self, name: str) -> Optional[tuple[str, dict[str, str]]]:
@@ -211,7 +218,7 @@ class BoundedMessage(EmailMessage):
         cache = self._table()
         key = name.lower()
         if key not in cache["objects"]:
-            found = cache["raw"].get(key)
+            found = self._first(key)
             cache["objects"][key] = None if found is None else header_object(
                 self.policy, found[0], unfold(found[1][:MAX_HEADER_CHARS]))
         value = cache["objects"][key]
