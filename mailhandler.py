@@ -50,8 +50,8 @@ MAX_ATTACHMENTS = 1000  # parts stored as files; the rest stay in the raw .eml
 MAX_NAME = 200
 # Of text and of HTML body kept in the Message row (each; the raw .eml keeps
 # all). A str costs up to 4 bytes a character and is copied when decoded and
-# stored: 25 MiB of ASCII text with one emoji took the daemon 519 MiB over
-# idle. Webmail clips far earlier (Gmail: 102 KB of HTML).
+# stored: uncapped, 25 MiB of ASCII text with one emoji took the daemon
+# 381 MiB over idle. Webmail clips far earlier (Gmail: 102 KB of HTML).
 MAX_BODY_BYTES = 6 << 20
 TRUNCATED = "\n[\u2026]"
 # Labels senders use for charsets whose real-world content is a superset
@@ -161,7 +161,10 @@ def header(msg: EmailMessage, name: str) -> str:
     if raw is None:
         return ""
     try:
-        value = msg.get(name) if isinstance(msg, BoundedMessage) else PARSE_POLICY.header_fetch_parse(name, raw)
+        if isinstance(msg, BoundedMessage):
+            value = msg.get(name)
+        else:
+            value = PARSE_POLICY.header_fetch_parse(name, raw)
         return clean(value) if value is not None else ""
     except Exception:  # the header parser has corner cases that raise
         return legacy_decode(raw)

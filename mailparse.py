@@ -9,8 +9,8 @@ on every call. Measured on the daemon: a 340 KB message whose file name was
 parameters held it 43.5 s, and 10,000 plain parts 17 s.
 
 So every header the parser and the receiving code read goes through one path
-(``BoundedMessage``): a part's raw headers are read once, each value cut to
-``MAX_HEADER_CHARS``; MIME parameters (RFC 2045, RFC 2231) are split by a
+(``BoundedMessage``): each header of a part is looked up once, its value cut
+to ``MAX_HEADER_CHARS``; MIME parameters (RFC 2045, RFC 2231) are split by a
 linear scanner; results are kept on the part. The stdlib's header objects are
 still built, once per header and part, from the cut value, for the headers
 shown to people (From, Subject, ...). The structure the parser is shown is
@@ -46,9 +46,10 @@ MAX_DEPTH = 20  # MIME nesting the parser follows; deeper parts stay one opaque 
 MAX_PARSE_PARTS = 2000
 MAX_PARSE_LINES = 400_000
 # The parser gathers a line in an io.StringIO, which stores 4 bytes a
-# character once read: one 25 MiB line cost ~150 MiB. Longer lines (RFC 5322
-# allows 998 characters) are folded for the parser with CRLF + space, which a
-# header reads as folding, base64 ignores, and text shows as a line break.
+# character once read: parsing one 24 MB base64 line peaked at 119 MiB (46
+# folded). Longer lines (RFC 5322 allows 998 characters) are folded for the
+# parser with CRLF + space, which a header reads as folding, base64 ignores,
+# and text shows as a line break.
 MAX_LINE = 1 << 16
 FOLD = b"\r\n "
 MAX_SAME_HEADERS = 100  # values ``get_all`` returns
