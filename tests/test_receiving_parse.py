@@ -2,6 +2,7 @@
 hostile names, storage failures, and generated malformed input."""
 from __future__ import annotations
 
+import base64
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -158,6 +159,17 @@ def test_text_and_html_bodies_are_kept_up_to_their_cap():
     assert len(text) < cap < len(text) + 78
     assert fields["body_text"] == (text + b"m" * 76)[:cap].decode().replace("\r\n", "\n") + "\n[\u2026]"
     assert fields["body_html"] == "<p>" + "h" * 100 + "</p>"
+
+
+def test_long_lines_are_folded_for_the_parser_and_base64_is_unchanged():
+    data = bytes(range(256)) * 600
+    raw = (b"Subject: long\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+           b"Content-Type: text/plain\r\n\r\n" + b"w" * 70_000 + b"\r\n--B\r\n"
+           b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.b64encode(data) + b"\r\n--B--\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert fields["attachments"][0]["data"] == data  # one 204,800-character line
+    assert fields["body_text"] == "w" * mailparse.MAX_LINE + "\n " + "w" * (70_000 - mailparse.MAX_LINE)
 
 
 def test_slow_codecs_are_not_body_charsets():
