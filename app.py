@@ -23,6 +23,7 @@ import accounts
 import apierrors
 import api_legacy
 import api_v1
+import api_webhooks  # noqa: F401  (adds /api/webhook to the User API's blueprint)
 import apidocs
 import cli
 import fastjson
