@@ -27,7 +27,7 @@ import logging
 import re
 import urllib.parse
 import weakref
-from email import policy
+from email import headerregistry, policy
 from email.feedparser import BytesFeedParser
 from email.message import EmailMessage
 from typing import Optional
@@ -323,8 +323,27 @@ class PartCount:
             raise TooManyParts(self.root())
 
 
+class CachedHeaderRegistry(headerregistry.HeaderRegistry):
+    """The stdlib's header registry, remembering the class it makes per header
+    name: the stock one builds a new class with ``type()`` on every header
+    it is asked for (~20 us each, a fifth of parsing a 2 KB message)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        name = name.lower()
+        made = self._made.get(name)
+        if made is None:
+            made = super().__getitem__(name)
+            if len(self._made) < 1024:  # a bounded table: senders choose header names
+                self._made[name] = made
+        return made
+
+
 # The policy of every parse: policy.default, whose messages are BoundedMessages.
-PARSE_POLICY = policy.default.clone(message_factory=BoundedMessage)
+PARSE_POLICY = policy.default.clone(message_factory=BoundedMessage, header_factory=CachedHeaderRegistry())
 
 
 # --------------------------------------------------------------------------
