@@ -13,6 +13,10 @@ import os
 bind = "127.0.0.1:8000"
 workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
 threads = 4
+# gthread that leaves part of a burst of new connections to its sibling
+# workers (fairaccept.py): with stock gthread one worker often took all of a
+# client's 50 keep-alive connections and served them on one core.
+worker_class = "fairaccept.FairThreadWorker"
 accesslog = "-"
 logger_class = "logmask.MaskingLogger"
 forwarded_allow_ips = "127.0.0.1"
