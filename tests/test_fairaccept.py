@@ -82,7 +82,7 @@ def test_a_burst_of_connections_is_shared_between_workers(app, tmp_path):
         while log.read_text().count("Booting worker") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # the workers enter their accept loops
-        first, second = worker_pids(web.proc.pid)
+        _first, second = worker_pids(web.proc.pid)
         # The second worker is kept off the CPU for the first moments of the
         # burst, as a busy machine does to a sibling: stock gthread's first
         # worker then accepts everything in one tight loop before it runs.
