@@ -11,6 +11,7 @@ import mailhandler
 import models
 import ops
 import smtpserver
+import storagemove
 from models import ApiKey, Domain, User, db
 
 domains_cli = AppGroup("domains", help="Add and list the mail domains.")
@@ -98,5 +99,6 @@ def init_app(app: Flask) -> None:
     """Register every command of TempMail: the one place that lists them."""
     for command in (init_db_command, domains_cli, users_cli, keys_cli,  # this module
                     mailhandler.pipe_command, smtpserver.smtpd_command, imapingest.imap_poll_command,
-                    ops.purge_command, ops.stats_command, ops.reparse_command, ops.import_command):
+                    ops.purge_command, ops.stats_command, ops.reparse_command, ops.import_command,
+                    storagemove.storage_cli):
         app.cli.add_command(command)
