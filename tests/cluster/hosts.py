@@ -235,11 +235,13 @@ class Cluster:
 
     # -- PostgreSQL's figures -------------------------------------------------
     def pg_figures(self, engine) -> dict:
-        """The database's counters now (commits, rows written, WAL position)."""
+        """The database's position now: transaction ids handed out (one per
+        writing transaction; read-only ones take none) and WAL bytes written.
+        Both move at once, unlike pg_stat_database's counters, which backends
+        report up to seconds later."""
         from sqlalchemy import text
         with engine.connect() as conn:
             row = conn.execute(text(
-                "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, "
-                "pg_current_wal_lsn() - '0/0'::pg_lsn AS wal FROM pg_stat_database "
-                "WHERE datname = 'tempmail'")).mappings().one()
+                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xids, "
+                "pg_current_wal_lsn() - '0/0'::pg_lsn AS wal")).mappings().one()
         return {k: int(v) for k, v in row.items()}
