@@ -207,24 +207,25 @@ def wait_across_hosts(cluster, admin) -> None:
     address = make_box(admin, "waitcross")
     latencies = []
     for n in range(10):
+        shown = get_json(cluster, "web-b", f"/inbox/{quote(address)}")[1]["emails"]
+        since = shown[-1]["id"] if shown else 0
         got: dict = {}
 
         def wait_on_b():
-            got["resp"] = get_json(cluster, "web-b", f"/inbox/{quote(address)}?wait=20&since={got.get('since', 0)}")
+            got["resp"] = get_json(cluster, "web-b", f"/inbox/{quote(address)}?wait=20&since={since}")
+            got["at"] = time.monotonic()
 
-        since = get_json(cluster, "web-b", f"/inbox/{quote(address)}")[1]["emails"]
-        got["since"] = since[-1]["id"] if since else 0
         waiter = threading.Thread(target=wait_on_b)
         waiter.start()
         time.sleep(0.5)  # the waiter is parked on web-b before the mail is sent
-        sent = time.monotonic()
         assert send(cluster, "mail-a", address, message(100 + n, address, "wait")) == 250
+        replied = time.monotonic()
         waiter.join(30)
-        latencies.append(time.monotonic() - sent)
         assert got["resp"][0] == 200 and got["resp"][1]["total"] == n + 1
+        latencies.append(max(0.0, got["at"] - replied))
     latencies.sort()
-    record(f"wait on web-b for mail stored by mail-a: 10 waits answered, after the 250 in "
-           f"median {latencies[4] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
+    record(f"wait on web-b for mail stored by mail-a: 10 waits answered, from the client's 250 to the "
+           f"answer on web-b: median {latencies[4] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
 
 
 # --------------------------------------------------------------------------
