@@ -8,8 +8,9 @@ PORT   ?= 8000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite drives for real: Chromium for the browser
 # tests, Dovecot for IMAP ingest, swaks for manual checks, Postfix as the
-# front end tests/test_postfix_front.py runs (its own instance, never the system's).
-TEST_DEBS := chromium dovecot-imapd swaks postfix
+# front end tests/test_postfix_front.py runs (its own instance, never the system's),
+# iproute2's `ip` for the network namespaces of tests/cluster/.
+TEST_DEBS := chromium dovecot-imapd swaks postfix iproute2
 
 .PHONY: run test venv system-deps init-db clean bench
 
@@ -40,6 +41,7 @@ system-deps:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-imapd"; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
+	command -v ip >/dev/null || [ -x /sbin/ip ] || missing="$$missing iproute2"; \
 	[ -x /usr/sbin/postfix ] || if [ -e /usr/sbin/sendmail ]; then \
 	  echo "Not installing Postfix: another MTA owns /usr/sbin/sendmail (tests/test_postfix_front.py needs Postfix)"; \
 	else missing="$$missing postfix"; fi; \

@@ -12,6 +12,24 @@ Two backends, chosen by ``storage.backend``:
 * ``database``: 1 MiB chunks in the ``blob_chunks`` table beside the rows,
   for hosts that share nothing but the database.
 
+Durability (a 250 means the message survives a power loss): the filesystem
+backend syncs its files before the commit that names them; the database
+backend INSERTs a blob's chunks in the very transaction that commits the
+rows naming it, so one durable COMMIT covers both (PostgreSQL with its
+default ``synchronous_commit=on``; SQLite's WAL is fsynced after the commit,
+``sync_sqlite_wal``). A rollback takes the chunks with it.
+
+Why ``bytea`` chunks and not PostgreSQL large objects: rows in an ordinary
+table are deleted with their blob row in the same transaction (a large
+object needs ``lo_unlink`` and leaks when forgotten, hence ``vacuumlo``),
+work the same on SQLite, go through any connection pooler, are copied by
+logical replication (``pg_largeobject`` is not), and stream just as well:
+one 1 MiB row per read, the largest piece either side ever holds.
+
+Reads look in the configured backend, then in the other one, so an
+installation keeps serving every message while ``flask storage migrate``
+(``storagemove.py``) moves it from one backend to the other.
+
 No path is ever built from what a sender or client wrote: only hex digests.
 """
 from __future__ import annotations
