@@ -243,6 +243,11 @@ def test_throughput_one_and_two_hosts(cluster, admin, stats_engine):
         d = phase["pg"]
         record(f"PostgreSQL, {name}: {d['xids']} writing transactions ({d['xids'] / 240:.2f} per message, "
                f"the daemons' group commit), {d['wal'] / 240 / 1024:.1f} KiB of WAL per message")
+    big = mail_phase(cluster, stats_engine, boxes, ["mail-a", "mail-b"], "att", each=8, attachment=100 * 1024)
+    record(f"mail with a 100 KiB attachment (random, ~137 KiB on the wire), two mail hosts: "
+           f"{big['rate']:.0f} msg/s; PostgreSQL {big['pg']['xids'] / 64:.2f} writing transactions and "
+           f"{big['pg']['wal'] / 64 / 1024:.0f} KiB of WAL per message (the raw message and the decoded "
+           f"attachment are two blobs)")
     for hosts, label in ((["web-a"], "web-a alone"), (["web-b"], "web-b alone"), (["web-a", "web-b"], "both")):
         rate, pg = web_phase(cluster, stats_engine, boxes[0], hosts)
         record(f"web: {rate:.0f} requests/s through {label} (api.php inbox of 60 messages, 8 clients, "
@@ -251,16 +256,19 @@ def test_throughput_one_and_two_hosts(cluster, admin, stats_engine):
     assert one["rate"] > 0 and two["rate"] > 0
 
 
-def mail_phase(cluster, engine, boxes: list[str], hosts: list[str], tag: str) -> dict:
-    """240 messages from 8 clients, each client on one of ``hosts`` (one session each)."""
+def mail_phase(cluster, engine, boxes: list[str], hosts: list[str], tag: str, each: int = 30,
+               attachment: int = 0) -> dict:
+    """``each`` messages from each of 8 clients, each client on one of
+    ``hosts`` (one session each); with ``attachment`` bytes of random data
+    (a blob of its own) in every message."""
     before = cluster.pg_figures(engine)
 
     def client(i: int) -> int:
         conn = cluster.smtp(hosts[i % len(hosts)])
         ok = 0
-        for n in range(30):
-            rcpt = boxes[i]
-            if conn.sendmail("sender@peer.test", [rcpt], message(i * 1000 + n, rcpt, f"load-{tag}")) == {}:
+        for n in range(each):
+            rcpt, extra = boxes[i], os.urandom(attachment) if attachment else b""
+            if conn.sendmail("sender@peer.test", [rcpt], message(i * 1000 + n, rcpt, f"load-{tag}", extra)) == {}:
                 ok += 1
         conn.quit()
         return ok
@@ -269,7 +277,7 @@ def mail_phase(cluster, engine, boxes: list[str], hosts: list[str], tag: str) ->
     with ThreadPoolExecutor(8) as pool:
         sent = sum(pool.map(client, range(8)))
     elapsed = time.monotonic() - started
-    assert sent == 240
+    assert sent == 8 * each
     return {"rate": sent / elapsed, "pg": delta(before, cluster.pg_figures(engine))}
 
 
