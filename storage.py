@@ -198,9 +198,11 @@ def discard(shas: Iterable[str]) -> None:
     then the ``blobs`` row is looked up again: if a reference came back, the
     file goes back too; the delivery itself re-checks after its commit
     (``PendingBlobs.after_commit``). Either way no committed row is left
-    without its file. No-op for the database backend (chunks go with the rows)."""
-    if backend_name() != "filesystem":
-        return
+    without its file.
+
+    The database backend's chunks go with the rows; it still removes a file
+    left by the filesystem backend (an installation moving between the two),
+    which would otherwise stay forever: no blob row names it any more."""
     for sha in shas:
         try:
             path = blob_path(sha)
