@@ -314,8 +314,8 @@ def connections(cluster, engine) -> None:
 def send_cut_short(cluster, host: str, rcpt: str, data: bytes, interrupt) -> int:
     """Send ``data`` to ``host`` and call ``interrupt()`` half-way through
     DATA; the reply code, or 0 when the session died."""
+    conn = cluster.smtp(host, timeout=5)
     try:
-        conn = cluster.smtp(host, timeout=5)
         conn.mail("sender@peer.test")
         conn.rcpt(rcpt)
         conn.putcmd("data")
@@ -323,11 +323,11 @@ def send_cut_short(cluster, host: str, rcpt: str, data: bytes, interrupt) -> int
         conn.send(data[:len(data) // 2])
         interrupt()
         conn.send(data[len(data) // 2:] + b".\r\n")
-        code = conn.getreply()[0]
-        conn.close()
-        return code
+        return conn.getreply()[0]
     except (OSError, smtplib.SMTPException):
         return 0
+    finally:
+        conn.close()
 
 
 def send_and_drop_the_reply(cluster, host: str, rcpt: str, data: bytes) -> None:
