@@ -26,11 +26,13 @@ from urllib.parse import unquote
 from flask import (Blueprint, Flask, current_app, flash, g, has_request_context, redirect,
                    render_template, request, session, url_for)
 from flask.sessions import SecureCookieSessionInterface
+from flask_babel import gettext as _
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import limits
+import webhooks
 from clock import now
 from models import ApiKey, User, UserSession, cfg, db
 
@@ -40,9 +42,6 @@ EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MIN_PASSWORD, MAX_PASSWORD = 8, 200
 # Signed-in browsers kept per user; signing in on one more ends the oldest.
 MAX_SESSIONS = 20
-# The one answer to a well-formed sign-up, whether the address was free or not.
-SIGNUP_DONE = ("If this address had no account yet, it has one now: sign in with the password "
-               "you chose.")
 # Compared against when the e-mail is unknown, so a wrong address takes as long
 # as a wrong password and response times do not reveal who has an account.
 _DUMMY_HASH = generate_password_hash("not a real password")
@@ -184,20 +183,27 @@ def authenticate(email: str, password: str) -> Optional[User]:
 # --------------------------------------------------------------------------
 # sign up, sign in, sign out
 
-def password_errors(password: str, confirm: str) -> list[str]:
-    """What is wrong with a new password (sign-up and password change share the rule)."""
-    errors = []
+def password_problem(password: str) -> Optional[str]:
+    """What is wrong with ``password``, or None: the one rule for the sign-up
+    form, the password change and ``flask users create``."""
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        errors.append(f"Choose a password of {MIN_PASSWORD} to {MAX_PASSWORD} characters.")
+        return _("Choose a password of %(min)d to %(max)d characters.", min=MIN_PASSWORD, max=MAX_PASSWORD)
+    return None
+
+
+def password_errors(password: str, confirm: str) -> list[str]:
+    """What is wrong with a new password and its confirmation."""
+    problem = password_problem(password)
+    errors = [problem] if problem else []
     if password != confirm:
-        errors.append("The two passwords do not match.")
+        errors.append(_("The two passwords do not match."))
     return errors
 
 
 def signup_errors(email: str, password: str, confirm: str) -> list[str]:
     errors = []
     if not EMAIL_RE.match(email) or len(email) > 254:
-        errors.append("Enter a valid e-mail address.")
+        errors.append(_("Enter a valid e-mail address."))
     return errors + password_errors(password, confirm)
 
 
@@ -234,16 +240,17 @@ def signup():
         return render_template("account/signup.html", email=email)
     password, confirm = request.form.get("password") or "", request.form.get("confirm") or ""
     errors = signup_errors(email, password, confirm)
-    if not errors and signup_blocked():
-        errors = ["Too many sign-ups from your network. Try again in an hour."]
+    blocked = not errors and signup_blocked()
+    if blocked:
+        errors = [_("Too many sign-ups from your network. Try again in an hour.")]
     if errors:
         for error in errors:
             flash(error, "error")
-        status = 429 if errors[0].startswith("Too many") else 400
-        return render_template("account/signup.html", email=email), status
+        return render_template("account/signup.html", email=email), 429 if blocked else 400
     register(email, password)
     session["signin_email"] = email
-    flash(SIGNUP_DONE, "ok")
+    # The one answer to a well-formed sign-up, whether the address was free or not.
+    flash(_("If this address had no account yet, it has one now: sign in with the password you chose."), "ok")
     return redirect(url_for("accounts.signin"), 303)
 
 
@@ -257,11 +264,11 @@ def signin():
     # A failure is reserved before the password is checked and given back on
     # success: counting afterwards let parallel guesses all pass the check.
     if limits.take_all(login_buckets(email)):
-        flash("Too many failed attempts. Wait 15 minutes and try again.", "error")
+        flash(_("Too many failed attempts. Wait 15 minutes and try again."), "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 429
     user = authenticate(email, request.form.get("password") or "")
     if user is None:
-        flash("Wrong e-mail address or password.", "error")
+        flash(_("Wrong e-mail address or password."), "error")
         return render_template("account/signin.html", email=email, next_url=next_url), 401
     for name, bucket in login_buckets(email):
         limits.give_back(name, bucket)
@@ -274,7 +281,7 @@ def signout():
     """End this browser's session (the user's other browsers stay signed in)."""
     end_session()
     db.session.commit()
-    flash("You are signed out.", "ok")
+    flash(_("You are signed out."), "ok")
     return redirect(url_for("accounts.signin"))
 
 
@@ -286,12 +293,12 @@ def change_password():
     continues in a new one, so no copy of any earlier cookie opens the account."""
     user, form = current_user(), request.form
     if limits.take_all(login_buckets(user.email)):  # reserved as a failure, given back below
-        flash("Too many failed attempts. Wait 15 minutes and try again.", "error")
+        flash(_("Too many failed attempts. Wait 15 minutes and try again."), "error")
         return render_template("account/api.html", **management_context(user)), 429
     new = form.get("new_password") or ""
     errors = password_errors(new, form.get("confirm") or "")
     if not user.check_password(form.get("current_password") or ""):
-        errors.insert(0, "Your current password is not correct.")
+        errors.insert(0, _("Your current password is not correct."))
     else:
         for name, bucket in login_buckets(user.email):
             limits.give_back(name, bucket)
@@ -302,7 +309,7 @@ def change_password():
     user.set_password(new)
     db.session.execute(delete(UserSession).where(UserSession.user_id == user.id))
     sign_in_session(user)
-    flash("Your password is changed. Every other browser signed in to this account is signed out.", "ok")
+    flash(_("Your password is changed. Every other browser signed in to this account is signed out."), "ok")
     return redirect(url_for("accounts.api_management"), 303)
 
 
@@ -315,7 +322,8 @@ def management_context(user: User, new_key: Optional[str] = None) -> dict:
     return {"user": user, "key": user.live_key(), "new_key": new_key, "quota": quota, "used_pct": used_pct,
             "reset": quota["reset"].isoformat(), "reset_text": quota["reset"].strftime("%Y-%m-%d %H:%M (UTC%z)"),
             "plan": user.plan_config(),
-            "domain_types": user.allowed_domain_types(), "api_base": request.host_url + "api"}
+            "domain_types": user.allowed_domain_types(), "api_base": request.host_url + "api",
+            **webhooks.page_context(user.id)}
 
 
 @bp.get("/account")
@@ -344,8 +352,47 @@ def revoke_key():
     if key is not None:
         key.revoke()
         db.session.commit()
-        flash("Your API key is revoked. Requests using it now answer 401.", "ok")
+        flash(_("Your API key is revoked. Requests using it now answer 401."), "ok")
     return redirect(url_for("accounts.api_management"))
+
+
+def webhook_problem(exc: webhooks.UnsafeURL) -> str:
+    """Why a webhook URL was refused, in the page's language (the User API
+    says the same in English)."""
+    if exc.kind == "private":
+        return _("%(host)s resolves to %(address)s, which is not a public address.", **exc.details)
+    if exc.kind == "unresolved":
+        return _("The host %(host)s does not resolve.", **exc.details)
+    if exc.kind == "credentials":
+        return _("A user name or password in the URL is not allowed.")
+    return _("Enter an http or https URL of at most %(max)d characters.", max=webhooks.MAX_URL)
+
+
+@bp.post("/account/webhook")
+@login_required
+def set_webhook():
+    """Set or replace the webhook. Its new secret is rendered into this
+    response only (like a new key): shown once, never put in the session."""
+    user = current_user()
+    try:
+        url = webhooks.check_url(request.form.get("url"), webhooks.allow_private())
+    except webhooks.UnsafeURL as exc:
+        flash(webhook_problem(exc), "error")
+        return render_template("account/api.html", **management_context(user),
+                               webhook_url=request.form.get("url")), 400
+    _hook, secret = webhooks.set_webhook(user.id, url, request.host_url)
+    db.session.commit()
+    resp = render_template("account/api.html", **management_context(user), new_secret=secret)
+    return resp, 201, {"Cache-Control": "no-store"}
+
+
+@bp.post("/account/webhook/remove")
+@login_required
+def remove_webhook():
+    if webhooks.remove_webhook(current_user().id):
+        db.session.commit()
+        flash(_("Your webhook is removed. Events not yet delivered were dropped."), "ok")
+    return redirect(url_for("accounts.api_management"), 303)
 
 
 def inject_account():

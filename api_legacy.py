@@ -13,7 +13,6 @@ existed. ``legacy_api.enabled: false`` turns the whole API off.
 """
 from __future__ import annotations
 
-import logging
 import re
 from urllib.parse import unquote
 
@@ -21,6 +20,7 @@ from flask import Blueprint, Flask, abort, jsonify, make_response, request
 from sqlalchemy import Integer, bindparam, func, select
 from werkzeug.exceptions import HTTPException
 
+import apierrors
 import clock
 import idgen
 import models
@@ -29,7 +29,6 @@ from mailpolicy import open_mailbox
 from models import LEGACY_ORIGINS, Attachment, Domain, Mailbox, MailboxError, Message, Stat, db
 
 bp = Blueprint("legacy", __name__)
-log = logging.getLogger("tempmail.api_php")
 ROUTES = r"(generate|inbox/.*|email/.*|stats|domains|uploads/attachments/.*)"
 PATHS = rf"^/(api\.php/.*|{ROUTES})$"
 _OWNED = re.compile(rf"^/(api\.php(/.*)?|{ROUTES})$", re.DOTALL)
@@ -75,16 +74,7 @@ def server_error():
     return jsonify(error="Internal server error"), 500
 
 
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):
-    return http_error(exc)
-
-
-@bp.errorhandler(Exception)
-def _unexpected(exc: Exception):
-    db.session.rollback()
-    log.exception("api.php request failed: %s %s", request.method, request.path)
-    return server_error()
+apierrors.own_errors(bp, http_error, server_error)
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from sqlalchemy.orm import selectinload
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
+import apierrors
 import clock
+import extract
 import limits
 import storage
 from mailpolicy import open_mailbox
@@ -132,6 +134,9 @@ def server_error():
     return fail(500, HTTP_MESSAGES[500])
 
 
+apierrors.own_errors(bp, http_error, server_error)
+
+
 @bp.errorhandler(ApiError)
 def api_error(exc: ApiError):
     response = fail(exc.status, exc.message)
@@ -139,17 +144,6 @@ def api_error(exc: ApiError):
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):
-    return http_error(exc)
-
-
-@bp.errorhandler(Exception)
-def unexpected_error(exc: Exception):
-    db.session.rollback()
-    log.exception("User API request failed: %s %s", request.method, request.path)
-    return server_error()
 
 
 # --------------------------------------------------------------------------
@@ -294,6 +288,14 @@ def read_message(public_id: str):
     msg = owned_message(public_id)
     msg.mark_read()
     return ok(data=message_json(msg, base_url()))
+
+
+@bp.get("/messages/<public_id>/extract")
+def extract_message(public_id: str):
+    """The one-time codes and the links of an owned message. It does not mark
+    the message seen: a test harness polling for a code reads no mail."""
+    msg = owned_message(public_id)
+    return ok(data=extract.extract(msg.subject or "", msg.body_text or "", msg.body_html or ""))
 
 
 @bp.delete("/messages/<public_id>")

@@ -20,10 +20,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 import accounts
+import apierrors
 import api_legacy
 import api_v1
+import api_webhooks  # noqa: F401  (adds /api/webhook to the User API's blueprint)
 import apidocs
 import cli
+import languages
 import logsafe
 import models
 import ops
@@ -121,6 +124,7 @@ def register_parts(app: Flask) -> None:
     """Attach the blueprints, the CLI commands and the security headers. Each
     API answers its own errors (404, 405, 500) in its own shape."""
     csrf.init_app(app)
+    languages.init_app(app)
     api_legacy.init_app(app)
     api_v1.init_app(app)
     web.init_app(app)
@@ -169,6 +173,4 @@ def unexpected_error(exc: Exception):
     """A failure outside any blueprint's own handler (a before/after-request hook)."""
     if isinstance(exc, HTTPException):
         return route_error(exc)
-    db.session.rollback()
-    log.exception("request failed: %s %s", request.method, request.path)
-    return owner_of(request.path).server_error()
+    return apierrors.failed(owner_of(request.path).server_error, exc)

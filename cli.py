@@ -12,6 +12,8 @@ import models
 import ops
 import smtpserver
 import storagemove
+import webhook_worker
+from accounts import password_problem
 from models import ApiKey, Domain, User, db
 
 domains_cli = AppGroup("domains", help="Add and list the mail domains.")
@@ -63,6 +65,8 @@ def users_create(email: str, plan: str, password: str | None) -> None:
         raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="EMAIL")
     if plan not in models.cfg("plans"):
         raise click.BadParameter(f"no plan {plan!r} in the configuration", param_hint="--plan")
+    if password is not None and (problem := password_problem(password)):
+        raise click.BadParameter(problem, param_hint="--password")
     if User.by_email(email) is not None:
         raise click.ClickException(f"user {email} already exists")
     User.create(email, plan=plan, password=password)
@@ -100,5 +104,5 @@ def init_app(app: Flask) -> None:
     for command in (init_db_command, domains_cli, users_cli, keys_cli,  # this module
                     mailhandler.pipe_command, smtpserver.smtpd_command, imapingest.imap_poll_command,
                     ops.purge_command, ops.stats_command, ops.reparse_command, ops.import_command,
-                    storagemove.storage_cli):
+                    webhook_worker.webhooks_cli, storagemove.storage_cli):
         app.cli.add_command(command)

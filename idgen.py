@@ -24,6 +24,9 @@ USERNAME_RE = re.compile(r"^[a-z0-9]{3,20}$")
 PUBLIC_ID_ALPHABET = string.ascii_letters + string.digits
 PUBLIC_ID_LENGTH = 46  # the User API seed's message ids are 46 [A-Za-z0-9]
 ID_BITS = 52
+# Row ids are INTEGER columns: 32-bit on PostgreSQL. A shown id whose key
+# would be larger names no row, and must not reach the database at all.
+MAX_ROW_ID = 2 ** 31 - 1
 _HALF = ID_BITS // 2
 _MASK = (1 << _HALF) - 1
 _ROUNDS = 6
@@ -142,6 +145,13 @@ def unexpose(shown: int, purpose: str) -> int:
     for key in reversed(_round_keys(purpose)):
         left, right = right ^ _f(key, left), left
     return (left << _HALF) | right
+
+
+def row_id_of(raw: str, purpose: str) -> int | None:
+    """The primary key behind the shown id ``raw``, or None when no row can have it."""
+    shown = parse_shown_id(raw)
+    row_id = unexpose(shown, purpose) if shown is not None else None
+    return row_id if row_id is not None and 0 < row_id <= MAX_ROW_ID else None
 
 
 def parse_shown_id(raw: str) -> int | None:

@@ -43,10 +43,9 @@ class DeliveryError(Exception):
 
     @property
     def smtp_reply(self) -> str:
-        """The reply line, printable ASCII only: a sender's address quoted in
-        it may hold anything, and the session may not be able to send it."""
-        text = f"{self.smtp_code} {self.detail or self.__doc__.strip().splitlines()[0]}"
-        return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+        """The reply line. A sender's address quoted in it may hold anything:
+        the SMTP channel escapes what its session cannot send (smtpserver)."""
+        return f"{self.smtp_code} {self.detail or self.__doc__.strip().splitlines()[0]}"
 
     @property
     def permanent(self) -> bool:

@@ -448,8 +448,8 @@ class Message(db.Model):
     @staticmethod
     def by_legacy_id(raw: str) -> Optional["Message"]:
         """The message api.php calls ``raw`` in a live api.php mailbox, or None."""
-        shown = idgen.parse_shown_id(raw)
-        msg = db.session.get(Message, idgen.unexpose(shown, "messages")) if shown is not None else None
+        row_id = idgen.row_id_of(raw, "messages")
+        msg = db.session.get(Message, row_id) if row_id is not None else None
         if msg is None or msg.mailbox.origin not in LEGACY_ORIGINS or not msg.mailbox.is_live:
             return None
         return msg
@@ -510,8 +510,8 @@ class Attachment(db.Model):
     @staticmethod
     def by_legacy_id(raw: str) -> Optional["Attachment"]:
         """The attachment api.php calls ``raw``, in a live api.php mailbox, or None."""
-        shown = idgen.parse_shown_id(raw)
-        att = db.session.get(Attachment, idgen.unexpose(shown, "attachments")) if shown is not None else None
+        row_id = idgen.row_id_of(raw, "attachments")
+        att = db.session.get(Attachment, row_id) if row_id is not None else None
         box = att.message.mailbox if att is not None else None
         return att if box is not None and box.origin in LEGACY_ORIGINS and box.is_live else None
 

@@ -232,6 +232,12 @@ def prepare_database(upgrade: bool = False) -> str:
 # --------------------------------------------------------------------------
 # commands
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """``"1 message"``, ``"2 messages"``: a count with its noun in the right number,
+    for the commands' summaries (``plural`` defaults to ``singular + "s"``)."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 def _bar(length: int, label: str, hidden: bool = False):
     # stderr: a cron job's stdout then carries only the summary lines
     return click.progressbar(length=length, label=label, file=sys.stderr, hidden=hidden)
@@ -252,16 +258,19 @@ def purge_command(batch_size: int, grace_seconds: int, no_orphans: bool, quiet: 
         result = retention.run_purge(batch_size, grace_seconds, not no_orphans, bar.update)
     cap = retention.max_messages_per_mailbox()
     if not quiet:
-        click.echo(f"Removed {result['mailboxes']} expired mailboxes and {result['messages']} messages.")
-        click.echo(f"Removed {result['trimmed']} messages over the cap of {cap} per mailbox."
+        click.echo(f"Removed {counted(result['mailboxes'], 'expired mailbox', 'expired mailboxes')}"
+                   f" and {counted(result['messages'], 'message')}.")
+        click.echo(f"Removed {counted(result['trimmed'], 'message')} over the cap of {cap} per mailbox."
                    if cap else "No per-mailbox cap configured (max_messages_per_mailbox).")
         if not no_orphans:
-            click.echo(f"Removed {len(result['orphan_files'])} orphaned files.")
+            click.echo(f"Removed {counted(len(result['orphan_files']), 'orphaned file')}.")
     if not no_orphans:
         for kind, ids in result["missing"].items():
             if ids:
                 shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
-                click.echo(f"Warning: {len(ids)} {kind} whose stored file is gone (ids {shown}).")
+                # kind is "messages" or "attachments": regular plurals
+                click.echo(f"Warning: {counted(len(ids), kind.removesuffix('s'))} whose stored file "
+                           f"is gone (ids {shown}).")
 
 
 @click.command("stats")
@@ -292,7 +301,7 @@ def reparse_command(ids: tuple[int, ...]) -> None:
             skipped += [] if _reparse_one(msg_id, parse) else [msg_id]
             done += 1
             bar.update(1)
-    click.echo(f"Re-parsed {done - len(skipped)} messages.")
+    click.echo(f"Re-parsed {counted(done - len(skipped), 'message')}.")
     if skipped:
         click.echo(f"Skipped {len(skipped)} (missing message or raw file): ids "
                    + ", ".join(map(str, skipped[:20])))
@@ -390,9 +399,11 @@ def import_command(path: Path, address: str, create: bool) -> None:
             except mailhandler.DeliveryError:
                 pass  # deliver() logged the refusal; the summary counts it
             bar.update(1)
-    click.echo(f"Imported {stored} of {total} messages into {box.address}.")
+    click.echo(f"Imported {stored} of {counted(total, 'message')} into {box.address}.")
     if stored < total:
-        raise click.ClickException(f"{total - stored} messages were not stored (see the log).")
+        refused = total - stored
+        raise click.ClickException(f"{counted(refused, 'message')} {'was' if refused == 1 else 'were'}"
+                                   " not stored (see the log).")
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, select
 import clock
 import metrics
 import storage
+import webhooks
 from models import (ApiKey, Attachment, Blob, BlobChunk, Domain, Mailbox, Message, Stat, User, cfg, db,
                     delete_message_rows)
 
@@ -253,6 +254,7 @@ def run_purge(batch_size: int = 500, grace_seconds: float = 3600, orphans: bool 
     result["trimmed"] = trim_all_mailboxes(batch_size) if trim else 0
     result["orphan_files"] = remove_orphans(grace_seconds, batch_size) if orphans else []
     result["missing"] = find_missing(batch_size) if orphans else {}
+    result["webhook_events"] = webhooks.purge_outbox(batch_size)
     metrics.PURGE_RUNS.inc()
     for kind in ("mailboxes", "messages", "trimmed"):
         metrics.PURGE_ROWS.labels(kind=kind).inc(result[kind])

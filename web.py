@@ -15,27 +15,36 @@ plain links and forms; static/app.js adds live updates and the in-page reader.
 from __future__ import annotations
 
 import hashlib
-import logging
+import io
+import math
 import secrets
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
+import segno
+from babel.dates import format_date
+from babel.numbers import format_decimal
 from flask import (Blueprint, Flask, abort, flash, jsonify, make_response, redirect,
                    render_template, request, session, url_for)
-from sqlalchemy import case, func, select
+from flask_babel import get_locale
+from flask_babel import gettext as _
+from flask_wtf.csrf import CSRFError
+from sqlalchemy import case, func, or_, select
+from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
+import apierrors
 import clock
+import idgen
 import mailview
 import models
 import storage
 from mailpolicy import open_mailbox
-from models import Domain, Mailbox, MailboxError, Message, db
+from models import Attachment, Domain, Mailbox, MailboxError, Message, db
 
 bp = Blueprint("web", __name__)
-log = logging.getLogger("tempmail.web")
-MAX_ID = 1 << 62  # larger path ids answer 404 before they reach the database
+MAX_ID = idgen.MAX_ROW_ID  # larger path ids answer 404 before they reach the database
 # The page's answers to a refused mailbox, as /generate's (PHP) codes.
 STATUS = {"taken": 409, "rate_limited": 429, "full": 503}
 
@@ -49,8 +58,16 @@ SITE_HEADERS = {
     "Referrer-Policy": "same-origin",
 }
 # Same permissions the iframe element grants: links may open a new tab that
-# escapes the sandbox; script, forms and same-origin access stay off.
-FRAME_SANDBOX = "allow-popups allow-popups-to-escape-sandbox"
+# escapes the sandbox; script and forms stay off. allow-same-origin lets the
+# page (static/app.js) read the frame's height to size it to the mail: with
+# scripts off in the frame (sandbox without allow-scripts, and a CSP without
+# any script-src) the mail itself still runs nothing, so the same origin gives
+# it nothing to act with. Never add allow-scripts next to it: together they let
+# a frame lift its own sandbox.
+FRAME_SANDBOX = "allow-popups allow-popups-to-escape-sandbox allow-same-origin"
+PAGE_SIZE = 50  # messages per page of the inbox list
+SEARCH_MAX = 100  # characters of a search that are used
+SOURCE_LIMIT = 256 * 1024  # bytes of a raw message shown in the source view
 
 
 # --------------------------------------------------------------------------
@@ -168,16 +185,7 @@ def server_error():
     return page("inbox_gone.html", reason="error"), 500
 
 
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):
-    return http_error(exc)
-
-
-@bp.errorhandler(Exception)
-def _unexpected(exc: Exception):
-    db.session.rollback()
-    log.exception("page request failed: %s %s", request.method, request.path)
-    return server_error()
+apierrors.own_errors(bp, http_error, server_error)
 
 
 def page(template: str, **context):
@@ -195,14 +203,15 @@ def seconds_left(box: Mailbox) -> int:
     return max(0, int((box.expires_at - clock.now()).total_seconds()))
 
 
-def inbox_etag(box: Mailbox) -> str:
+def inbox_etag(box: Mailbox, view: str = "") -> str:
     """A validator that changes whenever the list would: one aggregate query,
-    so an unchanged inbox costs the server two indexed look-ups and a 304."""
+    so an unchanged inbox costs the server two indexed look-ups and a 304.
+    ``view`` names the search and page shown (and the language of its words)."""
     count, top, unread = db.session.execute(
         select(func.count(), func.max(Message.id),
                func.coalesce(func.sum(case((Message.is_read.is_(False), 1), else_=0)), 0))
         .where(Message.mailbox_id == box.id)).one()
-    state = f"{box.id}|{box.address}|{box.expires_at.isoformat()}|{count}|{top}|{unread}"
+    state = f"{box.id}|{box.address}|{box.expires_at.isoformat()}|{count}|{top}|{unread}|{view}"
     return hashlib.sha256(state.encode()).hexdigest()[:32]
 
 
@@ -212,15 +221,90 @@ def summary(scope: Scope, msg: Message) -> dict:
             "subject": msg.subject, "received_at": clock.fmt_iso(msg.received_at),
             "received": short_time(msg.received_at), "received_full": clock.fmt_local(msg.received_at),
             "is_read": bool(msg.is_read),
-            "attachments": len(msg.attachments), "url": scope.url("message_page", msg_id=msg.id)}
+            "attachments": len(real_attachments(msg)), "url": scope.url("message_page", msg_id=msg.id)}
 
 
-def messages_of(box: Mailbox) -> list[Message]:
-    return list(db.session.scalars(box.messages_query(newest_first=True).limit(200)))
+def search_terms() -> str:
+    """The request's ``?q=``, trimmed and bounded (PostgreSQL refuses NUL in text)."""
+    return (request.args.get("q") or "").replace("\x00", "").strip()[:SEARCH_MAX]
+
+
+def search_filter(q: str):
+    """Subject, sender name or sender address containing ``q``, any case;
+    LIKE's wildcards in ``q`` are matched literally."""
+    like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return or_(*(column.ilike(like, escape="\\")
+                 for column in (Message.subject, Message.from_name, Message.from_email)))
+
+
+@dataclass
+class Listing:
+    """One page of a mailbox's messages, newest first, maybe narrowed by a search."""
+    scope: Scope
+    q: str = ""
+    page: int = 1
+    total: int = 0
+    messages: list = field(default_factory=list)
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / PAGE_SIZE))
+
+    @property
+    def first(self) -> int:
+        return min(self.total, (self.page - 1) * PAGE_SIZE + 1)
+
+    @property
+    def last(self) -> int:
+        return min(self.total, self.page * PAGE_SIZE)
+
+    def url(self, page: int, q: Optional[str] = "") -> str:
+        """The inbox page showing ``page`` of this search (``q=None``: no search)."""
+        q = self.q if q == "" else q
+        values = {"q": q or None, "page": page if page > 1 else None}
+        if self.scope.token:
+            return url_for("web.token_inbox", token=self.scope.token, **values)
+        return url_for("web.index", **values)
+
+
+def listing(scope: Scope) -> Listing:
+    """The page of messages the request asks for (``?q=``, ``?page=``)."""
+    result = Listing(scope, search_terms())
+    where = [Message.mailbox_id == scope.box.id]
+    if result.q:
+        where.append(search_filter(result.q))
+    result.total = db.session.scalar(select(func.count()).select_from(Message).where(*where)) or 0
+    result.page = min(max(1, request.args.get("page", 1, type=int)), result.pages)
+    result.messages = list(db.session.scalars(
+        select(Message).where(*where).order_by(Message.id.desc())
+        .options(selectinload(Message.attachments))  # one query for the page's paper clips
+        .offset((result.page - 1) * PAGE_SIZE).limit(PAGE_SIZE)))
+    return result
+
+
+def real_attachments(msg: Message) -> list[Attachment]:
+    """The attachments a reader expects in the list: every file except the
+    images the HTML body shows in place through ``cid:`` references."""
+    shown = mailview.referenced_cids(msg.body_html) if msg.body_html else set()
+    return [a for a in msg.attachments
+            if not (a.content_id and (a.content_type or "").startswith("image/")
+                    and mailview.normal_cid(a.content_id) in shown)]
+
+
+def refusal_text(exc: MailboxError) -> str:
+    """The page's own words for a refused address, in the visitor's language
+    (the APIs keep ``exc.message``, the PHP original's English)."""
+    texts = {"invalid": _("Invalid username. Use 3-20 alphanumeric characters only."),
+             "reserved": _("This username is reserved and cannot be used."),
+             "taken": _("Username already taken. Please choose another one."),
+             "domain": _("Invalid domain. Choose one of the listed domains."),
+             "rate_limited": _("Too many addresses were created from your network. Try again later."),
+             "full": _("No new addresses can be created right now. Try again later.")}
+    return texts.get(exc.code, exc.message)
 
 
 def refused_page(exc: MailboxError):
-    resp = page("inbox_gone.html", reason="limit", message=exc.message)
+    resp = page("inbox_gone.html", reason="limit", message=refusal_text(exc))
     resp.status_code = STATUS.get(exc.code, 400)
     resp.headers["Retry-After"] = str(exc.retry_after)
     return resp
@@ -249,22 +333,26 @@ def token_inbox(token: str):
 
 
 def render_inbox(scope: Scope):
-    return page("inbox.html", scope=scope, messages=messages_of(scope.box), domains=free_domains(),
-                seconds_left=seconds_left(scope.box), expires_iso=clock.fmt_iso(scope.box.expires_at))
+    return page("inbox.html", scope=scope, listing=listing(scope), domains=free_domains(),
+                seconds_left=seconds_left(scope.box), expires_iso=clock.fmt_iso(scope.box.expires_at),
+                lifetime=lifetime())
 
 
 @both("/inbox.json")
 def inbox_json(token: Optional[str]):
     """The list for live updates, answered 304 while nothing changed."""
     scope = scope_for(token)
-    tag = inbox_etag(scope.box)
+    view = f"{search_terms()}|{request.args.get('page', '')}|{get_locale()}"
+    tag = inbox_etag(scope.box, view)
     if request.if_none_match.contains(tag):
         resp = make_response("", 304)
     else:
-        box = scope.box
+        box, shown = scope.box, listing(scope)
         resp = jsonify(address=box.address, expires_at=clock.fmt_iso(box.expires_at),
-                       expires_in=seconds_left(box),
-                       messages=[summary(scope, m) for m in messages_of(box)])
+                       expires_in=seconds_left(box), total=shown.total, page=shown.page,
+                       pages=shown.pages, first=shown.first, last=shown.last, q=shown.q,
+                       newer_url=shown.url(shown.page - 1), older_url=shown.url(shown.page + 1),
+                       messages=[summary(scope, m) for m in shown.messages])
     resp.set_etag(tag)
     resp.headers["Cache-Control"] = "no-cache, private"
     return resp
@@ -275,16 +363,25 @@ def inbox_json(token: Optional[str]):
 
 def cid_resolver(scope: Scope, msg: Message):
     """Map a Content-ID to the URL of the attachment that carries it."""
-    by_cid = {(a.content_id or "").strip("<>"): a for a in msg.attachments if a.content_id}
+    by_cid = {mailview.normal_cid(a.content_id): a for a in msg.attachments if a.content_id}
 
     def resolve(cid: str) -> Optional[str]:
-        att = by_cid.get(cid)
+        att = by_cid.get(mailview.normal_cid(cid))
         return scope.url("attachment", msg_id=msg.id, att_id=att.id) if att else None
     return resolve
 
 
 def safe_body(scope: Scope, msg: Message, remote: bool) -> mailview.SafeHtml:
     return mailview.sanitize_html(msg.body_html, cid_resolver(scope.for_frame(), msg), remote)
+
+
+def reader_view(msg: Message) -> str:
+    """Which view of a message was asked for: html (the default when there
+    is HTML), text, or source (headers and raw message)."""
+    asked = request.args.get("view")
+    if asked in ("text", "source"):
+        return asked
+    return "html" if msg.body_html else "text"
 
 
 @both("/messages/<int:msg_id>")
@@ -294,11 +391,39 @@ def message_page(token: Optional[str], msg_id: int):
     msg = scope.message(msg_id)
     msg.mark_read()
     remote = request.args.get("remote") == "1"
-    view = "text" if request.args.get("view") == "text" or not msg.body_html else "html"
+    view = reader_view(msg)
     blocked = safe_body(scope, msg, remote).blocked_images if view == "html" else 0
+    # In the HTML view, images shown in place are not listed again as files.
+    files = real_attachments(msg) if view == "html" else list(msg.attachments)
     template = "message_reader.html" if request.args.get("partial") == "1" else "message.html"
     return page(template, scope=scope, msg=msg, remote=remote, view=view, blocked=blocked,
-                body_text=mailview.linkify_text(msg.body_text))
+                files=files, source=raw_source(msg) if view == "source" else None,
+                body_text=mailview.linkify_text(msg.body_text) if view == "text" else "")
+
+
+@dataclass
+class Source:
+    """The start of a raw message as text for the source view."""
+    headers: str
+    text: str
+    size: int
+    shown: int
+
+
+def raw_source(msg: Message) -> Optional[Source]:
+    """The first SOURCE_LIMIT bytes of the stored ``.eml``, as text: undecodable
+    bytes replaced and control characters made visible, so nothing in it can
+    act on the page (Jinja escapes the rest). None when the blob is gone."""
+    if not storage.exists(msg.raw_sha256):
+        return None
+    head = b""
+    for chunk in storage.iter_chunks(msg.raw_sha256):
+        head += chunk[:SOURCE_LIMIT - len(head)]
+        if len(head) >= SOURCE_LIMIT:
+            break
+    text = mailview.printable(head.decode("utf-8", "replace"))
+    headers, _sep, _body = text.partition("\n\n")
+    return Source(headers, text, max(msg.size or 0, len(head)), len(head))
 
 
 @both("/messages/<int:msg_id>/body")
@@ -336,6 +461,23 @@ def attachment(token: Optional[str], msg_id: int, att_id: int):
     return resp
 
 
+@both("/qr.svg")
+def qr_code(token: Optional[str]):
+    """A QR code of the link that opens this inbox on another device (its
+    read-only ``/m/<token>`` page), drawn here as SVG: no outside service
+    learns the address, and the image is private like the link it holds."""
+    scope = scope_for(token)
+    link = request.host_url.rstrip("/") + url_for("web.token_inbox", token=scope.for_frame().token)
+    out = io.BytesIO()
+    segno.make(link, error="m").save(out, kind="svg", scale=4, border=2, dark="#172033",
+                                     xmldecl=False, title=scope.box.address)
+    resp = make_response(out.getvalue())
+    resp.mimetype = "image/svg+xml"
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"
+    return resp
+
+
 @both("/messages/<int:msg_id>/raw")
 def message_raw(token: Optional[str], msg_id: int):
     """The message exactly as it was received, as a ``.eml`` download."""
@@ -360,7 +502,7 @@ def done(message: str, category: str = "ok", status: int = 200):
 @bp.post("/web/messages/<int:msg_id>/delete")
 def delete_message(msg_id: int):
     storage.commit_removal(scope_for(None).message(msg_id).delete())
-    return done("Message deleted.")
+    return done(_("Message deleted."))
 
 
 @bp.post("/web/address")
@@ -370,12 +512,26 @@ def change_address():
     scope = scope_for(None)
     domain = Domain.by_name(request.form.get("domain", ""))
     if domain is None or domain.type != "free":
-        return done("Invalid domain. Choose one of the listed domains.", "error", 400)
+        return done(_("Invalid domain. Choose one of the listed domains."), "error", 400)
     try:
         scope.box.rename(request.form.get("username", ""), domain)
     except MailboxError as exc:
-        return done(exc.message, "error", STATUS.get(exc.code, 400))
-    return done(f"Your address is now {scope.box.address}.")
+        return done(refusal_text(exc), "error", STATUS.get(exc.code, 400))
+    return done(_("Your address is now %(address)s.", address=scope.box.address))
+
+
+@bp.post("/web/address/extend")
+def extend_address():
+    """Give the visitor's address a full lifetime again, counted from now:
+    ``expires_at`` becomes now + ``mailbox_lifetime_seconds`` (never earlier
+    than it already was). So an address lives at most one configured lifetime
+    past the visitor's last extension, and a forgotten one still expires."""
+    box = scope_for(None).box
+    box.expires_at = max(box.expires_at, clock.now() + timedelta(seconds=lifetime()))
+    db.session.commit()
+    # Whole minutes, rounded up: the second spent on the request would turn "24 h" into "23 h 59 min".
+    left = math.ceil(seconds_left(box) / 60) * 60
+    return done(_("Your address now expires in %(time)s.", time=duration(left)))
 
 
 @bp.post("/web/address/new")
@@ -386,15 +542,15 @@ def new_address():
     try:
         box = new_session_box()
     except MailboxError as exc:
-        resp = done(exc.message, "error", STATUS.get(exc.code, 400))
+        resp = done(refusal_text(exc), "error", STATUS.get(exc.code, 400))
         resp = resp if not isinstance(resp, tuple) else make_response(*resp)
         resp.headers["Retry-After"] = str(exc.retry_after)
         return resp
     if box is None:
-        return done("No domain is configured.", "error", 503)
+        return done(_("No domain is configured."), "error", 503)
     if old is not None:
         storage.commit_removal(old.delete())
-    return done(f"Your new address is {box.address}.")
+    return done(_("Your new address is %(address)s.", address=box.address))
 
 
 @bp.post("/web/address/delete")
@@ -404,7 +560,7 @@ def delete_address():
     address = box.address
     storage.commit_removal(box.delete())
     session["released"] = True
-    return done(f"{address} and its messages are deleted.")
+    return done(_("%(address)s and its messages are deleted.", address=address))
 
 
 # --------------------------------------------------------------------------
@@ -416,26 +572,65 @@ def security_headers(resp):
     return resp
 
 
+def csrf_failed(exc: CSRFError):
+    """A form whose CSRF token is missing or stale (often a page left open past
+    the token's hour): a page in the visitor's language, not Werkzeug's English
+    one; Flask-WTF's own reason stays under "technical details"."""
+    message = _("This form has expired. Reload the page and try again.")
+    if wants_json():
+        return jsonify(ok=False, message=message, detail=exc.description), 400
+    resp = page("inbox_gone.html", reason="expired", message=message, detail=exc.description)
+    resp.status_code = 400
+    return resp
+
+
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
     app.after_request(security_headers)
+    app.register_error_handler(CSRFError, csrf_failed)
     app.jinja_env.filters.setdefault("localtime", clock.fmt_local)
     app.jinja_env.filters.setdefault("duration", duration)
     app.jinja_env.filters.setdefault("shorttime", short_time)
+    app.jinja_env.filters.setdefault("human_size", human_size)
+    app.jinja_env.filters.setdefault("real_attachments", real_attachments)
 
 
 def short_time(value: datetime) -> str:
-    """"14:05" for today's mail, "3 Nov" for older (the list has little room)."""
+    """"14:05" for today's mail, "3 Nov" (in the page's language) for older:
+    the list has little room."""
     zone = clock.local_zone()
     local = value.replace(tzinfo=timezone.utc).astimezone(zone)
     today = clock.now().replace(tzinfo=timezone.utc).astimezone(zone).date()
-    return local.strftime("%H:%M") if local.date() == today else f"{local.day} {local:%b}"
+    if local.date() == today:
+        return local.strftime("%H:%M")
+    return format_date(local.date(), "d MMM", locale=get_locale() or "en")
 
 
 def duration(seconds: int) -> str:
-    """Time left as people say it: "23 h 5 min", "4 min 10 s"."""
+    """Time left as people say it: "23 h 5 min", "4 min 10 s", "24 h"."""
     hours, rest = divmod(max(0, int(seconds)), 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+        if not minutes:
+            return _("%(h)d h", h=hours)
+        return _("%(h)d h %(m)d min", h=hours, m=minutes)
+    if minutes:
+        return _("%(m)d min %(s)d s", m=minutes, s=secs)
+    return _("%(s)d s", s=secs)
+
+
+SIZE_UNITS = ("KB", "MB", "GB", "TB")
+
+
+def human_size(size: int) -> str:
+    """Bytes as people read them: "157 B", "1.2 MB" ("1,2 MB" in Italian);
+    binary multiples, one decimal below 10 units."""
+    value = float(max(0, int(size or 0)))
+    if value < 1024:
+        return f"{int(value)} B"
+    for unit in SIZE_UNITS:
+        value /= 1024
+        if value < 1024 or unit == SIZE_UNITS[-1]:
+            break
+    pattern = "0.#" if value < 10 else "0"
+    return f"{format_decimal(value, pattern, locale=get_locale() or 'en')} {unit}"

@@ -6,10 +6,46 @@
   "use strict";
 
   var POLL_MS = 2000;          // new mail shows within 3 s of arrival
-  var hero = document.querySelector("[data-inbox-url]");
-  if (!hero) { return; }
+  var FRAME_MAX = 30000;       // px: past this a mail scrolls inside its frame
   document.documentElement.classList.add("js");
 
+  /* ---- the reader's frame, as tall as the mail in it ----
+     The frame is sandboxed with allow-same-origin but without allow-scripts:
+     the mail runs nothing, and this page may read its document's height. */
+  function fitFrame(frame) {
+    function fit() {
+      if (!frame.isConnected) { window.removeEventListener("resize", fit); return; }
+      var doc = null;
+      try { doc = frame.contentDocument; } catch (e) { return; }
+      if (!doc || !doc.body) { return; }
+      var html = doc.documentElement, body = doc.body;
+      var outer = html.getBoundingClientRect(), inner = body.getBoundingClientRect();
+      // The root box holds the body with its margins; body.scrollHeight also
+      // counts floats that stick out of it.
+      var margin = inner.top - outer.top;
+      var height = Math.max(outer.height, body.scrollHeight + 2 * margin);
+      if (html.scrollWidth > html.clientWidth) { height += 18; }   // a horizontal scroll bar
+      var border = frame.offsetHeight - frame.clientHeight;
+      frame.style.height = Math.min(FRAME_MAX, Math.ceil(height + border)) + "px";
+      frame.classList.add("fitted");
+    }
+    function loaded() {
+      fit();
+      var doc = frame.contentDocument;
+      // Later changes of the mail's size (a narrower window) refit it too.
+      if (window.ResizeObserver && doc && doc.body) { new ResizeObserver(fit).observe(doc.body); }
+    }
+    frame.addEventListener("load", loaded);
+    window.addEventListener("resize", fit);
+    var doc = frame.contentDocument;   // it may have loaded before this script ran
+    if (doc && doc.readyState === "complete" && doc.URL !== "about:blank") { loaded(); }
+  }
+  document.querySelectorAll("iframe.mail-frame").forEach(fitFrame);
+
+  var hero = document.querySelector("[data-inbox-url]");
+  if (!hero) { return; }
+
+  var T = document.getElementById("ui-text").dataset;
   var inboxUrl = hero.getAttribute("data-inbox-url");
   var list = document.getElementById("message-list");
   var empty = document.getElementById("empty");
@@ -21,6 +57,12 @@
   var timer = null;
   var CLIP_SVG = '<svg aria-hidden="true" viewBox="0 0 24 24" width="16" height="16"><path d="M20 11l-8 8a5 5 0 0 1-7-7l8-8a3.5 3.5 0 0 1 5 5l-8 8a2 2 0 0 1-3-3l7-7" fill="none" stroke="currentColor" stroke-width="2"/></svg>';
   var known = {};
+  var search = document.getElementById("search");
+  var noMatch = document.getElementById("no-match");
+  var pager = document.getElementById("pager");
+  var params = new URLSearchParams(window.location.search);
+  var query = params.get("q") || "";
+  var pageNo = Number(params.get("page")) || 1;
   var deadline = Date.now() + 1000 * Number(hero.getAttribute("data-seconds-left") || 0);
 
   Array.prototype.forEach.call(list.children, function (li) { known[li.getAttribute("data-id")] = true; });
@@ -50,8 +92,8 @@
   function flashCopied(btn) {
     var label = btn.querySelector("span");
     btn.classList.add("copied");
-    label.textContent = "Copied!";
-    setTimeout(function () { btn.classList.remove("copied"); label.textContent = "Copy"; }, 1800);
+    label.textContent = T.copied;
+    setTimeout(function () { btn.classList.remove("copied"); label.textContent = T.copyLabel; }, 1800);
   }
 
   /* ---- countdown ---- */
@@ -78,22 +120,31 @@
     live.querySelector(".live-text").textContent = text;
   }
 
+  function listUrl() {
+    var q = new URLSearchParams();
+    if (query) { q.set("q", query); }
+    if (pageNo > 1) { q.set("page", pageNo); }
+    var rest = q.toString();
+    return inboxUrl + (rest ? "?" + rest : "");
+  }
+
   function poll() {
     if (document.hidden) { return schedule(); }
     var headers = { "Accept": "application/json" };
     if (etag) { headers["If-None-Match"] = etag; }
-    fetch(inboxUrl, { headers: headers, cache: "no-store", credentials: "same-origin" })
+    var asked = listUrl();
+    fetch(asked, { headers: headers, cache: "no-store", credentials: "same-origin" })
       .then(function (resp) {
-        if (resp.status === 304) { setLive("on", "Live"); return null; }
+        if (resp.status === 304) { setLive("on", T.live); return null; }
         if (resp.status === 404) { window.location.reload(); return null; }
         if (!resp.ok) { throw new Error("HTTP " + resp.status); }
         etag = resp.headers.get("ETag");
         return resp.json();
       })
       .then(function (data) {
-        if (data) { render(data); setLive("on", "Live"); }
+        if (data && asked === listUrl()) { render(data); setLive("on", T.live); }
       })
-      .catch(function () { setLive("off", "Reconnecting…"); })
+      .catch(function () { setLive("off", T.reconnecting); })
       .then(schedule);
   }
 
@@ -116,11 +167,58 @@
       list.appendChild(li);
     });
     known = fresh;
-    count.textContent = data.messages.length;
-    empty.hidden = data.messages.length > 0;
+    count.textContent = data.total;
+    empty.hidden = data.messages.length > 0 || !!data.q;
+    noMatch.hidden = data.messages.length > 0 || !data.q;
+    pageNo = data.page;
+    renderPager(data);
     document.title = (unreadCount(data.messages) ? "(" + unreadCount(data.messages) + ") " : "") +
       data.address + " · " + document.title.split(" · ").pop();
   }
+
+  function renderPager(data) {
+    pager.hidden = data.pages <= 1;
+    document.getElementById("pager-range").textContent = T.range
+      .replace("{first}", data.first).replace("{last}", data.last).replace("{total}", data.total);
+    var newer = document.getElementById("pager-newer"), older = document.getElementById("pager-older");
+    newer.hidden = data.page <= 1;
+    older.hidden = data.page >= data.pages;
+    newer.href = data.newer_url;
+    older.href = data.older_url;
+  }
+
+  // Searching and paging reload only the list; the address bar follows, so a
+  // reload (or the page without JavaScript) shows the same list.
+  function showList(q, n) {
+    query = q;
+    pageNo = n;
+    etag = null;
+    var here = new URLSearchParams(window.location.search);
+    here.delete("q"); here.delete("page");
+    if (q) { here.set("q", q); }
+    if (n > 1) { here.set("page", n); }
+    var rest = here.toString();
+    window.history.replaceState(null, "", window.location.pathname + (rest ? "?" + rest : ""));
+    pollNow();
+  }
+
+  var typing = null;
+  search.addEventListener("input", function () {
+    clearTimeout(typing);
+    typing = setTimeout(function () { showList(search.value.trim(), 1); }, 300);
+  });
+  search.form.addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    clearTimeout(typing);
+    showList(search.value.trim(), 1);
+  });
+  pager.addEventListener("click", function (ev) {
+    var link = ev.target.closest("a");
+    if (!link || ev.ctrlKey || ev.metaKey || ev.shiftKey) { return; }
+    ev.preventDefault();
+    showList(query, pageNo + (link.id === "pager-older" ? 1 : -1));
+    list.scrollTop = 0;
+  });
 
   function unreadCount(messages) {
     return messages.filter(function (m) { return !m.is_read; }).length;
@@ -144,14 +242,14 @@
     when.setAttribute("datetime", m.received_at);
     when.title = m.received_full;
     var subject = el("span", "subject");
-    if (!m.is_read) { subject.appendChild(el("span", "visually-hidden", "Unread: ")); }
-    subject.appendChild(document.createTextNode(m.subject || "(no subject)"));
-    a.append(dot, el("span", "from", m.from_name || m.from_email || "Unknown sender"), when, subject);
+    if (!m.is_read) { subject.appendChild(el("span", "visually-hidden", T.unread)); }
+    subject.appendChild(document.createTextNode(m.subject || T.noSubject));
+    a.append(dot, el("span", "from", m.from_name || m.from_email || T.unknownSender), when, subject);
     if (m.attachments) {
       var clip = el("span", "clip");
-      clip.title = "Has attachments";
+      clip.title = T.hasAttachments;
       clip.innerHTML = CLIP_SVG;  // a constant, never mail data
-      clip.appendChild(el("span", "visually-hidden", "Has attachments"));
+      clip.appendChild(el("span", "visually-hidden", T.hasAttachments));
       a.appendChild(clip);
     }
     li.appendChild(a);
@@ -175,6 +273,7 @@
         // lives inside the sandboxed iframe this fragment points to.
         reader.innerHTML = html;
         reader.classList.remove("loading");
+        reader.querySelectorAll("iframe.mail-frame").forEach(fitFrame);
         if (focus) { reader.focus(); }
         if (window.matchMedia("(max-width: 760px)").matches) { reader.scrollIntoView({ behavior: "smooth" }); }
         markActive(reader.querySelector("[data-message-id]").getAttribute("data-message-id"));
@@ -220,7 +319,10 @@
       headers: { "Accept": "application/json", "X-CSRFToken": form.elements.csrf_token.value }
     }).then(function (resp) {
       if (!resp.ok) { throw new Error("HTTP " + resp.status); }
-      reader.innerHTML = '<div class="reader-empty"><p>Message deleted.</p></div>';
+      var gone = el("div", "reader-empty");
+      gone.appendChild(el("p", null, T.deleted));
+      reader.textContent = "";
+      reader.appendChild(gone);
       etag = null;
       pollNow();
     }).catch(function () { form.submit(); });

@@ -225,6 +225,26 @@ def test_cli_created_user_can_sign_in(app, client, runner):
     assert "Premium" in page and "Free, Premium" in page
 
 
+@pytest.mark.parametrize("password", ["abc", "", "seven77", "x" * 201])
+def test_cli_and_sign_up_form_share_one_password_rule(app, client, runner, password):
+    result = runner.invoke(args=["users", "create", "cli@example.org", "--password", password])
+    assert result.exit_code == 2, result.output
+    rule = "Choose a password of 8 to 200 characters."
+    assert "Invalid value for --password" in result.output and rule in result.output
+    form = sign_up(client, email="web@example.org", password=password)
+    assert form.status_code == 400 and rule in form.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.query(User).count() == 0
+
+
+def test_cli_accepts_what_the_form_accepts_and_no_password_at_all(app, runner):
+    assert runner.invoke(args=["users", "create", "eight@example.org", "--password", "8 chars!"]).exit_code == 0
+    assert runner.invoke(args=["users", "create", "keyonly@example.org"]).exit_code == 0
+    with app.app_context():
+        assert User.by_email("eight@example.org").check_password("8 chars!")
+        assert User.by_email("keyonly@example.org").password_hash is None  # API keys only
+
+
 # --------------------------------------------------------------------------
 # API Management
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import models
+from conftest import ROOT
 from models import ApiKey, Mailbox, Message, QuotaUsage, User, db
 from seeds import examples
 from shapes import assert_same_shape
@@ -182,6 +183,18 @@ def test_switch_matches_seed_and_keeps_messages(app, api):
     assert api.get(f"/api/messages?email={current}").status_code == 404
     with app.test_request_context():
         assert models.Mailbox.from_token(body["data"]["email_token"]).address == "demo123@example.com"
+
+
+def test_switch_keeps_the_email_token_as_the_docs_say(app, client, api):
+    created = api.post("/api/emails").get_json()["data"]
+    switched = api.post(f"/api/emails/{created['email']}/renamed42/example.com").get_json()["data"]
+    # The token binds the mailbox (id + its own random value), not the address.
+    assert switched["email_token"] == created["email_token"] and switched["id"] == created["id"]
+    page = client.get(f"/m/{created['email_token']}")
+    assert page.status_code == 200 and "renamed42@example.com" in page.get_data(as_text=True)
+    docs = (ROOT / "docs" / "user-api.md").read_text()
+    assert "with the same `email_token` as before" in docs
+    assert "a token for the new address" not in docs
 
 
 def test_switch_errors(app, api, other):

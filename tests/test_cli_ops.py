@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import mailbox
+import os
 
 from sqlalchemy import func, select
 
+from ops import counted
 from models import Domain, Mailbox, Message, db
 import mailhandler  # noqa: E402
 import storage  # noqa: E402
@@ -43,7 +45,7 @@ def test_purge_command(app, runner, clock):
     clock.advance(120)
     result = runner.invoke(args=["purge"])
     assert result.exit_code == 0, result.output
-    assert "Removed 1 expired mailboxes and 2 messages." in result.stdout
+    assert "Removed 1 expired mailbox and 2 messages." in result.stdout
     assert "Purging expired mail" in result.stderr
     assert "No per-mailbox cap configured" in result.stdout
     assert "Removed 0 orphaned files." in result.stdout
@@ -62,7 +64,7 @@ def test_purge_command_reports_missing_files_and_applies_the_cap(app_factory):
     result = app.test_cli_runner().invoke(args=["purge", "--batch-size", "1"])
     assert result.exit_code == 0, result.output
     assert "Removed 2 messages over the cap of 1 per mailbox." in result.stdout
-    assert f"Warning: 1 messages whose stored file is gone (ids {last_id})." in result.stdout
+    assert f"Warning: 1 message whose stored file is gone (ids {last_id})." in result.stdout
 
 
 def test_purge_command_quiet_prints_warnings_only(app, runner):
@@ -73,7 +75,7 @@ def test_purge_command_quiet_prints_warnings_only(app, runner):
         msg_id = msg.id
     result = runner.invoke(args=["purge", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert result.output == f"Warning: 1 messages whose stored file is gone (ids {msg_id}).\n"
+    assert result.output == f"Warning: 1 message whose stored file is gone (ids {msg_id}).\n"
     assert runner.invoke(args=["purge", "--quiet", "--no-orphans"]).output == ""
 
 
@@ -100,6 +102,24 @@ def test_stats_command(app, runner):
     assert runner.invoke(args=["stats", "--yaml"]).exit_code == 2
 
 
+def test_counts_have_their_noun_in_the_right_number(app, runner, clock):
+    assert [counted(n, "message") for n in (0, 1, 2)] == ["0 messages", "1 message", "2 messages"]
+    assert counted(1, "expired mailbox", "expired mailboxes") == "1 expired mailbox"
+    assert counted(3, "expired mailbox", "expired mailboxes") == "3 expired mailboxes"
+    with app.app_context():
+        mailhandler.store_message(new_box("old", 60), {"subject": "x"}, eml(1))
+        db.session.commit()
+        stray = storage.uploads_dir() / "stray.bin"  # no row references it
+        stray.write_bytes(b"left behind")
+        os.utime(stray, (0, 0))  # older than any grace period
+    clock.advance(120)
+    result = runner.invoke(args=["purge"])
+    assert result.exit_code == 0, result.output
+    assert "Removed 1 expired mailbox and 1 message." in result.stdout
+    assert "Removed 1 orphaned file." in result.stdout
+    assert not stray.exists()
+
+
 # -------------------------------------------------------------------- reparse
 
 def test_reparse_command_refreshes_fields_and_attachments(app, runner):
@@ -111,7 +131,7 @@ def test_reparse_command_refreshes_fields_and_attachments(app, runner):
         msg_id = msg.id
     result = runner.invoke(args=["reparse"])
     assert result.exit_code == 0, result.output
-    assert "Re-parsed 1 messages." in result.stdout and "Re-parsing messages" in result.stderr
+    assert "Re-parsed 1 message." in result.stdout and "Re-parsing messages" in result.stderr
     with app.app_context():
         msg = db.session.get(Message, msg_id)
         assert msg.subject == "Fresh subject" and msg.from_name == "Alice Example"
@@ -167,7 +187,7 @@ def test_import_a_folder_and_a_single_file_with_create(app, runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Imported 2 of 2 messages into fresh@example.com." in result.stdout
     result = runner.invoke(args=["import", str(folder / "b.eml"), "--to", "fresh@example.com"])
-    assert result.exit_code == 0 and "Imported 1 of 1" in result.stdout
+    assert result.exit_code == 0 and "Imported 1 of 1 message into fresh@example.com." in result.stdout
     with app.app_context():
         assert subjects() == ["number 2", "number 1", "number 2"]
 
@@ -204,7 +224,7 @@ def test_import_reports_refused_messages(app_factory, tmp_path):
     result = app.test_cli_runner().invoke(args=["import", str(folder), "--to", "box@example.com"])
     assert result.exit_code == 1
     assert "Imported 1 of 2 messages" in result.stdout
-    assert "1 messages were not stored" in result.output
+    assert "1 message was not stored" in result.output
 
 
 # -------------------------------------------------------------------- init-db

@@ -156,6 +156,8 @@ def test_user_api_answers_match_the_document(app, client, spec):
     call("GET", "/api/messages", "/api/messages?email=ghost@example.com", 404)
     call("GET", "/api/messages/{id}", f"/api/messages/{public_id}", 200)
     call("GET", "/api/messages/{id}", "/api/messages/" + "x" * 46, 404)
+    call("GET", "/api/messages/{id}/extract", f"/api/messages/{public_id}/extract", 200)
+    call("GET", "/api/messages/{id}/extract", "/api/messages/" + "x" * 46 + "/extract", 404)
     attachment = "/api/messages/{id}/attachments/{name}"
     call("GET", attachment, f"/api/messages/{public_id}/attachments/file.txt", 200)
     call("GET", attachment, f"/api/messages/{public_id}/attachments/other.txt", 404)

@@ -170,8 +170,10 @@ def test_html_message_is_shown_in_a_sandboxed_frame(app, client):
     msg_id = deliver(app, address, html='<p>Hi<img src="https://tracker.example/p.gif"></p>')
     html = client.get(f"/web/messages/{msg_id}").get_data(as_text=True)
     frame = re.search(r"<iframe[^>]*>", html, re.S).group(0)
-    assert 'sandbox="allow-popups allow-popups-to-escape-sandbox"' in frame
-    assert "allow-scripts" not in frame and "allow-same-origin" not in frame
+    # Same origin so the page can read the mail's height and size the frame to
+    # it; never together with allow-scripts (a frame could then lift its sandbox).
+    assert 'sandbox="allow-popups allow-popups-to-escape-sandbox allow-same-origin"' in frame
+    assert "allow-scripts" not in frame and "allow-top-navigation" not in frame and "allow-forms" not in frame
     assert 'referrerpolicy="no-referrer"' in frame
     assert "1 remote image blocked" in html and f"/web/messages/{msg_id}?remote=1" in html
     partial = client.get(f"/web/messages/{msg_id}?partial=1").get_data(as_text=True)

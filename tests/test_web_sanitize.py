@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+import mailview
 from mailview import clean_style, linkify_text, sanitize_html
 
 CIDS = {"logo@mail": "/m/tok/messages/1/attachments/7"}
@@ -110,3 +111,57 @@ def test_linkify_escapes_text_and_links_urls():
 
 def test_linkify_leaves_javascript_alone():
     assert "<a" not in str(linkify_text("javascript:alert(1)"))
+
+
+# --------------------------------------------------------------------------
+# colours stay readable: a background that cannot be kept takes its text colour along
+
+@pytest.mark.parametrize("style, expected", [
+    # the shorthand's colour survives as background-color, its image does not
+    ("background:#1a73e8 url(https://x.example/b.png) no-repeat;color:#fff",
+     "background-color: #1a73e8; color: #fff"),
+    ("background: rgb(26, 115, 232); color: white", "background-color: rgb(26, 115, 232); color: white"),
+    ("BACKGROUND: Navy; COLOR: #FFF", "background-color: Navy; color: #FFF"),
+    # a gradient keeps its first colour as a plain background
+    ("background: linear-gradient(#0b5, #063); color: #fff", "background-color: #0b5; color: #fff"),
+    # nothing of the background can stay: the white text goes with it
+    ("background: url(https://x.example/b.png); color: #fff; padding: 8px", "padding: 8px"),
+    ("background-image: url(//x.example/b.png); color: #ffffff", None),
+    ("background-color: expression(alert(1)); color: #fff", None),
+    ("background: none; color: #fff; font-weight: bold", "font-weight: bold"),
+    # a background image next to a plain background colour: the colour carries the text
+    ("background-color: #222; background-image: url(x.png); color: #eee", "background-color: #222; color: #eee"),
+    # no background at all: the text colour is the mail's own choice
+    ("color: #fff; font-size: 14px", "color: #fff; font-size: 14px"),
+])
+def test_colours_stay_consistent(style, expected):
+    assert clean_style(style) == expected
+
+
+def test_a_colour_taken_from_a_shorthand_is_only_a_colour():
+    for hostile in ("background: url(javascript:alert(1)) red", "background: red\\75 rl(x)",
+                    "background: expression(alert(1))", "background: url(http://e.example/" + "a" * 80 + "/red)"):
+        kept = clean_style(hostile) or ""
+        assert "url" not in kept and "expression" not in kept and "\\" not in kept, hostile
+        assert kept in ("", "background-color: red"), (hostile, kept)
+
+
+def test_button_keeps_its_background_in_the_cleaned_mail():
+    out = clean('<a href="https://x.example" style="background:#1a73e8 url(https://x.example/b.png);'
+                'color:#fff;padding:10px">Confirm</a>').html
+    assert 'style="background-color: #1a73e8; color: #fff; padding: 10px"' in out
+    out = clean('<td style="background-image:url(https://x.example/b.png);color:#fff">Go</td>').html
+    assert "color" not in out and "x.example" not in out
+
+
+def test_deep_nesting_is_flattened_in_linear_time():
+    """html5ever is quadratic in nesting depth: tags deeper than MAX_NESTING
+    are dropped before nh3 sees them, their text kept."""
+    deep = "<div>" * 300_000 + "inner text" + "</div>" * 300_000 + "<p>after</p>"
+    flat = mailview.bound_nesting(deep)
+    assert flat.count("<div>") == mailview.MAX_NESTING == flat.count("</div>")
+    assert "inner text" in flat and flat.endswith("<p>after</p>")
+    safe = mailview.sanitize_html(deep, lambda cid: None, False).html
+    assert "inner text" in safe and "<p>after</p>" in safe
+    shallow = "<table><tr><td><b>x</b><br><img src='data:image/png;base64,AA=='></td></tr></table>"
+    assert mailview.bound_nesting(shallow) == shallow
