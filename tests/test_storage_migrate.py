@@ -47,7 +47,10 @@ def held_by(backend: str) -> set[str]:
     if backend == "database":
         return set(db.session.scalars(select(BlobChunk.sha256).distinct()))
     root = storage.uploads_dir() / "blobs"
-    return {p.name for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+    # A .tmp file is a copy a kill cut short: never a blob (the orphan sweep removes it).
+    if not root.exists():
+        return set()
+    return {p.name for p in root.rglob("*") if p.is_file() and storage.is_blob_name(p.name)}
 
 
 def download_all(app, ids: list[int]) -> None:
