@@ -580,7 +580,7 @@ class Blob(db.Model):
         if not counts:
             return []
         table = Blob.__table__
-        for sha, n in counts.items():
+        for sha, n in sorted(counts.items()):  # the lock order of PendingBlobs.reference
             db.session.execute(update(table).where(table.c.sha256 == sha).values(refs=table.c.refs - n))
         freed = list(db.session.scalars(delete(Blob).where(
             Blob.sha256.in_(list(counts)), Blob.refs <= 0).returning(Blob.sha256)))
@@ -600,14 +600,24 @@ class BlobChunk(db.Model):
 def delete_messages(id_query) -> list[str]:
     """Delete the messages whose ids ``id_query`` selects, with their
     attachment rows, in the caller's transaction; returns the blobs freed."""
-    ids = list(db.session.scalars(id_query))
+    return delete_message_rows(list(db.session.scalars(id_query)))[1]
+
+
+def delete_message_rows(ids: list[int]) -> tuple[int, list[str]]:
+    """Delete the messages ``ids`` with their attachment rows, in the caller's
+    transaction; returns how many this transaction really deleted, and the
+    blobs freed."""
     if not ids:
-        return []
-    shas = Counter(db.session.scalars(select(Attachment.sha256).where(Attachment.message_id.in_(ids))))
-    shas.update(s for s in db.session.scalars(select(Message.raw_sha256).where(Message.id.in_(ids))) if s)
-    db.session.execute(delete(Attachment).where(Attachment.message_id.in_(ids)))
-    db.session.execute(delete(Message).where(Message.id.in_(ids)))
-    return Blob.release(shas)
+        return 0, []
+    # The blobs to release are the ones of the rows this DELETE really
+    # removed (RETURNING), not of the rows selected before: two deleters of
+    # the same message (purges on two hosts, a purge and a user's DELETE)
+    # must not both release its blobs, or a blob still in use is freed.
+    shas = Counter(db.session.scalars(delete(Attachment).where(Attachment.message_id.in_(ids))
+                                      .returning(Attachment.sha256)))
+    raw = list(db.session.scalars(delete(Message).where(Message.id.in_(ids)).returning(Message.raw_sha256)))
+    shas.update(s for s in raw if s)
+    return len(raw), Blob.release(shas)
 
 
 # --------------------------------------------------------------------------
