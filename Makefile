@@ -11,14 +11,21 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # /usr/lib/postgresql/*/bin), Chromium for the browser tests and libatomic1
 # for the node driver that Playwright's wheel bundles (a bare Debian lacks
 # it), Dovecot for IMAP ingest, swaks for manual checks, Postfix as the front
-# end tests/test_postfix_front.py runs (its own instance, never the system's).
+# end tests/test_postfix_front.py runs (its own instance, never the system's),
+# Node.js and PHP to run the webhook receivers /docs shows, openssl for its
+# cURL sample and an HTTPS receiver's certificate (tests/test_webhooks*.py),
+# iproute2's `ip` for the network namespaces of the cluster test (tests/cluster/).
 # Add a line here for anything new a test starts.
 TEST_DEBS := /usr/lib/postgresql/*/bin/initdb:postgresql \
              chromium:chromium \
              /usr/lib/*/libatomic.so.1:libatomic1 \
              /usr/sbin/dovecot:dovecot-imapd \
              swaks:swaks \
-             /usr/sbin/postfix:postfix
+             /usr/sbin/postfix:postfix \
+             node:nodejs \
+             php:php-cli \
+             openssl:openssl \
+             /bin/ip:iproute2
 
 .PHONY: run test venv system-deps init-db clean bench messages compile-messages
 

@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import limits
+import webhooks
 from clock import now
 from models import ApiKey, User, UserSession, cfg, db
 
@@ -321,7 +322,8 @@ def management_context(user: User, new_key: Optional[str] = None) -> dict:
     return {"user": user, "key": user.live_key(), "new_key": new_key, "quota": quota, "used_pct": used_pct,
             "reset": quota["reset"].isoformat(), "reset_text": quota["reset"].strftime("%Y-%m-%d %H:%M (UTC%z)"),
             "plan": user.plan_config(),
-            "domain_types": user.allowed_domain_types(), "api_base": request.host_url + "api"}
+            "domain_types": user.allowed_domain_types(), "api_base": request.host_url + "api",
+            **webhooks.page_context(user.id)}
 
 
 @bp.get("/account")
@@ -352,6 +354,45 @@ def revoke_key():
         db.session.commit()
         flash(_("Your API key is revoked. Requests using it now answer 401."), "ok")
     return redirect(url_for("accounts.api_management"))
+
+
+def webhook_problem(exc: webhooks.UnsafeURL) -> str:
+    """Why a webhook URL was refused, in the page's language (the User API
+    says the same in English)."""
+    if exc.kind == "private":
+        return _("%(host)s resolves to %(address)s, which is not a public address.", **exc.details)
+    if exc.kind == "unresolved":
+        return _("The host %(host)s does not resolve.", **exc.details)
+    if exc.kind == "credentials":
+        return _("A user name or password in the URL is not allowed.")
+    return _("Enter an http or https URL of at most %(max)d characters.", max=webhooks.MAX_URL)
+
+
+@bp.post("/account/webhook")
+@login_required
+def set_webhook():
+    """Set or replace the webhook. Its new secret is rendered into this
+    response only (like a new key): shown once, never put in the session."""
+    user = current_user()
+    try:
+        url = webhooks.check_url(request.form.get("url"), webhooks.allow_private())
+    except webhooks.UnsafeURL as exc:
+        flash(webhook_problem(exc), "error")
+        return render_template("account/api.html", **management_context(user),
+                               webhook_url=request.form.get("url")), 400
+    _hook, secret = webhooks.set_webhook(user.id, url, request.host_url)
+    db.session.commit()
+    resp = render_template("account/api.html", **management_context(user), new_secret=secret)
+    return resp, 201, {"Cache-Control": "no-store"}
+
+
+@bp.post("/account/webhook/remove")
+@login_required
+def remove_webhook():
+    if webhooks.remove_webhook(current_user().id):
+        db.session.commit()
+        flash(_("Your webhook is removed. Events not yet delivered were dropped."), "ok")
+    return redirect(url_for("accounts.api_management"), 303)
 
 
 def inject_account():

@@ -17,7 +17,7 @@ import re
 from urllib.parse import unquote
 
 from flask import Blueprint, Flask, abort, jsonify, make_response, request
-from sqlalchemy import BigInteger, Integer, bindparam, func, select
+from sqlalchemy import BigInteger, Integer, bindparam, func, select, update
 from werkzeug.exceptions import HTTPException
 
 import apierrors
@@ -140,15 +140,16 @@ def inbox(email: str):
     conn = db.session.connection()
     params = {"mailbox_id": box.id, "offset": offset}
     if limit is None:
-        rows = conn.execute(INBOX_ALL, params)
+        rows = conn.execute(INBOX_ALL, params).all()  # one fetchall, not a fetchone per row
     else:
-        rows = conn.execute(INBOX_PAGE, dict(params, limit=limit))
+        rows = conn.execute(INBOX_PAGE, dict(params, limit=limit)).all()
     zone = clock.local_zone()  # once, not once per message
-    emails = [{"id": idgen.expose(row.id, "messages"), "from_email": row.from_email,
+    shown = idgen.expose_many([row.id for row in rows], "messages")
+    emails = [{"id": shown_id, "from_email": row.from_email,
                "from_name": row.from_name, "subject": row.subject,
                "is_read": int(row.is_read),  # PHP/MySQL TINYINT
                "received_at": clock.fmt_local(row.received_at, zone)}
-              for row in rows]
+              for shown_id, row in zip(shown, rows)]
     # Unpaged, the list is the whole mailbox (same transaction): no COUNT needed.
     total = len(emails) if limit is None and offset == 0 else conn.scalar(INBOX_COUNT, params) or 0
     return jsonify(success=True, email=box.address, created_at=clock.fmt_local(box.created_at, zone),
@@ -218,25 +219,50 @@ def live_message(raw_id: str) -> Message:
     return msg
 
 
-def message_json(msg: Message) -> dict:
-    """api.php's message object (``GET /email/{id}``)."""
-    return {"id": msg.legacy_id, "email_address_id": idgen.expose(msg.mailbox_id, "mailboxes"),
+def message_json(msg, is_read: bool | None = None) -> dict:
+    """api.php's message object (``GET /email/{id}``) of a ``Message`` or a row
+    with its columns; ``is_read`` overrides the stored flag (just marked)."""
+    read = msg.is_read if is_read is None else is_read
+    return {"id": idgen.expose(msg.id, "messages"), "email_address_id": idgen.expose(msg.mailbox_id, "mailboxes"),
             "from_email": msg.from_email, "from_name": msg.from_name, "subject": msg.subject,
-            "body_text": msg.body_text, "body_html": msg.body_html, "is_read": int(msg.is_read),
+            "body_text": msg.body_text, "body_html": msg.body_html, "is_read": int(read),
             "received_at": clock.fmt_local(msg.received_at)}
 
 
-def attachment_json(att: Attachment) -> dict:
-    return {"id": att.legacy_id, "filename": att.filename, "size": att.size,
-            "content_type": att.content_type, "file_path": att.legacy_url()}
+def attachment_json(att) -> dict:
+    """An attachment (``Attachment`` or a row with id, filename, size, content_type)."""
+    return {"id": idgen.expose(att.id, "attachments"), "filename": att.filename, "size": att.size,
+            "content_type": att.content_type, "file_path": Attachment.legacy_url_of(att.id, att.filename)}
+
+
+_att = Attachment.__table__
+EMAIL_ROW = (select(_messages.c.id, _messages.c.mailbox_id, _messages.c.from_email, _messages.c.from_name,
+                    _messages.c.subject, _messages.c.body_text, _messages.c.body_html, _messages.c.is_read,
+                    _messages.c.received_at, _mailboxes.c.origin, _mailboxes.c.expires_at)
+             .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
+             .where(_messages.c.id == bindparam("msg_row")))
+EMAIL_ATTACHMENTS = (select(_att.c.id, _att.c.filename, _att.c.size, _att.c.content_type)
+                     .where(_att.c.message_id == bindparam("msg_row")).order_by(_att.c.id))
+EMAIL_MARK_READ = (update(_messages).where(_messages.c.id == bindparam("msg_row"))
+                   .values(is_read=True))
 
 
 @bp.get("/email/<raw_id>")
 def email_detail(raw_id: str):
-    msg = live_message(raw_id)
-    msg.mark_read()
-    return jsonify(success=True, email=message_json(msg),
-                   attachments=[attachment_json(a) for a in msg.attachments])
+    # Plain rows from statements built once (the message with its mailbox's
+    # origin and expiry, then its attachments): three ORM loads (message,
+    # lazy mailbox, lazy attachments) were most of this route's cost.
+    row_id = idgen.row_id_of(raw_id, "messages")
+    conn = db.session.connection()
+    msg = conn.execute(EMAIL_ROW, {"msg_row": row_id}).first() if row_id is not None else None
+    if msg is None or msg.origin not in LEGACY_ORIGINS or msg.expires_at <= clock.now():
+        return jsonify(error="Email not found"), 404
+    attachments = conn.execute(EMAIL_ATTACHMENTS, {"msg_row": msg.id}).all()
+    if not msg.is_read:
+        conn.execute(EMAIL_MARK_READ, {"msg_row": msg.id})  # 0 rows if deleted meanwhile: fine
+        db.session.commit()
+    return jsonify(success=True, email=message_json(msg, is_read=True),
+                   attachments=[attachment_json(a) for a in attachments])
 
 
 @bp.delete("/email/<raw_id>")

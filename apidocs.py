@@ -62,6 +62,16 @@ def plan_rows(lang: str) -> list[dict]:
     return rows
 
 
+def webhook_timing(lang: str) -> dict:
+    """The configured webhook deadline and retry schedule, as the docs state them."""
+    conf = cfg("webhooks")
+    def number(value: float) -> str:
+        text = f"{value:g}"
+        return text if lang == "en" else text.replace(".", ",")
+    return {"timeout": number(float(conf["timeout_seconds"])), "first": number(float(conf["retry_base_seconds"])),
+            "hours": number(round(float(conf["retry_for_seconds"]) / 3600, 1))}
+
+
 @bp.get("/docs")
 def docs_page():
     lang = pick_language()
@@ -73,7 +83,7 @@ def docs_page():
         base=base, legacy=content["legacy"], user=content["user"], codes=content["codes"],
         user_base=base + "/api", legacy_base=base + "/api.php", plans=plan_rows(lang),
         timezone=cfg("timezone") or "UTC", site_name=cfg("site_name") or "TempMail",
-        reserved=cfg("reserved_usernames") or [])
+        reserved=cfg("reserved_usernames") or [], webhook=content["webhook"], webhook_timing=webhook_timing(lang))
     resp = make_response(html)
     # The same URL answers in several languages: caches must key on the header.
     resp.headers["Content-Language"] = lang

@@ -11,6 +11,8 @@ import mailhandler
 import models
 import ops
 import smtpserver
+import storagemove
+import webhook_worker
 from accounts import password_problem
 from models import ApiKey, Domain, User, db
 
@@ -101,5 +103,6 @@ def init_app(app: Flask) -> None:
     """Register every command of TempMail: the one place that lists them."""
     for command in (init_db_command, domains_cli, users_cli, keys_cli,  # this module
                     mailhandler.pipe_command, smtpserver.smtpd_command, imapingest.imap_poll_command,
-                    ops.purge_command, ops.stats_command, ops.reparse_command, ops.import_command):
+                    ops.purge_command, ops.stats_command, ops.reparse_command, ops.import_command,
+                    webhook_worker.webhooks_cli, storagemove.storage_cli):
         app.cli.add_command(command)

@@ -41,7 +41,16 @@ def fmt_local(value: Optional[datetime], zone: Optional[ZoneInfo] = None) -> Opt
     formatting many values), as the PHP API printed MySQL DATETIMEs."""
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc).astimezone(zone or local_zone()).strftime("%Y-%m-%d %H:%M:%S")
+    zone = zone or local_zone()
+    # isoformat is C code, several times faster than strftime (a listing
+    # formats one per message); stored times are naive UTC, so in UTC (the
+    # default zone) there is nothing to convert.
+    if zone is _UTC or getattr(zone, "key", None) == "UTC":
+        return value.isoformat(" ", "seconds")[:19]
+    return value.replace(tzinfo=timezone.utc).astimezone(zone).isoformat(" ", "seconds")[:19]
+
+
+_UTC = timezone.utc
 
 
 def fmt_iso(value: datetime) -> str:

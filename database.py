@@ -48,3 +48,25 @@ def upsert_add(model, key: dict, column: str, amount: int, **extra) -> int:
     stmt = insert(model).values(**key, **extra, **{column: amount})
     stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={column: col + amount})
     return db.session.execute(stmt.returning(col)).scalar_one()
+
+
+UPSERT_ROWS = 500  # rows per statement: 1,500 parameters, far below SQLite's limit
+
+
+def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
+    """``upsert_add`` for many rows at once: each row dict holds ``key``,
+    ``column`` (the amount to add) and the columns of a new row. One
+    multi-row ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` per
+    UPSERT_ROWS rows instead of one statement per row; returns
+    ``{key value: new column value}``. Rows are sent sorted by key, so two
+    writers lock rows in the same order (no deadlock on PostgreSQL)."""
+    insert = pg_insert if db.session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    table = model.__table__
+    key_col, col = table.c[key], table.c[column]
+    rows, out = sorted(rows, key=lambda r: r[key]), {}
+    for start in range(0, len(rows), UPSERT_ROWS):
+        stmt = insert(table).values(rows[start:start + UPSERT_ROWS])
+        stmt = stmt.on_conflict_do_update(index_elements=[key], set_={column: col + stmt.excluded[column]})
+        for key_value, value in db.session.execute(stmt.returning(key_col, col)):
+            out[key_value] = value
+    return out

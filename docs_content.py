@@ -8,6 +8,8 @@ them and they work.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 KEY = "YOUR_USER_API_KEY"
@@ -373,5 +375,222 @@ USER_CODES = [
 
 def build(base: str, domain: str) -> dict:
     """Everything language-neutral the docs template needs."""
-    return {"legacy": legacy_routes(base, domain), "user": user_routes(base, domain),
+    return {"legacy": legacy_routes(base, domain), "user": user_routes(base, domain) + webhook_routes(base),
+            "webhook": webhook_doc(base, domain),
             "codes": [(status, key, pretty(body) if body else None) for status, key, body in USER_CODES]}
+
+
+# --------------------------------------------------------------------------
+# webhooks: the routes (PUT sends a JSON body) and the receiver's side
+
+HOOK_URL = "https://your-app.example/tempmail-webhook"
+EXAMPLE_SECRET = "whsec_your_signing_secret"
+EXAMPLE_TIME = 1767225600
+
+
+def json_curl(method: str, url: str, body: dict) -> str:
+    return "\n".join([f"curl --request {method} \\", f"  --url '{url}' \\", "  --header 'Accept: application/json' \\",
+                      f"  --header 'Authorization: Bearer {KEY}' \\",
+                      "  --header 'Content-Type: application/json' \\", f"  --data '{json.dumps(body)}'"])
+
+
+def json_js(method: str, url: str, body: dict) -> str:
+    return "\n".join([f"const response = await fetch('{url}', {{", f"  method: '{method}',", "  headers: {",
+                      f"    'Authorization': 'Bearer {KEY}',", "    'Accept': 'application/json',",
+                      "    'Content-Type': 'application/json',", "  },", f"  body: JSON.stringify({json.dumps(body)}),",
+                      "});", "if (!response.ok) {",
+                      "  throw new Error(`Request failed with status ${response.status}`);", "}",
+                      "const data = await response.json();", "console.log(data);"])
+
+
+def json_python(method: str, url: str, body: dict) -> str:
+    return "\n".join(["import requests", "", "headers = {", f"    'Authorization': 'Bearer {KEY}',",
+                      "    'Accept': 'application/json',", "}", "",
+                      f"response = requests.{method.lower()}('{url}', headers=headers, json={body!r}, timeout=30)",
+                      "response.raise_for_status()", "print(response.json())"])
+
+
+def json_php(method: str, url: str, body: dict) -> str:
+    fields = ", ".join(f"'{k}' => '{v}'" for k, v in body.items())
+    return "\n".join(["<?php", f"$ch = curl_init('{url}');", "curl_setopt_array($ch, [",
+                      f"    CURLOPT_CUSTOMREQUEST => '{method}',", "    CURLOPT_RETURNTRANSFER => true,",
+                      f"    CURLOPT_POSTFIELDS => json_encode([{fields}]),", "    CURLOPT_HTTPHEADER => [",
+                      f"        'Authorization: Bearer {KEY}',", "        'Accept: application/json',",
+                      "        'Content-Type: application/json',", "    ],", "]);",
+                      "$response = curl_exec($ch);", "if ($response === false) {",
+                      "    throw new RuntimeException(curl_error($ch));", "}",
+                      "$status = curl_getinfo($ch, CURLINFO_HTTP_CODE);", "curl_close($ch);",
+                      "var_dump($status, json_decode($response, true));"])
+
+
+def json_samples(method: str, url: str, body: dict) -> list[tuple]:
+    """(id, label, code) of a call with a JSON body, in the same tabs as the others."""
+    makers = {"curl": json_curl, "js": json_js, "python": json_python, "php": json_php}
+    return [(sid, label, makers[sid](method, url, body)) for sid, label in SAMPLE_LANGS]
+
+
+def webhook_routes(base: str) -> list[dict]:
+    """The webhook routes of the User API."""
+    api = base + "/api"
+    common = (401, 429)
+    hook = {"url": HOOK_URL, "created_at": "2026-06-07T19:37:26+00:00", "pending": 0}
+    put = route("user-webhook-put", "PUT", "/webhook", f"{api}/webhook", "d_user_webhook_put", True,
+                [param("url", "body", "string", True, "p_webhook_url")],
+                {"status": True, "data": dict(hook, secret="whsec_" + "x" * 43)},
+                note="n_webhook_secret", statuses=(*common, 422))
+    put["samples"] = json_samples("PUT", f"{api}/webhook", {"url": HOOK_URL})
+    return [
+        put,
+        route("user-webhook-get", "GET", "/webhook", f"{api}/webhook", "d_user_webhook_get", True, [],
+              {"status": True, "data": hook}, statuses=(*common, 404)),
+        route("user-webhook-delete", "DELETE", "/webhook", f"{api}/webhook", "d_user_webhook_delete", True, [],
+              {"status": True, "message": "Webhook was removed."}, statuses=(*common, 404)),
+        route("user-webhook-deliveries", "GET", "/webhook/deliveries", f"{api}/webhook/deliveries",
+              "d_user_webhook_deliveries", True, [],
+              {"status": True, "data": [
+                  {"delivery_id": "4f2a0c9e1b7d4e6a8c3b5d7f9e1a2c4b", "event": "message.received", "attempt": 2,
+                   "time": "2026-06-07T19:38:02+00:00", "status_code": 204, "duration_ms": 41, "error": None,
+                   "ok": True},
+                  {"delivery_id": "4f2a0c9e1b7d4e6a8c3b5d7f9e1a2c4b", "event": "message.received", "attempt": 1,
+                   "time": "2026-06-07T19:37:27+00:00", "status_code": 503, "duration_ms": 118,
+                   "error": "HTTP 503", "ok": False}]},
+              statuses=(*common, 404)),
+    ]
+
+
+VERIFY_CURL = """# Send your receiver a signed test event, exactly as TempMail signs one.
+SECRET='{secret}'
+BODY='{body}'
+T=$(date +%s)
+SIG=$(printf '%s.%s' "$T" "$BODY" | openssl dgst -sha256 -hmac "$SECRET" | sed 's/^.*= //')
+curl --request POST \\
+  --url '{url}' \\
+  --header 'Content-Type: application/json' \\
+  --header "TempMail-Signature: t=$T,v1=$SIG" \\
+  --header 'TempMail-Delivery: 00000000000000000000000000000000' \\
+  --header 'TempMail-Event: message.received' \\
+  --data "$BODY"
+""".rstrip("\n")
+
+VERIFY_JS = """const crypto = require('crypto');
+const http = require('http');
+
+const SECRET = process.env.TEMPMAIL_WEBHOOK_SECRET; // whsec_..., from PUT /api/webhook
+
+function verifySignature(secret, header, body, toleranceSeconds = 300) {
+  const fields = Object.fromEntries(header.split(',').map((item) => {
+    const at = item.indexOf('=');
+    return [item.slice(0, at), item.slice(at + 1)];
+  }));
+  const timestamp = Number(fields.t);
+  if (!Number.isInteger(timestamp) || typeof fields.v1 !== 'string') return false;
+  if (Math.abs(Date.now() / 1000 - timestamp) > toleranceSeconds) return false; // an old delivery, replayed
+  const expected = crypto.createHmac('sha256', secret).update(`${timestamp}.`).update(body).digest();
+  const given = Buffer.from(fields.v1, 'hex');
+  return given.length === expected.length && crypto.timingSafeEqual(given, expected);
+}
+
+http.createServer((req, res) => {
+  const chunks = [];
+  req.on('data', (chunk) => chunks.push(chunk));
+  req.on('end', () => {
+    const body = Buffer.concat(chunks); // the raw bytes: parse the JSON only after the check
+    if (!verifySignature(SECRET, req.headers['tempmail-signature'] || '', body)) {
+      res.writeHead(400).end();
+      return;
+    }
+    const event = JSON.parse(body);
+    // A retry repeats the TempMail-Delivery id: handle each id once.
+    console.log(req.headers['tempmail-delivery'], event.mailbox, event.message.subject);
+    res.writeHead(204).end();
+  });
+}).listen(Number(process.env.PORT || 8080));"""
+
+VERIFY_PYTHON = """import hashlib
+import hmac
+import json
+import os
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+SECRET = os.environ['TEMPMAIL_WEBHOOK_SECRET']  # whsec_..., from PUT /api/webhook
+
+
+def verify_signature(secret: str, header: str, body: bytes, tolerance: int = 300) -> bool:
+    \"\"\"True when the TempMail-Signature header was made for this very body.\"\"\"
+    try:
+        fields = dict(item.split('=', 1) for item in header.split(','))
+        timestamp = int(fields['t'])
+    except (KeyError, ValueError):
+        return False
+    if abs(time.time() - timestamp) > tolerance:
+        return False  # an old delivery, replayed
+    expected = hmac.new(secret.encode(), f'{timestamp}.'.encode() + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), fields.get('v1', '').encode())
+
+
+class Receiver(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get('Content-Length', 0)))  # the raw bytes
+        if not verify_signature(SECRET, self.headers.get('TempMail-Signature', ''), body):
+            self.send_response(400)
+            self.end_headers()
+            return
+        event = json.loads(body)
+        # A retry repeats the TempMail-Delivery id: handle each id once.
+        print(self.headers['TempMail-Delivery'], event['mailbox'], event['message']['subject'], flush=True)
+        self.send_response(204)
+        self.end_headers()
+
+
+HTTPServer(('', int(os.environ.get('PORT', '8080'))), Receiver).serve_forever()"""
+
+VERIFY_PHP = """<?php
+// The secret (whsec_...) from PUT /api/webhook, in the environment of PHP.
+function verify_signature(string $secret, string $header, string $body, int $tolerance = 300): bool
+{
+    $fields = [];
+    foreach (explode(',', $header) as $item) {
+        $pair = explode('=', $item, 2);
+        if (count($pair) === 2) {
+            $fields[$pair[0]] = $pair[1];
+        }
+    }
+    if (!isset($fields['t'], $fields['v1']) || !ctype_digit($fields['t'])) {
+        return false;
+    }
+    if (abs(time() - (int) $fields['t']) > $tolerance) {
+        return false; // an old delivery, replayed
+    }
+    $expected = hash_hmac('sha256', $fields['t'] . '.' . $body, $secret);
+    return hash_equals($expected, $fields['v1']);
+}
+
+$body = file_get_contents('php://input'); // the raw bytes: decode the JSON only after the check
+$header = $_SERVER['HTTP_TEMPMAIL_SIGNATURE'] ?? '';
+if (!verify_signature((string) getenv('TEMPMAIL_WEBHOOK_SECRET'), $header, $body)) {
+    http_response_code(400);
+    exit;
+}
+$event = json_decode($body, true);
+// A retry repeats the TempMail-Delivery id: handle each id once.
+error_log($_SERVER['HTTP_TEMPMAIL_DELIVERY'] . ' ' . $event['mailbox'] . ' ' . $event['message']['subject']);
+http_response_code(204);"""
+
+
+def example_event(base: str, domain: str) -> dict:
+    return {"event": "message.received", "mailbox": f"randombox@{domain}",
+            "message": message_example(base, domain, False)}
+
+
+def webhook_doc(base: str, domain: str) -> dict:
+    """The receiver's side: an example event with its real signature, and
+    receivers that verify it (the cURL tab signs and sends a test event)."""
+    compact = json.dumps(example_event(base, domain), separators=(",", ":"))
+    mac = hmac.new(EXAMPLE_SECRET.encode(), f"{EXAMPLE_TIME}.{compact}".encode(), hashlib.sha256).hexdigest()
+    test_body = json.dumps({"event": "message.received", "mailbox": f"demo123@{domain}",
+                            "message": {"subject": "Test event"}}, separators=(",", ":"))
+    code = {"curl": VERIFY_CURL.format(secret=EXAMPLE_SECRET, body=test_body, url=HOOK_URL),
+            "js": VERIFY_JS, "python": VERIFY_PYTHON, "php": VERIFY_PHP}
+    return {"payload": pretty(example_event(base, domain)), "signature": f"t={EXAMPLE_TIME},v1={mac}",
+            "verify": {"id": "webhook-verify", "samples": [(sid, label, code[sid]) for sid, label in SAMPLE_LANGS]}}

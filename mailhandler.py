@@ -24,16 +24,14 @@ import sys
 from datetime import timedelta
 from email import policy
 from email.message import Message as EmailMessage
-from email.feedparser import BytesFeedParser
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Iterable, Optional
 
 import click
-from bs4 import BeautifulSoup
 from flask import current_app
 from flask.cli import with_appcontext
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 import mailevents
 import mailpolicy
@@ -41,22 +39,28 @@ import metrics
 import models
 import retention
 import storage
+import webhooks
 from clock import now
+from mailparse import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, PARSE_POLICY, BoundedMessage,  # noqa: F401
+                       html_to_text, line_extent, parse_bytes, safe_codec, unfold)
 from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
                         UnknownRecipient)
 from models import Attachment, Domain, Mailbox, Message, Stat, db
 
 log = logging.getLogger("tempmail.mail")
 
-MAX_DEPTH = 30  # MIME nesting we follow; deeper parts are kept only in the raw .eml
 MAX_ATTACHMENTS = 1000  # parts stored as files; the rest stay in the raw .eml
-# The stdlib's modern header parser takes quadratic time and gigabytes on a
-# megabyte-long folded header (measured: 7 MB Subject, 226 s, 3.4 GiB), and
-# its compat32 address parser recurses once per "(": longer headers are read
-# from their first MAX_HEADER_CHARS characters with the linear legacy decoder.
-MAX_HEADER_CHARS = 16384
+# MAX_DEPTH and MAX_HEADER_CHARS (mailparse): every header is read from its
+# first 16 KiB, once per message part; the stdlib's header parser takes
+# quadratic time and gigabytes on a megabyte-long one (measured: 7 MB
+# Subject, 226 s, 3.4 GiB).
 MAX_NAME = 200
-PARSE_CHUNK = 1 << 20
+# Of text and of HTML body kept in the Message row (each; the raw .eml keeps
+# all). A str costs up to 4 bytes a character and is copied when decoded and
+# stored: uncapped, 25 MiB of ASCII text with one emoji took the daemon
+# 381 MiB over idle. Webmail clips far earlier (Gmail: 102 KB of HTML).
+MAX_BODY_BYTES = 6 << 20
+TRUNCATED = "\n[\u2026]"
 # Labels senders use for charsets whose real-world content is a superset
 # (what browsers do too): decoding with the superset never loses characters.
 CHARSET_SUPERSETS = {
@@ -67,6 +71,7 @@ CHARSET_SUPERSETS = {
     "tis-620": "cp874", "iso-8859-11": "cp874",
 }
 SURROGATES = re.compile("[\ud800-\udfff]")
+HIGH_BYTES = bytes(range(0x80, 0x100))
 
 
 # --------------------------------------------------------------------------
@@ -90,43 +95,43 @@ def decode_bytes(data: bytes, charset: Optional[str]) -> str:
     undecodable bytes become U+FFFD."""
     name = (charset or "").strip().strip('"').lower()
     name = CHARSET_SUPERSETS.get(name, name)
-    if name and name != "cp1252":
+    codec = safe_codec(name) if name and name != "cp1252" else None
+    if codec:
         try:
-            return data.decode(name, "replace")
-        except (LookupError, UnicodeError, ValueError, TypeError):
-            pass  # unknown or unusable label: guess below
+            return data.decode(codec, "replace")
+        except (UnicodeError, ValueError, TypeError):
+            pass  # unusable label ("undefined"): guess below
     text = data.decode("utf-8", "replace")
     bad = text.count("\ufffd")
-    if bad and sum(1 for ch in text if ch > "\x7f") <= 2 * bad:
+    # Non-ASCII characters = all minus the ASCII bytes (counted in C: a
+    # 25 MiB body must not be walked character by character in Python).
+    if bad and len(text) - len(data.translate(None, HIGH_BYTES)) <= 2 * bad:
+        text = None  # freed before the second decoding of a big body
         return data.decode("cp1252", "replace")  # mostly not UTF-8: a legacy 8-bit text
     return text
 
 
-def html_to_text(html: str) -> str:
-    """Readable text of an HTML body, for messages without a text part."""
-    soup = BeautifulSoup(html, "html.parser")
-    for tag in soup(["script", "style", "head", "title"]):
-        tag.decompose()
-    text = soup.get_text("\n")
-    lines = [line.strip() for line in text.splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
 def raw_header(msg: EmailMessage, name: str) -> Optional[str]:
-    """The first ``name`` header as received (unparsed), or None."""
-    return next((v for k, v in msg.raw_items() if k.lower() == name.lower()), None)
+    """The first ``name`` header as received (unparsed, unfolded), cut to
+    MAX_HEADER_CHARS, or None: the one way headers are read here."""
+    if isinstance(msg, BoundedMessage):
+        return msg.raw_value(name)  # read once per part
+    value = next((v for k, v in msg.raw_items() if k.lower() == name.lower()), None)
+    return None if value is None else unfold(value[:MAX_HEADER_CHARS])
 
 
 def header(msg: EmailMessage, name: str) -> str:
-    """A decoded header value; never raises, however broken the header is,
-    and takes linear time however long it is (see MAX_HEADER_CHARS)."""
+    """A decoded header value; never raises, however broken the header is.
+    On a parsed message (BoundedMessage) the stdlib parses each header once,
+    from its first MAX_HEADER_CHARS characters."""
     raw = raw_header(msg, name)
     if raw is None:
         return ""
-    if len(raw) > MAX_HEADER_CHARS:
-        return legacy_decode(raw[:MAX_HEADER_CHARS])
     try:
-        value = msg.get(name)
+        if isinstance(msg, BoundedMessage):
+            value = msg.get(name)
+        else:
+            value = PARSE_POLICY.header_fetch_parse(name, raw)
         return clean(value) if value is not None else ""
     except Exception:  # the header parser has corner cases that raise
         return legacy_decode(raw)
@@ -142,9 +147,9 @@ def legacy_decode(raw: str) -> str:
 
 def sender(msg: EmailMessage) -> tuple[str, str]:
     """(display name, address) of the From header."""
-    raw = raw_header(msg, "from") or ""
     try:
-        addresses = msg["from"].addresses if raw and len(raw) <= MAX_HEADER_CHARS else ()
+        value = msg.get("from") if isinstance(msg, BoundedMessage) else None
+        addresses = value.addresses if value is not None else ()
         if addresses:
             return clean(addresses[0].display_name), clean(addresses[0].addr_spec)
     except Exception:
@@ -204,50 +209,72 @@ def parse_message(raw: bytes) -> dict:
         collect_parts(msg, texts, htmls, fields["attachments"], 0)
     except Exception:  # keep what was collected before the broken part
         log.warning("malformed MIME structure in message %s", fields["message_id"])
-    fields["body_text"] = clean("\n".join(texts))
-    fields["body_html"] = clean("\n".join(htmls))
+    del msg  # the parsed tree (and its copy of every body) is not needed any more
+    fields["body_text"] = clean(join_and_clear(texts))
+    fields["body_html"] = clean(join_and_clear(htmls))
     if not fields["body_text"] and fields["body_html"]:
         fields["body_text"] = clean(html_to_text(fields["body_html"]))
     return fields
 
 
-def parse_bytes(raw: bytes) -> EmailMessage:
-    """The stdlib parser fed in slices: ``parsebytes`` would first make a str
-    copy of the whole message, which doubles the peak memory of a big one."""
-    parser = BytesFeedParser(policy=policy.default)
-    with memoryview(raw) as view:
-        for start in range(0, len(view), PARSE_CHUNK):
-            parser.feed(bytes(view[start:start + PARSE_CHUNK]))
-    return parser.close()
+def join_and_clear(parts: list[str]) -> str:
+    """The parts joined by newlines; the list is emptied, so a big body is
+    not held twice while it is cleaned."""
+    text = "\n".join(parts)
+    parts.clear()
+    return text
 
 
-def part_bytes(part: EmailMessage) -> bytes:
-    """The decoded body of a leaf part. Base64 is decoded straight from the
-    payload (the stdlib first splits it into lines and joins them again,
-    several copies of a 25 MiB attachment); anything odd goes the stdlib way."""
-    payload = part.get_payload()
-    if isinstance(payload, str) and str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
+def part_bytes(part: BoundedMessage) -> bytes:
+    """The decoded body of a leaf part, which is then dropped from the parsed
+    tree (its last use: a 25 MiB body is not held twice while it is decoded).
+    Base64 and quoted-printable are decoded in C straight from the payload
+    (the stdlib first splits base64 into lines and joins them again, several
+    copies of a 25 MiB attachment); uuencode and base64 that needs more
+    than padding go the stdlib way."""
+    cte, data = transfer_encoding(part), None
+    if cte not in ("x-uuencode", "uuencode", "uue", "x-uue"):
+        data = part.payload_bytes()
+        if cte == "quoted-printable":
+            data = binascii.a2b_qp(data)
+        elif cte == "base64":
+            data = decode_base64(data)
+    if data is None:
+        data = part.get_payload(decode=True) or b""
+    part.set_payload(None)
+    return data
+
+
+def decode_base64(data: bytes) -> Optional[bytes]:
+    """Base64 with what is not base64 ignored and missing padding added, or
+    None when even that fails (the stdlib then keeps what it can)."""
+    for padding in (b"", b"=="):
         try:
-            return binascii.a2b_base64(payload)
+            return binascii.a2b_base64(data + padding if padding else data)
         except (binascii.Error, ValueError):
-            pass  # bad padding, stray bytes: the stdlib repairs what it can
-    return part.get_payload(decode=True) or b""
+            continue
+    return None
 
 
-def collect_parts(part: EmailMessage, texts: list, htmls: list, attachments: list, depth: int) -> None:
+def transfer_encoding(part: EmailMessage) -> str:
+    """The Content-Transfer-Encoding token in lower case ("" when absent)."""
+    words = (raw_header(part, "content-transfer-encoding") or "").split(None, 1)
+    return words[0].lower() if words else ""
+
+
+def collect_parts(part: BoundedMessage, texts: list, htmls: list, attachments: list, depth: int) -> None:
     """Walk the MIME tree: inline text and HTML into the body lists, every other
     leaf (and every nested message/rfc822) into ``attachments``."""
-    if depth > MAX_DEPTH or len(attachments) >= MAX_ATTACHMENTS:
+    if depth > MAX_DEPTH or len(attachments) >= MAX_ATTACHMENTS or part.opaque or part.unfinished:
         return  # kept in the raw .eml only: a 10,000-part message is not 10,000 files
     ctype = part.get_content_type()
-    payload = part.get_payload()
-    if ctype.startswith("multipart/") and isinstance(payload, list):
-        for sub in payload:
-            collect_parts(sub, texts, htmls, attachments, depth + 1)
-    elif isinstance(payload, list):  # message/rfc822 and friends: keep as a .eml
-        attachments.append(nested_message(part, payload))
-    else:
+    if not part.is_multipart():  # (get_payload() of a leaf would decode all of it)
         collect_leaf(part, ctype, texts, htmls, attachments)
+    elif ctype.startswith("multipart/"):
+        for sub in part.get_payload():
+            collect_parts(sub, texts, htmls, attachments, depth + 1)
+    else:  # message/rfc822 and friends: keep as a .eml
+        attachments.append(nested_message(part, part.get_payload()))
 
 
 def nested_message(part: EmailMessage, payload: list) -> dict:
@@ -256,14 +283,27 @@ def nested_message(part: EmailMessage, payload: list) -> dict:
         data = inner.as_bytes(policy=policy.default.clone(max_line_length=0))
     except Exception:
         data = part.as_bytes()
-    subject = header(inner, "subject") if payload else ""
+    # Only a file label: the linear decoder, not a stdlib parse per nested message.
+    subject = legacy_decode(raw_header(inner, "subject") or "") if payload else ""
     name = part.get_filename() or ((subject[:80] or "message") + ".eml")
     return {"filename": display_name(name, "message/rfc822", False), "data": data,
             "content_type": "message/rfc822", "content_id": None, "inline": False}
 
 
+def body_text(data: bytes, charset: Optional[str], room: int) -> str:
+    """The text of a body part, from at most ``room`` of its bytes (a mark
+    tells when it was cut). Each copy of a big body is dropped as soon as
+    the next one exists."""
+    cut = len(data) > room
+    if cut:
+        data = data[:room]
+    text = decode_bytes(data, charset)
+    del data
+    text = text.replace("\r\n", "\n") if "\r" in text else text
+    return text + TRUNCATED if cut else text
+
+
 def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attachments: list) -> None:
-    data = part_bytes(part)
     disposition = part.get_content_disposition()
     filename = part.get_filename()
     if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
@@ -271,10 +311,13 @@ def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attac
             charset = part.get_content_charset()
         except Exception:
             charset = None
-        text = decode_bytes(data, charset).replace("\r\n", "\n")
-        (htmls if ctype == "text/html" else texts).append(text)
+        body = htmls if ctype == "text/html" else texts
+        room = MAX_BODY_BYTES - sum(len(text) for text in body)
+        if room > 0:
+            body.append(body_text(part_bytes(part), charset, room))
         return
-    content_id = header(part, "content-id").strip().strip("<>").strip()[:255] or None
+    data = part_bytes(part)
+    content_id = clean(raw_header(part, "content-id") or "").strip().strip("<>").strip()[:255] or None
     inline = disposition == "inline" or (content_id is not None and disposition != "attachment")
     attachments.append({"filename": display_name(filename, ctype, inline), "data": data,
                         "content_type": clean(ctype)[:255], "content_id": content_id,
@@ -301,6 +344,7 @@ class DeliveryBatch:
         self.pending = storage.PendingBlobs()
         self.known = mailpolicy.Lookups()
         self.copies: dict[tuple, Message] = {}
+        self.stored: list[tuple[Mailbox, Message]] = []  # every new copy, for the webhook outbox
         self.freed: list[str] = []
         self.received = 0
         self.failed = False  # rolled back: whatever was staged is gone
@@ -320,6 +364,8 @@ class DeliveryBatch:
             if self.received or self.known.created:
                 Stat.bump(total_addresses=self.known.created, total_received=self.received)
             mailevents.announce(boxes)  # PostgreSQL: NOTIFY inside this transaction
+            # The webhook events commit with the messages they announce, or not at all.
+            events = webhooks.stage_events(self.stored)
             storage.commit_durably(self.pending)
         except Exception as exc:
             log.exception("commit of %d stored copies failed", self.received)
@@ -327,13 +373,16 @@ class DeliveryBatch:
             raise StoreFailed() from exc
         mailevents.delivered(boxes)  # SQLite: poke the web workers, now that it is visible
         storage.discard(self.freed)
-        self.freed = []
+        self.freed, self.stored = [], []
+        if events:
+            webhooks.wake()
 
     def rollback(self) -> None:
         """Undo everything staged, and forget what was looked up in the undone transaction."""
         db.session.rollback()
         self.pending.after_rollback()
         self.known, self.copies, self.freed, self.received = mailpolicy.Lookups(), {}, [], 0
+        self.stored = []
         self.failed = True
 
 
@@ -421,6 +470,7 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     db.session.add(msg)
     batch.received += 1
     batch.copies[(box.id, tag, sha, envelope_from)] = msg
+    batch.stored.append((box, msg))
     return msg
 
 
@@ -450,12 +500,24 @@ def earlier_copy(box: Mailbox, tag: Optional[str], sha: str, envelope_from: str,
     key = (box.id, tag, sha, envelope_from)
     if key in batch.copies:
         return batch.copies[key]  # stored earlier in this batch: no query, no flush
-    since = now() - timedelta(seconds=window)
-    with db.session.no_autoflush:
-        return db.session.scalar(select(Message).where(
-            Message.raw_sha256 == sha, Message.mailbox_id == box.id, Message.tag.is_(tag) if tag is None
-            else Message.tag == tag, Message.envelope_from == envelope_from,
-            Message.received_at >= since).limit(1))
+    params = {"sha": sha, "mailbox_id": box.id, "tag": tag, "envelope_from": envelope_from,
+              "since": now() - timedelta(seconds=window)}
+    # A statement built once, run as Core on the batch's connection (building
+    # the ORM select per message cost more than running it). It seeks the
+    # (raw_sha256, mailbox_id) index: the same bytes in the same mailbox are
+    # a handful of rows at most, so the cost never grows with the mailbox.
+    found = db.session.connection().execute(EARLIER_UNTAGGED if tag is None else EARLIER_TAGGED,
+                                            params).scalar()
+    return db.session.get(Message, found) if found is not None else None
+
+
+_msg = Message.__table__
+_EARLIER = (select(_msg.c.id).where(_msg.c.raw_sha256 == bindparam("sha"),
+                                    _msg.c.mailbox_id == bindparam("mailbox_id"),
+                                    _msg.c.envelope_from == bindparam("envelope_from"),
+                                    _msg.c.received_at >= bindparam("since")).limit(1))
+EARLIER_UNTAGGED = _EARLIER.where(_msg.c.tag.is_(None))
+EARLIER_TAGGED = _EARLIER.where(_msg.c.tag == bindparam("tag"))
 
 
 def store_message(box: Mailbox, fields: dict, raw: bytes, attachments: Iterable[dict] = ()) -> Message:
@@ -501,7 +563,7 @@ def recipients_from_headers(msg: EmailMessage) -> list[str]:
         found = []
         for name in names:
             for value in msg.get_all(name) or []:
-                for _, addr in email.utils.getaddresses([clean(value)]):
+                for addr in header_addresses(value):
                     if mailpolicy.parse_recipient(addr).domain in ours and addr.lower() not in found:
                         found.append(addr.lower())
         if found:
@@ -509,8 +571,21 @@ def recipients_from_headers(msg: EmailMessage) -> list[str]:
     return []
 
 
+def header_addresses(value) -> list[str]:
+    """The addresses of one header value; none for a value the lenient
+    compat32 parser cannot read (it recurses once per "(": a To of a thousand
+    nested comments raised RecursionError out of pipe and IMAP mode)."""
+    try:
+        return [addr for _, addr in email.utils.getaddresses([clean(value)])]
+    except (RecursionError, ValueError, IndexError):
+        return []
+
+
 def headers_only(raw: bytes) -> EmailMessage:
-    return BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+    """The headers of ``raw``, read through the bounded path (``get_all`` gives
+    at most 100 values of 16 KiB each), from its first MAX_PARSE_LINES lines."""
+    return BytesParser(policy=PARSE_POLICY).parsebytes(raw[:line_extent(raw, MAX_PARSE_LINES)],
+                                                       headersonly=True)
 
 
 def pipe_recipients(raw: bytes, to: tuple[str, ...]) -> list[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Optional
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 import clock
 import limits
@@ -43,10 +43,9 @@ class DeliveryError(Exception):
 
     @property
     def smtp_reply(self) -> str:
-        """The reply line, printable ASCII only: a sender's address quoted in
-        it may hold anything, and the session may not be able to send it."""
-        text = f"{self.smtp_code} {self.detail or self.__doc__.strip().splitlines()[0]}"
-        return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+        """The reply line. A sender's address quoted in it may hold anything:
+        the SMTP channel escapes what its session cannot send (smtpserver)."""
+        return f"{self.smtp_code} {self.detail or self.__doc__.strip().splitlines()[0]}"
 
     @property
     def permanent(self) -> bool:
@@ -127,12 +126,16 @@ def check_recipient(given: str) -> Recipient:
     """RCPT time: decide on one short connection (read only), so a mailbox the
     web app created a moment ago is seen. Raises like ``decide``."""
     rcpt = parse_recipient(given)
-    expiry = select(Mailbox.expires_at).where(Mailbox.address == rcpt.address).scalar_subquery()
     with db.engine.connect() as conn:
-        row = conn.execute(select(Domain.id, expiry).where(
-            Domain.name == rcpt.domain, Domain.active.is_(True))).first()
+        row = conn.execute(RCPT_CHECK, {"address": rcpt.address, "domain": rcpt.domain}).first()
     decide(rcpt, row is not None, row[1] if row is not None else None)
     return rcpt
+
+
+_boxes, _domains = Mailbox.__table__, Domain.__table__
+# Built once: it runs for every RCPT, on the daemon's I/O thread.
+RCPT_CHECK = select(_domains.c.id, select(_boxes.c.expires_at).where(_boxes.c.address == bindparam("address"))
+                    .scalar_subquery()).where(_domains.c.name == bindparam("domain"), _domains.c.active.is_(True))
 
 
 @dataclass

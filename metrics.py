@@ -16,6 +16,7 @@ REQUESTS = Counter("tempmail_http_requests", "HTTP requests by URL rule, method 
 PURGE_RUNS = Counter("tempmail_purge_runs", "Retention passes run (flask purge and the daemon timer).")
 PURGE_ROWS = Counter("tempmail_purge_rows", "Rows and files removed by retention passes, by kind.",
                      ["kind"])
+WEBHOOK_ATTEMPTS = Counter("tempmail_webhook_attempts", "Webhook delivery attempts, by outcome.", ["outcome"])
 
 
 def count_message(outcome: str, reason: str = "") -> None:

@@ -18,7 +18,7 @@ from urllib.parse import quote
 from flask import current_app
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
-                        String, Text, UniqueConstraint, delete, func, select, update)
+                        String, Text, UniqueConstraint, bindparam, delete, func, select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
@@ -26,7 +26,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import idgen
 from clock import fmt_local, now
-from database import db, insert_ignore, upsert_add  # noqa: F401  (db is imported from here too)
+from database import db, insert_ignore, upsert_add, upsert_add_many  # noqa: F401  (db is imported from here too)
 from idgen import MailboxError, check_username  # noqa: F401  (the fronts import them from here)
 
 
@@ -206,12 +206,20 @@ class QuotaUsage(db.Model):
         """Take one unit of the quota if any is left, atomically (one guarded
         UPDATE: concurrent workers can never together pass the limit), and
         commit; returns the new count, or None when the quota is spent."""
-        insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
-        used = db.session.execute(update(QuotaUsage).where(
-            QuotaUsage.user_id == user_id, QuotaUsage.period == period, QuotaUsage.used < limit)
-            .values(used=QuotaUsage.used + 1).returning(QuotaUsage.used)).scalar()
+        # The month's row exists after its first request: try the guarded
+        # UPDATE alone first (one statement per request), and create the row
+        # only when nothing matched (a new month, or the quota is spent).
+        used = QuotaUsage._take(user_id, period, limit)
+        if used is None:
+            insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
+            used = QuotaUsage._take(user_id, period, limit)
         db.session.commit()
         return used
+
+    @staticmethod
+    def _take(user_id: int, period: str, limit: int) -> Optional[int]:
+        params = {"quota_user": user_id, "quota_period": period, "quota_limit": limit}
+        return db.session.connection().execute(_QUOTA_TAKE, params).scalar()
 
     @staticmethod
     def refund(user_id: int, period: str) -> int:
@@ -221,6 +229,14 @@ class QuotaUsage(db.Model):
             .values(used=QuotaUsage.used - 1).returning(QuotaUsage.used)).scalar()
         db.session.commit()
         return used or 0
+
+
+_quota = QuotaUsage.__table__
+# Built once: the guarded increment runs on every User API request.
+_QUOTA_TAKE = (update(_quota).where(_quota.c.user_id == bindparam("quota_user"),
+                                    _quota.c.period == bindparam("quota_period"),
+                                    _quota.c.used < bindparam("quota_limit"))
+               .values(used=_quota.c.used + 1).returning(_quota.c.used))
 
 
 class RateCounter(db.Model):
@@ -417,7 +433,11 @@ class Message(db.Model):
                       Index("ix_messages_raw_sha256_mailbox_id", "raw_sha256", "mailbox_id"),
                       {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(primary_key=True)
-    public_id: Mapped[str] = mapped_column(String(46), unique=True, default=idgen.new_public_id)
+    # insert_sentinel: a unique value set client-side, so the ORM can INSERT a
+    # delivery batch's messages in one multi-row statement and match each
+    # RETURNING id to its object (without it SQLite gets one INSERT per row).
+    public_id: Mapped[str] = mapped_column(String(46), unique=True, default=idgen.new_public_id,
+                                           insert_sentinel=True)
     mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
     envelope_from: Mapped[str] = mapped_column(Text, default="")
     envelope_to: Mapped[str] = mapped_column(Text, default="")
@@ -496,7 +516,12 @@ class Attachment(db.Model):
 
     @property
     def extension(self) -> str:
-        suffix = os.path.splitext(self.filename or "")[1]
+        return Attachment.extension_of(self.filename)
+
+    @staticmethod
+    def extension_of(filename: Optional[str]) -> str:
+        """The lower-case extension of a display name, without its dot ("" if none)."""
+        suffix = os.path.splitext(filename or "")[1]
         return suffix[1:].lower() if suffix else ""
 
     @property
@@ -505,7 +530,11 @@ class Attachment(db.Model):
 
     def legacy_url(self) -> str:
         """URL path that downloads this file through api.php's routes."""
-        return f"/uploads/attachments/{self.legacy_id}/{quote(self.filename or 'attachment', safe='')}"
+        return Attachment.legacy_url_of(self.id, self.filename)
+
+    @staticmethod
+    def legacy_url_of(row_id: int, filename: Optional[str]) -> str:
+        return f"/uploads/attachments/{idgen.expose(row_id, 'attachments')}/{quote(filename or 'attachment', safe='')}"
 
     @staticmethod
     def by_legacy_id(raw: str) -> Optional["Attachment"]:
@@ -535,10 +564,13 @@ class Blob(db.Model):
     refs: Mapped[int] = mapped_column(Integer, default=0)
 
     @staticmethod
-    def add_refs(sha: str, size: int, count: int) -> bool:
-        """Count ``count`` new users of blob ``sha`` (atomic upsert); True
-        when the blob is new, i.e. its bytes must be stored now."""
-        return upsert_add(Blob, {"sha256": sha}, "refs", count, size=size) == count
+    def add_refs(counts: dict[str, tuple[int, int]]) -> set[str]:
+        """Count new users of several blobs, ``{sha: (size, count)}``, in
+        multi-row atomic upserts; returns the blobs that are new, i.e. whose
+        bytes must be stored now."""
+        added = upsert_add_many(Blob, "sha256", "refs", [
+            {"sha256": sha, "size": size, "refs": count} for sha, (size, count) in counts.items()])
+        return {sha for sha, refs in added.items() if refs == counts[sha][1]}
 
     @staticmethod
     def release(counts: Counter) -> list[str]:
@@ -548,7 +580,7 @@ class Blob(db.Model):
         if not counts:
             return []
         table = Blob.__table__
-        for sha, n in counts.items():
+        for sha, n in sorted(counts.items()):  # the lock order of PendingBlobs.reference
             db.session.execute(update(table).where(table.c.sha256 == sha).values(refs=table.c.refs - n))
         freed = list(db.session.scalars(delete(Blob).where(
             Blob.sha256.in_(list(counts)), Blob.refs <= 0).returning(Blob.sha256)))
@@ -568,14 +600,24 @@ class BlobChunk(db.Model):
 def delete_messages(id_query) -> list[str]:
     """Delete the messages whose ids ``id_query`` selects, with their
     attachment rows, in the caller's transaction; returns the blobs freed."""
-    ids = list(db.session.scalars(id_query))
+    return delete_message_rows(list(db.session.scalars(id_query)))[1]
+
+
+def delete_message_rows(ids: list[int]) -> tuple[int, list[str]]:
+    """Delete the messages ``ids`` with their attachment rows, in the caller's
+    transaction; returns how many this transaction really deleted, and the
+    blobs freed."""
     if not ids:
-        return []
-    shas = Counter(db.session.scalars(select(Attachment.sha256).where(Attachment.message_id.in_(ids))))
-    shas.update(s for s in db.session.scalars(select(Message.raw_sha256).where(Message.id.in_(ids))) if s)
-    db.session.execute(delete(Attachment).where(Attachment.message_id.in_(ids)))
-    db.session.execute(delete(Message).where(Message.id.in_(ids)))
-    return Blob.release(shas)
+        return 0, []
+    # The blobs to release are the ones of the rows this DELETE really
+    # removed (RETURNING), not of the rows selected before: two deleters of
+    # the same message (purges on two hosts, a purge and a user's DELETE)
+    # must not both release its blobs, or a blob still in use is freed.
+    shas = Counter(db.session.scalars(delete(Attachment).where(Attachment.message_id.in_(ids))
+                                      .returning(Attachment.sha256)))
+    raw = list(db.session.scalars(delete(Message).where(Message.id.in_(ids)).returning(Message.raw_sha256)))
+    shas.update(s for s in raw if s)
+    return len(raw), Blob.release(shas)
 
 
 # --------------------------------------------------------------------------

@@ -243,10 +243,67 @@ def user_paths() -> dict:
     }
 
 
+def webhook_schemas() -> dict:
+    """The webhook routes' answers, and the event TempMail POSTs to a webhook."""
+    hook = dict(url={"type": "string", "format": "uri"}, created_at=ISO_TIME,
+                pending={"type": "integer", "minimum": 0})
+    attempt = obj(delivery_id={"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                  event={"const": "message.received"}, attempt={"type": "integer", "minimum": 1},
+                  time=ISO_TIME, status_code={"type": ["integer", "null"]},
+                  duration_ms={"type": "integer", "minimum": 0}, error={"type": ["string", "null"]},
+                  ok=BOOLEAN)
+    return {
+        "Webhook": obj(**hook),
+        "WebhookResponse": obj(status={"const": True}, data=ref("Webhook")),
+        "WebhookCreated": obj(status={"const": True}, data=obj(
+            **hook, secret={"type": "string", "pattern": "^whsec_[A-Za-z0-9_-]{43}$",
+                            "description": "The signing secret; shown only in this answer"})),
+        "WebhookDelivery": attempt,
+        "WebhookDeliveries": obj(status={"const": True},
+                                 data={"type": "array", "items": ref("WebhookDelivery"), "maxItems": 50}),
+        "WebhookEvent": obj(event={"const": "message.received"}, mailbox={"type": "string", "format": "email"},
+                            message=ref("Message")),
+    }
+
+
+def webhook_paths() -> dict:
+    body = {"required": True, "content": {
+        "application/json": {"schema": obj(url={"type": "string", "format": "uri", "maxLength": 2048})}}}
+    put = user_op("Set your webhook (returns its signing secret once)", "WebhookCreated", (401, 422, 429))
+    return {
+        "/api/webhook": {
+            "put": dict(put, requestBody=body, description=(
+                "http or https only; a URL whose host resolves to a loopback, private, link-local, "
+                "multicast, reserved or unspecified address is refused (422). Each PUT makes a new secret.")),
+            "get": user_op("Your webhook, without its secret", "WebhookResponse", (401, 404, 429)),
+            "delete": user_op("Remove your webhook (events not yet delivered are dropped)", "Done",
+                              (401, 404, 429))},
+        "/api/webhook/deliveries": {"get": user_op(
+            "The newest 50 delivery attempts, newest first", "WebhookDeliveries", (401, 404, 429))},
+    }
+
+
+def webhook_callbacks() -> dict:
+    """OpenAPI 3.1 ``webhooks``: what TempMail sends to your URL."""
+    header = {"TempMail-Signature": "t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\" keyed with "
+                                    "your secret>",
+              "TempMail-Delivery": "The event's id: the same on every retry of one event",
+              "TempMail-Event": "message.received"}
+    params = [{"name": name, "in": "header", "required": True, "schema": STRING, "description": text}
+              for name, text in header.items()]
+    return {"messageReceived": {"post": {
+        "summary": "A message arrived in one of your mailboxes",
+        "description": "Answer 2xx within 5 seconds. Anything else is retried with exponential "
+                       "back-off for up to 24 hours; redirects are not followed.",
+        "security": [], "parameters": params,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref("WebhookEvent")}}},
+        "responses": {"2XX": {"description": "Received"}}}}}
+
+
 def components() -> dict:
     count = {"schema": {"type": "integer", "minimum": 0}}
     return {
-        "schemas": schemas(),
+        "schemas": {**schemas(), **webhook_schemas()},
         "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
                                            "description": "Your personal User API key (tm_...)"}},
         "headers": {
@@ -271,6 +328,7 @@ def document(base: str, domain: str, site_name: str) -> dict:
         "tags": [{"name": "api.php", "description": "Compatible with the PHP TempMail api.php"},
                  {"name": "User API", "description": f"Mailboxes owned by your account, e.g. on {domain}"}],
         "security": [{"bearerAuth": []}],
-        "paths": {**legacy_paths(), **user_paths()},
+        "paths": {**legacy_paths(), **user_paths(), **webhook_paths()},
+        "webhooks": webhook_callbacks(),
         "components": components(),
     }

@@ -24,8 +24,9 @@ from sqlalchemy import delete, func, select
 import clock
 import metrics
 import storage
+import webhooks
 from models import (ApiKey, Attachment, Blob, BlobChunk, Domain, Mailbox, Message, Stat, User, cfg, db,
-                    delete_messages)
+                    delete_message_rows)
 
 log = logging.getLogger("tempmail.retention")
 Progress = Optional[Callable[[int], None]]
@@ -41,24 +42,23 @@ def purge_expired(batch_size: int = 500, progress: Progress = None) -> dict:
     totals = {"mailboxes": 0, "messages": 0}
     expired = select(Mailbox.id).where(Mailbox.expires_at <= cutoff)
     while True:
+        # SKIP LOCKED (PostgreSQL; SQLite has one writer anyway): purges running
+        # at once on several hosts each take batches the others are not
+        # deleting, instead of queueing behind the same rows.
         ids = list(db.session.scalars(select(Message.id).where(Message.mailbox_id.in_(expired))
-                                      .order_by(Message.id).limit(batch_size)))
-        n, kind = len(ids), "messages"
-        freed = delete_ids(ids)
-        if n == 0:
-            n, kind = _delete_empty_mailboxes(cutoff, batch_size), "mailboxes"
-        if n == 0:
-            db.session.rollback()
-            return totals
+                                      .order_by(Message.id).limit(batch_size)
+                                      .with_for_update(skip_locked=True)))
+        if ids:  # n: the rows this purge deleted, not the ones another purge got first
+            (n, freed), kind = delete_message_rows(ids), "messages"
+        else:
+            n, freed, kind = _delete_empty_mailboxes(cutoff, batch_size), [], "mailboxes"
+            if n == 0:
+                db.session.rollback()
+                return totals
         storage.commit_removal(freed)
         totals[kind] += n
         if progress:
             progress(n)
-
-
-def delete_ids(ids: list[int]) -> list[str]:
-    """Delete these messages (the one deletion of message rows); returns the blobs freed."""
-    return delete_messages(select(Message.id).where(Message.id.in_(ids))) if ids else []
 
 
 def _delete_empty_mailboxes(cutoff: datetime, limit: int) -> int:
@@ -100,7 +100,7 @@ def trim_mailbox(mailbox_id: int, keep: Optional[int] = None, batch_size: int = 
     delivery is durable."""
     keep = max_messages_per_mailbox() if keep is None else keep
     ids = _overflow(mailbox_id, keep, batch_size) if keep > 0 else []
-    return Trimmed(len(ids), delete_ids(ids))
+    return Trimmed(*delete_message_rows(ids))
 
 
 def _overflow(mailbox_id: int, keep: int, batch_size: int) -> list[int]:
@@ -188,10 +188,25 @@ def _drop_unused_blob_rows(batch_size: int) -> list[str]:
     used_att = select(Attachment.id).where(Attachment.sha256 == Blob.sha256).exists()
     names = list(db.session.scalars(select(Blob.sha256).where(~used_raw, ~used_att).limit(batch_size)))
     if names:
-        db.session.execute(delete(Blob).where(Blob.sha256.in_(names), ~used_raw, ~used_att))
-        db.session.execute(delete(BlobChunk).where(BlobChunk.sha256.in_(names)))
+        # Only the rows this DELETE removed lose their chunks: one that a
+        # delivery used meanwhile stays whole.
+        names = list(db.session.scalars(delete(Blob).where(Blob.sha256.in_(names), ~used_raw, ~used_att)
+                                        .returning(Blob.sha256)))
+        if names:
+            db.session.execute(delete(BlobChunk).where(BlobChunk.sha256.in_(names)))
     storage.commit_removal(names)
-    return names
+    return names + _drop_orphan_chunks(batch_size)
+
+
+def _drop_orphan_chunks(batch_size: int) -> list[str]:
+    """Chunk rows of the database backend that no ``blobs`` row names (left
+    by a ``flask storage migrate`` copy racing the blob's deletion)."""
+    known = select(Blob.sha256).where(Blob.sha256 == BlobChunk.sha256).exists()
+    names = list(db.session.scalars(select(BlobChunk.sha256).where(~known).distinct().limit(batch_size)))
+    if names:
+        db.session.execute(delete(BlobChunk).where(BlobChunk.sha256.in_(names), ~known))
+    db.session.commit()
+    return [f"chunks/{sha}" for sha in names]
 
 
 def _remove_empty_folders(grace_seconds: float) -> None:
@@ -239,6 +254,7 @@ def run_purge(batch_size: int = 500, grace_seconds: float = 3600, orphans: bool 
     result["trimmed"] = trim_all_mailboxes(batch_size) if trim else 0
     result["orphan_files"] = remove_orphans(grace_seconds, batch_size) if orphans else []
     result["missing"] = find_missing(batch_size) if orphans else {}
+    result["webhook_events"] = webhooks.purge_outbox(batch_size)
     metrics.PURGE_RUNS.inc()
     for kind in ("mailboxes", "messages", "trimmed"):
         metrics.PURGE_ROWS.labels(kind=kind).inc(result[kind])

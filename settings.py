@@ -269,8 +269,18 @@ SCHEMA: tuple = (
             "PostgreSQL: URL of each web worker's LISTEN connection for new-mail events; null: "
             "`database_url` (point it past a PgBouncer in transaction mode, which cannot LISTEN)"),
     )),
-    Section("webhooks", "User API webhooks", (
+    Section("webhooks", "User API webhooks (`PUT /api/webhook`), sent by `flask smtpd` or `flask webhooks run`", (
         Key("allow_private", BOOL, False, "allow webhook URLs on loopback, private or link-local addresses"),
+        Key("timeout_seconds", NUMBER, 5, "a receiver must answer within this many seconds", at_least(0.1)),
+        Key("retry_base_seconds", NUMBER, 30,
+            "delay before the first retry of a failed delivery; each further one waits twice as long",
+            at_least(0.01)),
+        Key("retry_max_seconds", NUMBER, 7200, "the longest delay between two attempts", at_least(0.01)),
+        Key("retry_for_seconds", NUMBER, 86400, "an event not delivered this long after its message is given up",
+            at_least(0)),
+        Key("concurrency", INT, 4, "deliveries one sender makes at the same time", at_least(1)),
+        Key("poll_seconds", NUMBER, 1, "how often an idle sender looks for due events (new mail wakes the "
+            "daemon's own sender at once)", at_least(0.05)),
     )),
 )
 

@@ -44,6 +44,7 @@ import mailhandler
 import mailpolicy
 import retention
 import storage
+import webhook_worker
 from mailpolicy import DeliveryError, NoRoom, TooLarge
 from models import db
 
@@ -691,7 +692,15 @@ def serve(app: Flask, host: str, port: int, lmtp_socket: Optional[str], reuse_po
     # from a send() or an fsync() waits up to 5 ms for the other one. Set
     # here, where a daemon process starts, not by building a MailServer.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=reuse_port, purge=purge).serve_forever()
+    server = MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=reuse_port, purge=purge)
+    # Webhook events go out from the process that runs the purge timer: one
+    # sender per daemon (slot 0 of a Supervisor), woken by each commit.
+    sender = webhook_worker.Worker(app).start() if purge else None
+    try:
+        server.serve_forever()
+    finally:
+        if sender is not None:
+            sender.stop()
 
 
 class Supervisor:

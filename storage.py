@@ -12,6 +12,24 @@ Two backends, chosen by ``storage.backend``:
 * ``database``: 1 MiB chunks in the ``blob_chunks`` table beside the rows,
   for hosts that share nothing but the database.
 
+Durability (a 250 means the message survives a power loss): the filesystem
+backend syncs its files before the commit that names them; the database
+backend INSERTs a blob's chunks in the very transaction that commits the
+rows naming it, so one durable COMMIT covers both (PostgreSQL with its
+default ``synchronous_commit=on``; SQLite's WAL is fsynced after the commit,
+``sync_sqlite_wal``). A rollback takes the chunks with it.
+
+Why ``bytea`` chunks and not PostgreSQL large objects: rows in an ordinary
+table are deleted with their blob row in the same transaction (a large
+object needs ``lo_unlink`` and leaks when forgotten, hence ``vacuumlo``),
+work the same on SQLite, go through any connection pooler, are copied by
+logical replication (``pg_largeobject`` is not), and stream just as well:
+one 1 MiB row per read, the largest piece either side ever holds.
+
+Reads look in the configured backend, then in the other one, so an
+installation keeps serving every message while ``flask storage migrate``
+(``storagemove.py``) moves it from one backend to the other.
+
 No path is ever built from what a sender or client wrote: only hex digests.
 """
 from __future__ import annotations
@@ -28,7 +46,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from flask import Response, current_app, send_file
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from models import Blob, BlobChunk, db
 
@@ -85,9 +103,18 @@ class PendingBlobs:
 
     def reference(self) -> None:
         """Count the staged references in the caller's transaction; the
-        database backend also inserts the chunks of blobs new to it."""
-        for sha, count in self.refs.items():
-            if Blob.add_refs(sha, len(self.data[sha]), count) and backend_name() == "database":
+        database backend also inserts the chunks of blobs new to it, in that
+        same transaction: the commit that makes the rows durable makes their
+        bytes durable too."""
+        if not self.refs:
+            return
+        # One multi-row upsert for the whole batch, its rows sorted by name:
+        # every transaction locks blob rows in the same order (``Blob.release``
+        # too), so two batches sharing blobs on PostgreSQL wait for each other
+        # instead of deadlocking.
+        new = Blob.add_refs({sha: (len(self.data[sha]), count) for sha, count in self.refs.items()})
+        if backend_name() == "database":
+            for sha in sorted(new):
                 insert_chunks(sha, self.data[sha])
 
     def after_commit(self) -> None:
@@ -111,11 +138,21 @@ class PendingBlobs:
 
 
 def insert_chunks(sha: str, data: bytes) -> None:
-    """The database backend's copy of a blob, in 1 MiB rows (streamable both ways)."""
+    """The database backend's copy of a blob, in 1 MiB rows, one INSERT each.
+
+    Each row's value is a memoryview slice of the bytes the caller already
+    holds: neither SQLite nor psycopg needs a ``bytes`` copy of it, so a
+    25 MiB blob costs one chunk of driver buffer at a time, never a second
+    whole copy (tests/test_storage.py measures it)."""
+    table = BlobChunk.__table__
+    # Rows left under this name without a ``blobs`` row (a migration copy
+    # that raced the blob's deletion; the orphan sweep removes them too)
+    # would collide with the new ones: same name, same bytes, so replace them.
+    db.session.execute(table.delete().where(table.c.sha256 == sha))
+    insert = table.insert()
     view = memoryview(data)
     for seq, start in enumerate(range(0, max(len(data), 1), CHUNK)):
-        db.session.execute(BlobChunk.__table__.insert().values(
-            sha256=sha, seq=seq, data=bytes(view[start:start + CHUNK])))
+        db.session.execute(insert, {"sha256": sha, "seq": seq, "data": view[start:start + CHUNK]})
 
 
 # --------------------------------------------------------------------------
@@ -165,9 +202,11 @@ def discard(shas: Iterable[str]) -> None:
     then the ``blobs`` row is looked up again: if a reference came back, the
     file goes back too; the delivery itself re-checks after its commit
     (``PendingBlobs.after_commit``). Either way no committed row is left
-    without its file. No-op for the database backend (chunks go with the rows)."""
-    if backend_name() != "filesystem":
-        return
+    without its file.
+
+    The database backend's chunks go with the rows; it still removes a file
+    left by the filesystem backend (an installation moving between the two),
+    which would otherwise stay forever: no blob row names it any more."""
     for sha in shas:
         try:
             path = blob_path(sha)
@@ -273,33 +312,65 @@ def commit_durably(pending: PendingBlobs) -> None:
 # --------------------------------------------------------------------------
 # reading
 
+def other_backend(name: str) -> str:
+    return "database" if name == "filesystem" else "filesystem"
+
+
+def location(sha: Optional[str]) -> Optional[str]:
+    """The backend that holds blob ``sha``: the configured one, else the other
+    one (a blob ``flask storage migrate`` has not moved yet, so reads keep
+    working while an installation changes backend), else None."""
+    if not sha or not is_blob_name(sha):
+        return None
+    first = backend_name()
+    for name in (first, other_backend(first)):
+        if holds(name, sha):
+            return name
+    return None
+
+
+def holds(name: str, sha: str) -> bool:
+    """True when backend ``name`` has a complete copy of blob ``sha``: a file
+    under its name (only ever renamed into place whole), or its chunk rows
+    (only ever committed all together)."""
+    if name == "database":
+        return db.session.scalar(select(BlobChunk.seq).where(BlobChunk.sha256 == sha).limit(1)) is not None
+    return blob_path(sha).is_file()
+
+
 def exists(sha: Optional[str]) -> bool:
     """True when the bytes of blob ``sha`` can be read."""
-    if not sha:
-        return False
-    if backend_name() == "database":
-        return db.session.scalar(select(BlobChunk.seq).where(BlobChunk.sha256 == sha).limit(1)) is not None
-    try:
-        return blob_path(sha).is_file()
-    except ValueError:
-        return False
+    return location(sha) is not None
 
 
 def iter_chunks(sha: str) -> Iterator[bytes]:
     """The bytes of blob ``sha`` in chunks; memory stays one chunk whatever its size."""
-    if backend_name() == "database":
-        seq = 0
-        while True:
-            part = db.session.scalar(select(BlobChunk.data).where(
-                BlobChunk.sha256 == sha, BlobChunk.seq == seq))
-            if part is None:
-                return
-            yield bytes(part)
-            seq += 1
-    else:
-        with open(blob_path(sha), "rb") as fh:
-            while part := fh.read(CHUNK):
-                yield part
+    if location(sha) == "database":
+        yield from stream_rows(db.engine, sha)
+        return
+    with open(blob_path(sha), "rb") as fh:
+        while part := fh.read(CHUNK):
+            yield part
+
+
+def stream_rows(engine, sha: str) -> Iterator[bytes]:
+    """The chunk rows of ``sha``, one short read each on a connection taken
+    from ``engine``'s pool and given back at once.
+
+    It needs neither the app context nor the request's session, so it works
+    inside a streamed response (which runs after the view returned), and a
+    slow client holds no connection and no open transaction between chunks.
+    A blob deleted while it streams ends the stream early: the client sees
+    fewer bytes than the Content-Length announced."""
+    query = select(BlobChunk.data).where(BlobChunk.sha256 == sha, BlobChunk.seq == bindparam("seq"))
+    seq = 0
+    while True:
+        with engine.connect() as conn:
+            part = conn.scalar(query, {"seq": seq})
+        if part is None:
+            return
+        yield bytes(part)
+        seq += 1
 
 
 def read(sha: str) -> bytes:
@@ -310,13 +381,17 @@ def read(sha: str) -> bytes:
 def download(sha: Optional[str], mimetype: str, name: str) -> Optional[Response]:
     """A blob as a download that no browser renders inline or sniffs; None
     when it is gone, so each caller answers in its own error shape."""
-    if not exists(sha):
+    where = location(sha)
+    if where is None:
         return None
-    if backend_name() == "filesystem":
+    if where == "filesystem":
         resp = send_file(blob_path(sha), mimetype=mimetype, as_attachment=True, download_name=name,
                          max_age=0)
     else:
-        resp = Response(iter_chunks(sha), mimetype=mimetype)
+        resp = Response(stream_rows(db.engine, sha), mimetype=mimetype)
+        size = db.session.scalar(select(Blob.size).where(Blob.sha256 == sha))
+        if size is not None:
+            resp.content_length = size  # lets the client notice a stream cut short
         resp.headers.set("Content-Disposition", "attachment", filename=name)
         resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Content-Type-Options"] = "nosniff"

@@ -16,6 +16,8 @@ import contextlib
 import json
 import os
 import platform
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -78,7 +80,9 @@ def median(values) -> float:
 
 def ratio(a: float, b: float) -> str:
     """``a / b`` as ``12.3x``, or ``n/a`` when ``b`` measured nothing."""
-    return f"{a / b:.1f}x" if b and b == b and a == a else "n/a"
+    if not (b and b == b and a == a):
+        return "n/a"
+    return f"{a / b:.2f}x" if a / b < 1 else f"{a / b:.1f}x"
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -190,15 +194,35 @@ class Server:
 
 
 # --------------------------------------------------------------------------
+# what `make run` starts
+
+def make_run_gunicorn(port: int, code: Path = ROOT) -> list[str]:
+    """The gunicorn command ``make run`` starts: the line of ``deploy/run.sh``
+    (the script the Makefile's ``run`` recipe executes) that starts
+    ``$venv/bin/gunicorn``, with its shell variables filled in (host
+    127.0.0.1, port ``port``) and the backgrounding ``&`` dropped. Read from
+    the script itself, so the bench follows whatever ships."""
+    text = (code / "deploy" / "run.sh").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if "/bin/gunicorn" in l and not l.lstrip().startswith("#"))
+    line = line.split("&")[0].strip()
+    values = {"venv": str(ROOT / ".venv"), "host": "127.0.0.1", "port": str(port)}
+    line = re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], line)
+    return shlex.split(line)
+
+
+# --------------------------------------------------------------------------
 # the sandbox: config, database, TempMail servers
 
 class Sandbox:
     """A temporary TempMail installation: config JSON, SQLite file, uploads
     folder, and the servers started for it (stopped on exit)."""
 
-    def __init__(self, name: str = "bench", keep: bool = False, **config):
+    def __init__(self, name: str = "bench", keep: bool = False, code: Path = ROOT,
+                 processes: int | None = None, extra_env: dict | None = None, **config):
+        """``code``: the project folder whose code runs (another checkout for
+        an A/B comparison in the same run; the venv stays this one's)."""
         self.dir = Path(tempfile.mkdtemp(prefix=f"tempmail-{name}-"))
-        self.keep = keep
+        self.keep, self.code, self.extra_env = keep, Path(code), dict(extra_env or {})
         self.db_path = self.dir / "tempmail.db"
         self.uploads = self.dir / "uploads"
         self.uploads.mkdir()
@@ -221,6 +245,8 @@ class Sandbox:
             "cors_origins": "*",
         }
         self.config.update(config)
+        if processes:
+            self.config["smtp"]["processes"] = processes
         self.config_path = self.dir / "config.json"
         self.config_path.write_text(json.dumps(self.config, indent=2))
 
@@ -236,36 +262,62 @@ class Sandbox:
                    PYTHONUNBUFFERED="1", FLASK_APP="app")
         env.pop("DATABASE_URL", None)
         env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+        env.update(self.extra_env)
         return env
 
     def flask(self, *args: str, timeout: float = 600) -> str:
         """Run ``flask --app app ARGS`` for this sandbox; returns stdout."""
         res = subprocess.run([str(VENV_BIN / "flask"), "--app", "app", *args], env=self.env(),
-                             cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                             cwd=self.code, capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
             raise RuntimeError(f"flask {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
         return res.stdout
 
     def start(self, name: str, cmd: list[str], port: int | None, env: dict | None = None,
-              cwd: Path = ROOT) -> Server:
-        server = Server(name, cmd, env or self.env(), self.dir, port, cwd)
+              cwd: Path | None = None) -> Server:
+        server = Server(name, cmd, env or self.env(), self.dir, port, cwd or self.code)
         self.servers.append(server)
         return server.wait_ready()
 
-    def start_smtpd(self, port: int | None = None) -> Server:
-        """The mail daemon as ``make run`` starts it (``flask smtpd``)."""
+    def start_smtpd(self, port: int | None = None, extra: list[str] | None = None) -> Server:
+        """The mail daemon as ``make run`` starts it (``flask smtpd``, the
+        config's ``smtp.processes``); ``extra`` options for A/B runs."""
         port = port or self.smtp_port
         return self.start("smtpd", [str(VENV_BIN / "flask"), "--app", "app", "smtpd",
-                                    "--host", "127.0.0.1", "--port", str(port)], port)
+                                    "--host", "127.0.0.1", "--port", str(port), *(extra or [])], port)
 
-    def start_gunicorn(self, port: int | None = None, access_log: bool = True) -> Server:
-        """The web app exactly as ``make run`` serves it: 2 workers, 4 threads."""
+    def start_gunicorn(self, port: int | None = None, access_log: bool = True,
+                       extra: list[str] | None = None) -> Server:
+        """The web app exactly as ``make run`` serves it (the gunicorn line of
+        the Makefile's ``run`` recipe, read from the Makefile itself, so the
+        bench follows whatever ships); ``extra`` options go after it (A/B runs)."""
         port = port or free_port()
-        cmd = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
-               "--threads", "4", "wsgi:application"]
-        if access_log:
-            cmd[1:1] = ["--access-logfile", "-"]
+        cmd = make_run_gunicorn(port, self.code) + list(extra or [])
+        if not access_log:
+            cmd += ["--access-logfile", "/dev/null"]
         return self.start("gunicorn", cmd, port)
+
+    def start_make_run(self, http_port: int | None = None) -> Server:
+        """Both servers exactly as ``make run`` starts them: ``deploy/run.sh``
+        (gunicorn with deploy/gunicorn.conf.py, and ``flask smtpd``), with the
+        shared metrics folder in the sandbox; waits for both ports."""
+        self.http_port = http_port or free_port()
+        env = self.env()
+        env.update(VENV=str(ROOT / ".venv"), METRICS_DIR=str(self.dir / "metrics"))
+        server = self.start("make-run", [str(self.code / "deploy" / "run.sh"), "127.0.0.1", str(self.http_port)],
+                            self.smtp_port, env=env)
+        wait_port(self.http_port, server.proc)
+        return server
+
+    def pids(self, server: Server, word: str) -> list[int]:
+        """The processes under ``server`` whose command line holds ``word``
+        (``gunicorn``, ``smtpd``), parents before children."""
+        found = []
+        for pid in tree_pids(server.pid):
+            with contextlib.suppress(OSError):
+                if word in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(pid)
+        return found
 
     def db(self) -> sqlite3.Connection:
         """A direct connection to the sandbox's SQLite file (bulk work, counts)."""
@@ -288,7 +340,7 @@ class Sandbox:
                 "    for name in sys.argv[3:]:\n"
                 "        Mailbox.create(name, dom, int(sys.argv[2]))\n")
         subprocess.run([str(PYTHON), "-c", code, DOMAIN, str(lifetime), *usernames],
-                       env=self.env(), cwd=ROOT, check=True, capture_output=True)
+                       env=self.env(), cwd=self.code, check=True, capture_output=True)
         return [f"{u}@{DOMAIN}" for u in usernames]
 
     def api_key(self, email: str = "bench@users.test") -> str:

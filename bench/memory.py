@@ -6,7 +6,7 @@
   the message's own cost; with several receiver processes the largest peak
   among them is reported. ``--attachment-mib 24 --decoded`` sends a 24 MiB
   file instead (a ~33 MiB message; the limit is raised to let it in).
-* RSS of each gunicorn worker (``make run``'s 2 workers x 4 threads) after a
+* RSS of each gunicorn worker (``make run``'s, deploy/run.sh) after a
   warm-up and again after 10,000 API requests over the three API routes.
 
 Run: ``.venv/bin/python bench/memory.py`` (``--requests 2000`` for a short run).
@@ -107,21 +107,19 @@ def worker_memory(requests: int) -> dict:
         legacy = box.mailboxes(["reader"])[0]
         key = box.api_key()
         auth = {"Authorization": f"Bearer {key}"}
-        web = box.start_gunicorn(access_log=False)
-        req = urllib.request.Request(f"http://127.0.0.1:{web.port}/api/emails", method="POST", headers=auth)
+        run = box.start_make_run()
+        port = box.http_port
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/emails", method="POST", headers=auth)
         owned = json.load(urllib.request.urlopen(req, timeout=30))["data"]["email"]
-        smtpd = box.start_smtpd()
-        common.send_messages(smtpd.port, legacy, 50)
-        common.send_messages(smtpd.port, owned, 50)
-        smtpd.stop()
-        box.servers.remove(smtpd)
-        inbox = json.load(urllib.request.urlopen(f"http://127.0.0.1:{web.port}/api.php/inbox/{legacy}"))
+        common.send_messages(box.smtp_port, legacy, 50)
+        common.send_messages(box.smtp_port, owned, 50)
+        inbox = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api.php/inbox/{legacy}"))
         paths = [(f"/api.php/inbox/{legacy}", {}), (f"/api.php/email/{inbox['emails'][0]['id']}", {}),
                  (f"/api/messages?email={owned}", auth)]
-        workers = common.child_pids(web.pid)
-        api_load(web.port, paths, 1000)  # warm-up: imports, caches, pools
+        workers = common.child_pids(box.pids(run, "gunicorn")[0])
+        api_load(port, paths, 1000)  # warm-up: imports, caches, pools
         before = {pid: common.proc_kib(pid, "VmRSS") for pid in workers}
-        failures = api_load(web.port, paths, requests)
+        failures = api_load(port, paths, requests)
         after = {pid: common.proc_kib(pid, "VmRSS") for pid in workers}
     return {"before": before, "after": after, "failures": failures}
 
@@ -132,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decoded", action="store_true", help="attachment size decoded, not on the wire")
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="2,000 API requests")
+    parser.add_argument("--json", help="write the figures to this file (run_all.py reads it)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests = 2000
@@ -155,8 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
     peak = daemon["TempMail flask smtpd"]["peak_mib"]
     print(f"Targets: daemon peak < 200 MiB: {peak:.0f} MiB; worker growth <= 10%: "
           f"{max(growth):+.1f}% (largest)")
-    return {"daemon_peak_mib": peak, "salmon_peak_mib": daemon["stock Salmon 3.3.0"]["peak_mib"],
-            "worker_growth_pct": max(growth)}
+    out = {"daemon_peak_mib": peak, "salmon_peak_mib": daemon["stock Salmon 3.3.0"]["peak_mib"],
+           "worker_growth_pct": max(growth)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -16,15 +16,19 @@ bind = "127.0.0.1:8000"
 workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
 # Held requests (?wait= long polls, Server-Sent Events streams) each keep a
 # thread asleep, without a database connection, until mail or their time
-# comes: gthread with many threads holds a thousand of them per worker while
-# the other threads go on serving (bench/capacity.py measures it; gevent was
-# not needed, so nothing is monkey-patched under SQLite and psycopg). The
-# thread pool grows on demand, so idle threads cost nothing. live.max_held_per_process
-# (1000 by default) stays below `threads`, so at least TEMPMAIL_THREADS - 1000
-# threads of each worker are always left for ordinary requests.
-worker_class = "gthread"
+# comes: a threaded worker with many threads holds a thousand of them per
+# worker while the other threads go on serving (bench/capacity.py measures
+# it; gevent was not needed, so nothing is monkey-patched under SQLite and
+# psycopg). The thread pool grows on demand, so idle threads cost nothing.
+# live.max_held_per_process (1000 by default) stays below `threads`, so at
+# least TEMPMAIL_THREADS - 1000 threads of each worker are always left for
+# ordinary requests.
 threads = int(os.environ.get("TEMPMAIL_THREADS", "1100"))
 worker_connections = threads + 200  # room for kept-alive connections beyond the busy ones
+# gthread that leaves part of a burst of new connections to its sibling
+# workers (fairaccept.py): with stock gthread one worker often took all of a
+# client's 50 keep-alive connections and served them on one core.
+worker_class = "fairaccept.FairThreadWorker"
 
 
 def raise_open_files(wanted: int = 8192) -> None:

@@ -2,6 +2,7 @@
 hostile names, storage failures, and generated malformed input."""
 from __future__ import annotations
 
+import base64
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import func, select
 
 import mailhandler
+import mailparse
 import models
 from models import Attachment, Domain, Mailbox, Message, db
 import storage  # noqa: E402
@@ -59,6 +61,132 @@ def test_html_only_gets_text_from_html():
     fields = mailhandler.parse_message(raw)
     assert fields["body_text"] == "Hello\n\nWorld & co" or fields["body_text"].split() == ["Hello", "World", "&", "co"]
     assert "<p>Hello</p>" in fields["body_html"]
+
+
+def test_html_only_inline_elements_flow_and_blocks_break_lines():
+    raw = (b"From: a@b.c\r\nSubject: h\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<html><head><title>T</title><style>p{color:red}</style></head><body>"
+           b"<p>Hello <b>John</b>, <a href=x>click here</a></p>"
+           b"<div>Line one</div><div>Line <span>two</span></div>"
+           b"<ul><li>first</li><li>second</li></ul>a<br>b<table><tr><td>Code</td><td>123456</td></tr></table>"
+           b"<pre>keep\n    this</pre><script>alert(1)</script><!-- hidden -->&lt;end&gt; &amp; &eacute;</body></html>")
+    fields = mailhandler.parse_message(raw)
+    assert fields["body_text"] == ("Hello John, click here\n\nLine one\nLine two\n\nfirst\nsecond\n\na\nb\n\n"
+                                   "Code 123456\n\nkeep\n    this\n\n<end> & \u00e9")
+
+
+def test_html_to_text_on_hostile_markup():
+    """Shapes that are quadratic for html.parser / BeautifulSoup (tags that
+    never close) and for html5ever (deep nesting); over the bound only the
+    first MAX_HTML_TEXT_CHARS characters are converted."""
+    assert mailhandler.html_to_text("<a " * 200_000 + "<p>end") == "end"
+    assert mailhandler.html_to_text("<div>" * 80_000 + "deep" + "</div>" * 80_000) == "deep"
+    assert mailhandler.html_to_text("<!--" + "x" * 1000) == ""
+    assert mailhandler.html_to_text("a <b c") == "a"
+    big = mailhandler.html_to_text("<p>word</p>" * 1_000_000)
+    assert big.startswith("word\n\nword") and big.endswith("[\u2026]")
+    assert big.count("word") == mailparse.MAX_HTML_TEXT_CHARS // len("<p>word</p>")
+
+
+def huge_header_message() -> bytes:
+    """A 1 MB message: an attachment named by 60,000 RFC 2047 words, a text
+    part whose Content-Type has 60,000 parameters before its charset, and a
+    Content-Type of 5,000 nested comments."""
+    words = b"\r\n ".join([b"=?utf-8?b?w6k=?="] * 60_000)
+    params = b";\r\n ".join(b"p%d=v" % i for i in range(60_000))
+    return (b"From: a@b.c\r\nSubject: huge headers\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+            b"--B\r\nContent-Type: text/plain; " + params + b"; charset=koi8-r\r\n\r\nplain body\r\n"
+            b"--B\r\nContent-Type: text/plain; " + b"(" * 5000 + b"\r\n\r\nsecond body\r\n"
+            b"--B\r\nContent-Type: application/octet-stream\r\n"
+            b'Content-Disposition: attachment; filename="' + words + b'"\r\n\r\nfile\r\n--B--\r\n')
+
+
+def test_every_header_goes_through_one_bounded_reading():
+    fields = mailhandler.parse_message(huge_header_message())
+    assert fields["body_text"] == "plain body\nsecond body"  # the charset beyond the bound is not read
+    (att,) = fields["attachments"]
+    assert att["filename"] == "\u00e9" * mailhandler.MAX_NAME and att["data"] == b"file"
+    msg = mailparse.parse_bytes(huge_header_message())
+    text, second, attachment = msg.get_payload()
+    assert text.get_params()[0] == ("text/plain", "") and text.get_content_charset() is None
+    assert mailparse.MAX_HEADER_CHARS * 3 // 4 < len(text.raw_value("content-type")) <= mailparse.MAX_HEADER_CHARS
+    assert second.get_content_type() == "text/plain"
+    # Read once: the same parsed objects on every call.
+    assert attachment.mime("content-disposition") is attachment.mime("content-disposition")
+    assert msg.get("subject") is msg["subject"] and str(msg["subject"]) == "huge headers"
+
+
+def test_mime_parameters_rfc2045_and_rfc2231():
+    raw = (b"From: a@b.c\r\nContent-Type: Multipart/Mixed (comment); BOUNDARY=\"=_b; c\"\r\n\r\n"
+           b"--=_b; c\r\nContent-Type: Text/HTML; Charset=\"ISO-8859-1\" (Latin)\r\n\r\n<p>caf\xe9</p>\r\n"
+           b"--=_b; c\r\nContent-Type: application/pdf; name=report(1).pdf\r\n"
+           b"Content-Disposition: attachment; filename=\"fallback.pdf\";\r\n"
+           b" filename*0*=utf-8''%E6%97%A5; filename*1*=%E6%9C%AC; filename*2=\".pdf\"\r\n\r\nPDF\r\n"
+           b"--=_b; c\r\nContent-Type: text/plain; name=\"say \\\"hi\\\";.txt\"\r\n"
+           b"Content-Transfer-Encoding: BASE64 (junk) " + b"x" * 100_000 + b"\r\n\r\naGk=\r\n--=_b; c--\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert fields["body_html"].strip() == "<p>caf\u00e9</p>" and fields["body_text"] == "caf\u00e9"
+    pdf, quoted = fields["attachments"]
+    assert (pdf["filename"], pdf["content_type"], pdf["data"]) == ("\u65e5\u672c.pdf", "application/pdf", b"PDF")
+    assert (quoted["filename"], quoted["data"]) == ('say "hi";.txt', b"hi")
+    msg = mailparse.parse_bytes(raw)
+    assert msg.get_boundary() == "=_b; c" and msg.get_payload(1).get_param("name") == "report(1).pdf"
+    msg.replace_header("Content-Type", "text/plain; charset=utf-8")  # a change drops what was read
+    assert msg.get_content_type() == "text/plain" and msg.get_param("charset") == "utf-8"
+
+
+def test_parse_stops_at_its_part_and_line_bounds(monkeypatch):
+    parts = b"".join(b"--p\r\nContent-Type: text/plain\r\n\r\npart %d\r\n" % i for i in range(10))
+    raw = b"Subject: many\r\nContent-Type: multipart/mixed; boundary=p\r\n\r\n" + parts + b"--p--\r\n"
+    monkeypatch.setattr(mailparse, "MAX_PARSE_PARTS", 5)
+    fields = mailhandler.parse_message(raw)
+    assert fields["subject"] == "many"
+    assert fields["body_text"].split("\n") == [f"part {i}" for i in range(5)]
+    monkeypatch.setattr(mailparse, "MAX_PARSE_PARTS", 2000)
+    monkeypatch.setattr(mailparse, "MAX_PARSE_LINES", 12)
+    text = mailhandler.parse_message(b"Subject: lines\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(100)))
+    # 12 lines: the Subject, the blank line, then the first ten of the body.
+    assert text["subject"] == "lines" and text["body_text"] == "".join(f"line {i}\n" for i in range(10))
+
+
+def test_text_and_html_bodies_are_kept_up_to_their_cap():
+    """Each of the text and the HTML body keeps MAX_BODY_BYTES (the raw .eml
+    keeps all): a str costs up to 4 bytes a character."""
+    cap = mailhandler.MAX_BODY_BYTES
+    text = "\u00e9".encode() + b"t" * 74 + b"\r\n" + (b"t" * 76 + b"\r\n") * (cap // 78 - 1)
+    raw = (b"Subject: big\r\nContent-Type: multipart/alternative; boundary=Z\r\n\r\n--Z\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text + b"m" * 76 + b"\r\nlast\r\n--Z\r\n"
+           b"Content-Type: text/html\r\n\r\n<p>" + b"h" * 100 + b"</p>\r\n--Z--\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert len(text) < cap < len(text) + 78
+    assert fields["body_text"] == (text + b"m" * 76)[:cap].decode().replace("\r\n", "\n") + "\n[\u2026]"
+    assert fields["body_html"] == "<p>" + "h" * 100 + "</p>"
+
+
+def test_long_lines_are_folded_for_the_parser_and_base64_is_unchanged():
+    data = bytes(range(256)) * 600
+    raw = (b"Subject: long\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+           b"Content-Type: text/plain\r\n\r\n" + b"w" * 70_000 + b"\r\n--B\r\n"
+           b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.b64encode(data) + b"\r\n--B--\r\n")
+    fields = mailhandler.parse_message(raw)
+    assert fields["attachments"][0]["data"] == data  # one 204,800-character line
+    assert fields["body_text"] == "w" * mailparse.MAX_LINE + "\n " + "w" * (70_000 - mailparse.MAX_LINE)
+
+
+def test_slow_codecs_are_not_body_charsets():
+    """punycode takes quadratic time (40 KB: 1.6 s) and is no mail charset."""
+    body = b"-" + b"9" * 60_000
+    raw = b"Subject: p\r\nContent-Type: text/plain; charset=punycode\r\n\r\n" + body
+    assert mailhandler.parse_message(raw)["body_text"] == body.decode()
+    assert mailparse.safe_codec("punycode") is None and mailparse.safe_codec("IDNA") is None
+    assert mailparse.safe_codec("latin1") == "iso8859-1" and mailparse.safe_codec("base64") is None
+
+
+def test_pipe_headers_are_bounded_too():
+    raw = b"".join(b"Delivered-To: u%d@example.com\r\n" % i for i in range(1000)) + b"Subject: x\r\n\r\nx"
+    values = mailhandler.headers_only(raw).get_all("delivered-to")
+    assert len(values) == mailparse.MAX_SAME_HEADERS and str(values[0]) == "u0@example.com"
 
 
 @pytest.mark.parametrize("charset", list(CHARSET_SAMPLES))

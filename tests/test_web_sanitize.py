@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+import mailview
 from mailview import clean_style, linkify_text, sanitize_html
 
 CIDS = {"logo@mail": "/m/tok/messages/1/attachments/7"}
@@ -151,3 +152,16 @@ def test_button_keeps_its_background_in_the_cleaned_mail():
     assert 'style="background-color: #1a73e8; color: #fff; padding: 10px"' in out
     out = clean('<td style="background-image:url(https://x.example/b.png);color:#fff">Go</td>').html
     assert "color" not in out and "x.example" not in out
+
+
+def test_deep_nesting_is_flattened_in_linear_time():
+    """html5ever is quadratic in nesting depth: tags deeper than MAX_NESTING
+    are dropped before nh3 sees them, their text kept."""
+    deep = "<div>" * 300_000 + "inner text" + "</div>" * 300_000 + "<p>after</p>"
+    flat = mailview.bound_nesting(deep)
+    assert flat.count("<div>") == mailview.MAX_NESTING == flat.count("</div>")
+    assert "inner text" in flat and flat.endswith("<p>after</p>")
+    safe = mailview.sanitize_html(deep, lambda cid: None, False).html
+    assert "inner text" in safe and "<p>after</p>" in safe
+    shallow = "<table><tr><td><b>x</b><br><img src='data:image/png;base64,AA=='></td></tr></table>"
+    assert mailview.bound_nesting(shallow) == shallow

@@ -49,13 +49,16 @@ def upgrade():
     with op.batch_alter_table('attachments') as batch_op:
         batch_op.add_column(sa.Column('sha256', sa.String(length=64), nullable=True))
     move_files(conn)
-    with op.batch_alter_table('attachments', recreate='always',
-                              table_kwargs={'sqlite_autoincrement': True}) as batch_op:
+    # AUTOINCREMENT is SQLite's (a table copy there); PostgreSQL's sequences
+    # never hand out an id twice, and its tables are altered in place.
+    sqlite = conn.dialect.name == "sqlite"
+    rebuild = {"recreate": "always" if sqlite else "auto",
+               "table_kwargs": {"sqlite_autoincrement": True} if sqlite else {}}
+    with op.batch_alter_table('attachments', **rebuild) as batch_op:
         batch_op.drop_column('stored_path')
         batch_op.alter_column('sha256', existing_type=sa.String(length=64), nullable=False)
         batch_op.create_index(batch_op.f('ix_attachments_sha256'), ['sha256'], unique=False)
-    with op.batch_alter_table('messages', recreate='always',
-                              table_kwargs={'sqlite_autoincrement': True}) as batch_op:
+    with op.batch_alter_table('messages', **rebuild) as batch_op:
         batch_op.add_column(sa.Column('tag', sa.String(length=64), nullable=True))
         batch_op.drop_column('raw_path')
         batch_op.drop_index('ix_messages_raw_sha256')

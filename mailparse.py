@@ -1,0 +1,489 @@
+"""Bounded reading of MIME messages with the standard library's parser.
+
+``email`` with ``policy.default`` stores headers raw at parse time and parses
+one each time it is read, with a parser whose time and memory grow
+quadratically with the header's length. The parser itself reads every part's
+Content-Type five times, and ``get_filename()`` & co. read their header again
+on every call. Measured on the daemon: a 340 KB message whose file name was
+20,000 RFC 2047 words took it to 3.4 GiB, a Content-Type with 60,000
+parameters held it 43.5 s, and 10,000 plain parts 17 s.
+
+So every header the parser and the receiving code read goes through one path
+(``BoundedMessage``): each header of a part is looked up once, its value cut
+to ``MAX_HEADER_CHARS``; MIME parameters (RFC 2045, RFC 2231) are split by a
+linear scanner; results are kept on the part. The stdlib's header objects are
+still built, once per header and part, from the cut value, for the headers
+shown to people (From, Subject, ...). The structure the parser is shown is
+bounded too (parts, nesting, lines), and HTML becomes text by a few linear
+regular-expression passes over at most ``MAX_HTML_TEXT_CHARS``. Whatever lies
+beyond a bound stays in the raw ``.eml``, which is always kept.
+"""
+from __future__ import annotations
+
+import codecs
+import html
+import itertools
+import logging
+import re
+import urllib.parse
+import weakref
+from email import headerregistry, policy
+from email.feedparser import BytesFeedParser
+from email.message import EmailMessage
+from typing import Optional
+
+log = logging.getLogger("tempmail.mail")
+
+MAX_HEADER_CHARS = 16384  # of one header value; the stdlib parser takes ~0.1-0.3 s on 16 KiB at worst
+# Of a Content-Type or Content-Disposition value, for its parameters (they are
+# read for every part): a 255-character CJK file name in RFC 2231 form is 2.3 KiB.
+MAX_MIME_HEADER_CHARS = 4096
+# The stdlib parser costs ~0.1 ms per part and ~1 us per line, plus ~0.2 us per
+# line and nesting level, and keeps every line of a part as a str object until
+# the part ends. These bounds keep any 25 MiB message within seconds and
+# ~100 MiB; a 25 MiB base64 attachment has 340,000 lines.
+MAX_DEPTH = 20  # MIME nesting the parser follows; deeper parts stay one opaque leaf
+MAX_PARSE_PARTS = 2000
+MAX_PARSE_LINES = 400_000
+# The parser gathers a line in an io.StringIO, which stores 4 bytes a
+# character once read: parsing one 24 MB base64 line peaked at 119 MiB (46
+# folded). Longer lines (RFC 5322 allows 998 characters) are folded for the
+# parser with CRLF + space, which a header reads as folding, base64 ignores,
+# and text shows as a line break.
+MAX_LINE = 1 << 16
+FOLD = b"\r\n "
+MAX_SAME_HEADERS = 100  # values ``get_all`` returns
+MAX_HTML_TEXT_CHARS = 1 << 20  # of HTML turned into body_text (a derived convenience field)
+PARSE_CHUNK = 1 << 20
+# Codecs whose decoding time is quadratic in the input (punycode: 40 KB took
+# 1.6 s) and that no mail is written in: a "charset=punycode" label is ignored.
+SLOW_CODECS = {"punycode", "idna"}
+
+FOLDS = re.compile(r"\r\n|\r|\n")
+COMMENT = re.compile(r"\([^()]*\)")
+TRAILING_COMMENT = re.compile(r"\([^()]*\)\s*$")  # starts at "(": no rescans of blanks
+# One "name=value;" section of a MIME header: a quoted value runs to its
+# closing quote (backslash escapes), anything else to the next ";". Each match
+# consumes its text and never backtracks, so ``findall`` is linear.
+PARAMETER = re.compile(r'([^;=\s]*)\s*(?:=\s*("(?:[^"\\]|\\.)*+"?|[^;]*+))?[^;]*+;?\s*', re.S)
+# RFC 2231 names: "name*" (encoded), "name*0" (a section), "name*0*" (an encoded section).
+SECTION = re.compile(r"^([^*]+)\*(?:(\d{1,6})(\*)?)?$")
+BACKSLASH = re.compile(r"\\(.)", re.S)
+LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+# --------------------------------------------------------------------------
+# headers and MIME parameters
+
+def unfold(value: str) -> str:
+    """A header value without its line breaks (the folding whitespace stays)."""
+    return FOLDS.sub("", value)
+
+
+def safe_codec(charset: Optional[str]) -> Optional[str]:
+    """The codec name of a charset label, or None when there is no such text
+    codec or it is one of SLOW_CODECS."""
+    try:
+        info = codecs.lookup((charset or "").strip().strip('"'))
+    except (LookupError, ValueError, TypeError):
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in SLOW_CODECS:
+        return None
+    return info.name
+
+
+def decode_section_bytes(data: bytes, charset: str) -> str:
+    codec = safe_codec(charset) or "utf-8"
+    try:
+        return data.decode(codec, "replace")
+    except (UnicodeError, ValueError, TypeError):
+        return data.decode("utf-8", "replace")
+
+
+def unquote(value: str) -> str:
+    """A parameter value without its quotes and backslash escapes."""
+    value = value.strip()
+    if value.startswith('"'):
+        return BACKSLASH.sub(r"\1", value[1:-1] if len(value) > 1 and value.endswith('"') else value[1:])
+    return TRAILING_COMMENT.sub("", value).rstrip()  # "us-ascii (Plain text)" (RFC 2045); "a(1).pdf" stays
+
+
+def join_sections(sections: list[tuple[int, bool, str]]) -> str:
+    """An RFC 2231 value from its sections: ordered, percent-decoded where
+    encoded, in the charset the first section names."""
+    sections.sort(key=lambda section: section[0])
+    charset, chunks = "", []
+    for index, (_, encoded, value) in enumerate(sections):
+        if encoded and index == 0 and value.count("'") >= 2:
+            charset, _language, value = value.split("'", 2)
+        data = value.encode("utf-8", "surrogateescape")
+        chunks.append(urllib.parse.unquote_to_bytes(data) if encoded else data)
+    return decode_section_bytes(b"".join(chunks), charset)
+
+
+def mime_parameters(text: str) -> dict[str, str]:
+    """The parameters of a MIME header's ``text`` after its first ";", names in
+    lower case. The first of two equal names wins; an RFC 2231 value wins
+    over a plain one of the same name (mailers send both, the plain one as
+    an ASCII fallback)."""
+    plain: dict[str, str] = {}
+    sections: dict[str, list] = {}
+    for name, value in PARAMETER.findall(text.lstrip()):
+        name = name.lower()
+        section = SECTION.match(name) if "*" in name else None
+        if section:
+            encoded = section[2] is None or section[3] is not None
+            sections.setdefault(section[1], []).append((int(section[2] or 0), encoded, unquote(value)))
+        elif name and name not in plain:
+            plain[name] = value
+    plain = {name: unquote(value) for name, value in plain.items()}
+    plain.update((name, join_sections(parts)) for name, parts in sections.items())
+    return plain
+
+
+def mime_header(value: Optional[str]) -> Optional[tuple[str, dict[str, str]]]:
+    """(main value in lower case without comments or blanks, parameters) of a
+    Content-Type or Content-Disposition value, read from its first
+    MAX_MIME_HEADER_CHARS characters."""
+    if value is None:
+        return None
+    main, _, rest = unfold(value[:MAX_MIME_HEADER_CHARS]).partition(";")
+    return "".join(COMMENT.sub("", main).split()).lower(), mime_parameters(rest)
+
+
+def header_object(pol: policy.EmailPolicy, name: str, value: str):
+    """The stdlib header object (policy.default) for a value already cut to a
+    bound; an unstructured one when the stdlib parser fails on it (it raises
+    RecursionError on 1,000 nested comments, for one)."""
+    if name.lower() == "content-transfer-encoding":
+        value = value.strip().split(None, 1)[0][:64] if value.strip() else ""  # only its first word counts
+    try:
+        return pol.header_fetch_parse(name, value)
+    except Exception:
+        pass
+    try:
+        return pol.header_factory["x-unstructured"](name, value)
+    except Exception:
+        return value
+
+
+class BoundedMessage(EmailMessage):
+    """The message class of every parse here (``policy.default`` otherwise).
+
+    Each header it is asked for is looked up once, its first value cut to
+    MAX_HEADER_CHARS, and what was read from it is kept (until the headers
+    change). The MIME queries the stdlib parser and the receiving code make
+    (content type, parameters, boundary, disposition, file name, charset)
+    are answered by the linear ``mime_header``; ``get()`` builds the stdlib
+    header object from the cut value, once per header. ``depth`` and
+    ``opaque`` bound the nesting the parser follows."""
+
+    depth = 0  # 0: the message itself; +1 per multipart or message/rfc822 level
+    opaque = False  # deeper than MAX_DEPTH: one leaf, kept in the raw .eml only
+    _key = None
+    _count: Optional["PartCount"] = None
+
+    def _table(self) -> dict:
+        """What was read from the headers, valid while they stay the same."""
+        key = (id(self._headers), len(self._headers))
+        if self._key != key:
+            self._key, self._cache = key, {"raw": {}, "mime": {}, "objects": {}}
+        return self._cache
+
+    def _changed(self) -> None:
+        self._key = None
+
+    def _first(self, key: str) -> Optional[tuple[str, str]]:
+        """(name, value as received) of the first header named ``key`` (lower
+        case). A scan per name asked for (a few per part), rather than a
+        table of every name: 400,000 header fields would cost ~60 MiB."""
+        raw = self._table()["raw"]
+        if key not in raw:
+            raw[key] = next(((k, v) for k, v in self._headers if k.lower() == key), None)
+        return raw[key]
+
+    def raw_value(self, name: str) -> Optional[str]:
+        """The first ``name`` header as received, cut to MAX_HEADER_CHARS and unfolded."""
+        found = self._first(name.lower())
+        return None if found is None else unfold(found[1][:MAX_HEADER_CHARS])
+
+    def mime(self, name: str) -> Optional[tuple[str, dict[str, str]]]:
+        """(main value, parameters) of the first ``name`` header, or None."""
+        cache = self._table()["mime"]
+        key = name.lower()
+        if key not in cache:
+            cache[key] = mime_header(self.raw_value(key))
+        return cache[key]
+
+    def get(self, name: str, failobj=None):
+        cache = self._table()
+        key = name.lower()
+        if key not in cache["objects"]:
+            found = self._first(key)
+            cache["objects"][key] = None if found is None else header_object(
+                self.policy, found[0], unfold(found[1][:MAX_HEADER_CHARS]))
+        value = cache["objects"][key]
+        return failobj if value is None else value
+
+    def get_all(self, name: str, failobj=None):
+        key = name.lower()
+        found = itertools.islice(((k, v) for k, v in self._headers if k.lower() == key), MAX_SAME_HEADERS)
+        values = [header_object(self.policy, k, unfold(v[:MAX_HEADER_CHARS])) for k, v in found]
+        return values or failobj
+
+    def get_content_type(self) -> str:
+        if self.opaque:
+            return "application/octet-stream"
+        value = self.mime("content-type")
+        if value is None:
+            return self.get_default_type()
+        return value[0] if value[0].count("/") == 1 else "text/plain"  # RFC 2045 5.2
+
+    def get_params(self, failobj=None, header: str = "content-type", unquote: bool = True):
+        value = self.mime(header)
+        return failobj if value is None else [(value[0], "")] + list(value[1].items())
+
+    def get_param(self, param: str, failobj=None, header: str = "content-type", unquote: bool = True):
+        value = self.mime(header)
+        return failobj if value is None else value[1].get(param.lower(), failobj)
+
+    def get_boundary(self, failobj=None):
+        boundary = self.get_param("boundary")
+        return failobj if boundary is None else boundary.rstrip()
+
+    def get_filename(self, failobj=None):
+        name = self.get_param("filename", None, "content-disposition")
+        if name is None:
+            name = self.get_param("name")
+        return failobj if name is None else name.strip()
+
+    @property
+    def unfinished(self) -> bool:
+        """The part the parse stopped in (MAX_PARSE_PARTS): it has no payload."""
+        return self._payload is None
+
+    def payload_bytes(self) -> bytes:
+        """A leaf's payload as received, still transfer-encoded. The parser
+        keeps it as ASCII with surrogate escapes; ``get_payload`` would first
+        try to encode all of it as UTF-8 to look for them (a buffer of three
+        bytes a character: 75 MiB for a 25 MiB body), and without ``decode``
+        then decodes all of it."""
+        payload = self._payload
+        if isinstance(payload, str):
+            try:
+                return payload.encode("ascii", "surrogateescape")
+            except UnicodeEncodeError:  # text set by a program, not by the parser
+                return payload.encode("utf-8", "surrogateescape")
+        return payload if isinstance(payload, bytes) else b""
+
+    def get_content_disposition(self) -> Optional[str]:
+        value = self.mime("content-disposition")
+        return (value[0] or None) if value is not None else None
+
+    def attach(self, payload) -> None:
+        """The parser attaches every part but the root to its parent: count
+        them (raising TooManyParts past MAX_PARSE_PARTS) and set their depth."""
+        if isinstance(payload, BoundedMessage):
+            if self._count is None:
+                self._count = PartCount(self)
+            self._count.add()
+            payload._count, payload.depth = self._count, self.depth + 1
+            payload.opaque = self.opaque or payload.depth > MAX_DEPTH
+        super().attach(payload)
+
+    # Appending a header changes the table's key (the list's length), and so
+    # does anything that builds a new list; these two change it in place.
+    def __delitem__(self, name) -> None:
+        super().__delitem__(name)
+        self._changed()
+
+    def replace_header(self, _name, _value) -> None:
+        super().replace_header(_name, _value)
+        self._changed()
+
+
+class TooManyParts(Exception):
+    """Past MAX_PARSE_PARTS parts; ``root`` is the message as parsed so far."""
+
+    def __init__(self, root: Optional[BoundedMessage]):
+        super().__init__(f"more than {MAX_PARSE_PARTS} MIME parts")
+        self.root = root
+
+
+class PartCount:
+    """The parts of one parse so far, shared by all of them (a weak reference
+    to the root, so the tree holds no cycle and is freed as soon as dropped)."""
+
+    def __init__(self, root: BoundedMessage):
+        self.root, self.parts = weakref.ref(root), 0
+
+    def add(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARSE_PARTS:
+            raise TooManyParts(self.root())
+
+
+class CachedHeaderRegistry(headerregistry.HeaderRegistry):
+    """The stdlib's header registry, remembering the class it makes per header
+    name: the stock one builds a new class with ``type()`` on every header
+    it is asked for (~20 us each, a fifth of parsing a 2 KB message)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        name = name.lower()
+        made = self._made.get(name)
+        if made is None:
+            made = super().__getitem__(name)
+            if len(self._made) < 1024:  # a bounded table: senders choose header names
+                self._made[name] = made
+        return made
+
+
+# The policy of every parse: policy.default, whose messages are BoundedMessages.
+PARSE_POLICY = policy.default.clone(message_factory=BoundedMessage, header_factory=CachedHeaderRegistry())
+
+
+# --------------------------------------------------------------------------
+# the structure the parser is shown
+
+def line_extent(raw: bytes, limit: int) -> int:
+    """Offset just past the ``limit``-th line end of ``raw`` (CRLF, CR or LF,
+    as the stdlib parser splits), or its length when it has fewer lines.
+    Counting is done in C over 64 KiB windows; only the last one is walked."""
+    step = 1 << 16
+    for start in range(0, len(raw), step):
+        stop = min(start + step, len(raw))
+        ends = raw.count(b"\n", start, stop) + raw.count(b"\r", start, stop) - raw.count(b"\r\n", start, stop)
+        if ends < limit:
+            limit -= ends
+            continue
+        for match in LINE_END.finditer(raw, start, stop):
+            limit -= 1
+            if limit <= 0:
+                return match.end()
+    return len(raw)
+
+
+def fold_points(raw: bytes, end: int) -> list[int]:
+    """Offsets in ``raw[:end]`` where a line has run MAX_LINE bytes without a
+    line break. Each step searches (in C) a window of MAX_LINE bytes and then
+    moves past its last line break or to its end, so ``raw`` is searched
+    about twice."""
+    points, pos = [], 0
+    while end - pos > MAX_LINE:
+        stop = pos + MAX_LINE
+        last = max(raw.rfind(b"\n", pos, stop), raw.rfind(b"\r", pos, stop))
+        if last < 0:
+            points.append(stop)
+        pos = stop if last < 0 else last + 1
+    return points
+
+
+def parser_input(raw: bytes):
+    """The slices of ``raw`` the parser is fed: its first MAX_PARSE_LINES
+    lines, in pieces of at most PARSE_CHUNK bytes, long lines folded."""
+    end = line_extent(raw, MAX_PARSE_LINES)
+    if end < len(raw):
+        log.warning("message of %d bytes has more than %d lines: parsed up to byte %d, the rest is "
+                    "in the raw .eml only", len(raw), MAX_PARSE_LINES, end)
+    start = 0
+    with memoryview(raw) as view:
+        for stop in fold_points(raw, end) + [end]:
+            for piece in range(start, stop, PARSE_CHUNK):
+                yield bytes(view[piece:min(piece + PARSE_CHUNK, stop)])
+            if stop < end:
+                yield FOLD
+            start = stop
+
+
+def parse_bytes(raw: bytes) -> BoundedMessage:
+    """``raw`` parsed by the stdlib (``PARSE_POLICY``) from ``parser_input``,
+    and up to its first MAX_PARSE_PARTS parts (the tree parsed so far when
+    there are more; the last part may then be unfinished, with no payload).
+    Fed in slices: ``parsebytes`` would first make a str copy of the whole
+    message, which doubles the peak memory of a big one."""
+    parser = BytesFeedParser(policy=PARSE_POLICY)
+    try:
+        for piece in parser_input(raw):
+            parser.feed(piece)
+        msg = parser.close()
+    except TooManyParts as exc:
+        if exc.root is None:
+            raise
+        log.warning("message of %d bytes has more than %d MIME parts: the rest is in the raw .eml only",
+                    len(raw), MAX_PARSE_PARTS)
+        return exc.root
+    return msg
+
+
+# --------------------------------------------------------------------------
+# HTML to text
+#
+# The stdlib's html.parser (and BeautifulSoup over it) takes quadratic time on
+# tags that never close ("<a " repeated: 50 KB did not finish in minutes on
+# Python 3.11.7), and html5ever (nh3) on deep nesting (50,000 "<div>" took
+# 29 s). Text for display needs neither a tree nor exact HTML parsing, so it
+# is made by regular expressions that never look back: a tag runs to the
+# next ">" or "<", so each character is scanned a bounded number of times.
+
+# What a reader never sees: comments, scripts, styles, the title.
+HTML_HIDDEN = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|title|template)\b[^<>]*+>.*?(?:</\1\s*>|\Z)",
+                         re.I | re.S)
+HTML_PRE = re.compile(r"<pre\b[^<>]*+>(.*?)(?:</pre\s*>|\Z)", re.I | re.S)
+# One pass over the tags (a tag runs to the next ">" or "<", as "<a <div>"
+# does in a browser): a block leaves a marker, <br> a newline, a table cell a
+# space, anything else (inline elements, declarations) nothing.
+HTML_TAG = re.compile(r"<(?:/?([A-Za-z][A-Za-z0-9]*)|[!?])[^<>]*+>?")
+PARAGRAPH_TAGS = ("p h1 h2 h3 h4 h5 h6 blockquote table ul ol dl hr address figure fieldset form").split()
+LINE_TAGS = ("div li tr dt dd section article header footer nav aside main caption center details summary "
+             "figcaption legend tbody thead tfoot body html").split()
+FLOW_TAG_TEXT = {"br": "\n", "td": " ", "th": " ", **dict.fromkeys(PARAGRAPH_TAGS, "\x02"),
+                 **dict.fromkeys(LINE_TAGS, "\x01")}
+WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+SPACES = re.compile(r" {2,}")
+SPACE_AT_BREAK = re.compile(r" ?\n ?")
+# \x02 marks a paragraph break and \x01 a line break (removed from the input
+# first): a run of them, with spaces between, becomes one break. A run starts
+# at a marker (or the one space that can precede it), so no blank is rescanned.
+BREAK_RUN = re.compile(r" ?[\x01\x02][ \x01\x02]*+")
+EMPTY_LINES = re.compile(r"\n{3,}")
+MARKERS = {1: None, 2: None}
+
+
+def strip_tags(markup: str, replacements: dict[str, str]) -> str:
+    """``markup`` without tags, each replaced by ``replacements[tag name]`` or "",
+    and with its character references resolved."""
+    text = HTML_TAG.sub(lambda tag: replacements.get((tag[1] or "").lower(), ""), markup)
+    return html.unescape(text)
+
+
+def flow_text(markup: str) -> str:
+    """Text of HTML outside <pre>: whitespace collapses and inline elements
+    (a, b, span, ...) flow; blocks leave markers, <br> a newline."""
+    text = strip_tags(WHITESPACE.sub(" ", markup), FLOW_TAG_TEXT)
+    return SPACE_AT_BREAK.sub("\n", SPACES.sub(" ", text))
+
+
+def pre_text(markup: str) -> str:
+    """Text of a <pre> block: its line breaks and spaces are kept."""
+    return "\x02" + strip_tags(markup.replace("\r\n", "\n"), {"br": "\n"}) + "\x02"
+
+
+def html_to_text(markup: str) -> str:
+    """Readable text of an HTML body, for messages without a text part:
+    inline elements flow as text, blocks break lines. Linear in the input,
+    of which at most MAX_HTML_TEXT_CHARS characters are used."""
+    cut = len(markup) > MAX_HTML_TEXT_CHARS
+    if cut:
+        markup = markup[:MAX_HTML_TEXT_CHARS]
+        if markup.rfind("<") > markup.rfind(">"):
+            markup = markup[:markup.rfind("<")]  # no half tag at the cut
+    markup = HTML_HIDDEN.sub("", markup.translate(MARKERS))
+    pieces = HTML_PRE.split(markup)  # outside, inside, outside, ... <pre>
+    text = "".join(pre_text(piece) if index % 2 else flow_text(piece) for index, piece in enumerate(pieces))
+    text = BREAK_RUN.sub(lambda run: "\n\n" if "\x02" in run[0] else "\n", text)
+    text = EMPTY_LINES.sub("\n\n", text).strip()
+    return text + "\n\n[…]" if cut else text
