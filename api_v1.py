@@ -18,6 +18,7 @@ from urllib.parse import quote
 from flask import Blueprint, Flask, g, jsonify, request
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
 import apierrors
