@@ -1,7 +1,7 @@
 """Capacity: do held requests starve ordinary ones?
 
-``make run``'s deployment (gunicorn with ``--config deploy/gunicorn.conf.py
---workers 2``, the mail daemon beside it, SQLite) serves ordinary API
+``make run``'s deployment (the gunicorn line of deploy/run.sh: ``--config
+deploy/gunicorn.conf.py --workers 2``; the mail daemon beside it; SQLite) serves ordinary API
 requests with wrk, first with nothing held, then while N connections are
 held open (default 1,000: half ``GET /api.php/inbox/{email}?wait=30`` long
 polls, re-sent as each one ends, half ``GET /api/messages/stream`` Server-
@@ -153,17 +153,16 @@ def raise_fd_limit() -> None:
 
 
 def start(box: common.Sandbox, threads: int | None) -> int:
-    """The daemon and gunicorn exactly as ``make run`` starts them (``threads``
-    overrides the config's thread count, for comparison); the port."""
+    """The daemon and gunicorn exactly as ``make run`` starts them (the
+    gunicorn line read from deploy/run.sh); ``threads`` overrides the
+    config's thread count, for comparison. Returns the web port."""
     box.init_db()
     box.start_smtpd()
     port = common.free_port()
     env = box.env()
     if threads:
         env["TEMPMAIL_THREADS"] = str(threads)
-    box.start("gunicorn", [str(common.VENV_BIN / "gunicorn"), "--config", "deploy/gunicorn.conf.py",
-                           "--bind", f"127.0.0.1:{port}", "--workers", "2", "--no-control-socket",
-                           "wsgi:application"], port, env=env)
+    box.start("gunicorn", common.make_run_gunicorn(port), port, env=env)
     return port
 
 
