@@ -29,7 +29,7 @@ import docs_content
 from adversarial.helpers import Daemon, Gunicorn, record
 from app import create_app
 from conftest import BACKENDS, TEST_DOMAINS, dispose, wipe
-from models import ApiKey, User, db
+from models import ApiKey, Mailbox, User, db
 
 SANITY_S = 5.0  # a held request that answers this late did not hear of the mail at all
 ALLOWED_ORIGIN = "https://app.example"
@@ -448,6 +448,14 @@ def test_page_stream_sends_rows_pings_and_resumes(stack):
     resumed = EventStream(f"{stack.url}/web/stream", {"Cookie": cookie, "Last-Event-ID": event["id"]})
     assert resumed.next_message()["data"]["subject"] == "missed by the page"
     resumed.close()
+    # the read-only page of an email_token has its stream too, without a session
+    with stack.app.app_context():
+        token = Mailbox.find_live(address).email_token()
+    by_token = EventStream(f"{stack.url}/m/{token}/stream?after={event['id']}", {})
+    message = by_token.next_message()["data"]
+    assert message["subject"] == "missed by the page" and message["url"].startswith(f"/m/{token}/messages/")
+    by_token.close()
+    assert requests.get(f"{stack.url}/m/{token[:-2]}xx/stream", timeout=30).status_code == 404
 
 
 def test_the_docs_python_stream_sample_works(stack):
