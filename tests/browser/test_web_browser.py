@@ -55,6 +55,9 @@ def test_mail_arrives_live_is_read_and_downloaded(page, live_server, smtp_server
     page.wait_for_selector("#reader .msg-subject:has-text('Your receipt')")
     assert page.evaluate("window.__sameDocument") is True
     frame = page.frame_locator("#reader iframe.mail-frame")
+    # The frame loads its own document after the reader pane: wait for it,
+    # rather than read the blank body it has for a moment.
+    frame.locator("body:has-text('Thanks for shopping.')").wait_for(timeout=WAIT_MS)
     assert "Thanks for shopping." in frame.locator("body").inner_text()
     page.wait_for_selector("#message-list li.msg:not(.unread)")
 
