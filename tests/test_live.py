@@ -333,6 +333,22 @@ def test_filters_and_tags_select_what_is_listed_and_awaited(stack):
     assert set(emails[0]) == {"id", "from_email", "from_name", "subject", "is_read", "received_at"}
 
 
+def test_codes_are_extracted_over_gunicorn(stack):
+    """The test-automation loop end to end: wait for the mail, then take its code."""
+    auth = stack.key("extract@example.org")
+    box = stack.api_mailbox(auth)
+    held = Held(f"{stack.url}/api/messages?email={box}&wait=30", auth)
+    settle()
+    stack.send(box, "Your verification code is 739204", "App <no-reply@app.test>")
+    (msg,) = held.result().json()["messages"]
+    resp = requests.get(f"{stack.url}/api/messages/{msg['id']}/extract", headers=auth, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"]["codes"][0] == "739204" and resp.json()["data"]["links"] == []
+    other = stack.key("someone-else@example.org")
+    assert requests.get(f"{stack.url}/api/messages/{msg['id']}/extract", headers=other,
+                        timeout=30).status_code == 404
+
+
 def test_an_ended_wait_counts_toward_the_quota(stack):
     auth = stack.key("quota@example.org")
     box = stack.api_mailbox(auth)
