@@ -6,7 +6,7 @@ The output means the same JSON as Flask's default provider: keys in the
 order the views build them (``sort_keys`` is honoured), dates, decimals,
 dataclasses and ``__html__`` objects through Flask's own ``default``. Only
 the spelling differs: non-ASCII characters are sent as UTF-8 instead of
-``\\uXXXX`` escapes. Anything orjson refuses (an integer beyond 64 bits, a
+``\\u00e9``-style escapes. Anything orjson refuses (an integer beyond 64 bits, a
 lone surrogate) and any call with encoder options (``indent``, the session
 cookie's ``separators``) goes to Flask's stdlib encoder unchanged.
 """

@@ -106,4 +106,42 @@ def place(root: Path, rel, sha, sizes: dict):
 
 
 def downgrade():
-    raise NotImplementedError("blobs cannot be split back into per-message files; restore a backup")
+    """Back to per-row file paths: each row names its blob's file (kept where
+    it is, under ``uploads/blobs/``, which the old code reads as any path
+    inside uploads); blobs held only in the database are written out first."""
+    conn = op.get_bind()
+    rebuild = {"recreate": "always" if conn.dialect.name == "sqlite" else "auto"}
+    with op.batch_alter_table('messages', **rebuild) as batch_op:
+        batch_op.add_column(sa.Column('raw_path', sa.String(length=128), nullable=True))
+    with op.batch_alter_table('attachments', **rebuild) as batch_op:
+        batch_op.add_column(sa.Column('stored_path', sa.String(length=128), nullable=True))
+    write_back(conn)
+    with op.batch_alter_table('attachments', **rebuild) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_attachments_sha256'))
+        batch_op.drop_column('sha256')
+        batch_op.alter_column('stored_path', existing_type=sa.String(length=128), nullable=False)
+    with op.batch_alter_table('messages', **rebuild) as batch_op:
+        batch_op.drop_index('ix_messages_raw_sha256_mailbox_id')
+        batch_op.drop_column('tag')
+        batch_op.create_index(batch_op.f('ix_messages_raw_sha256'), ['raw_sha256'], unique=False)
+    with op.batch_alter_table('mailboxes') as batch_op:
+        batch_op.drop_column('origin')
+    op.drop_table('blob_chunks')
+    op.drop_table('blobs')
+
+
+def write_back(conn):
+    """Give every row the relative path of its blob's file, writing the file
+    from ``blob_chunks`` where only the database holds it."""
+    root = Path(current_app.config["UPLOADS_DIR"])
+    for (sha,) in conn.execute(sa.text("SELECT sha256 FROM blobs")).all():
+        rel = f"blobs/{sha[:2]}/{sha[2:4]}/{sha}"
+        path = root / rel
+        if not path.exists():
+            chunks = conn.execute(sa.text("SELECT data FROM blob_chunks WHERE sha256 = :s ORDER BY seq"),
+                                  {"s": sha}).scalars().all()
+            if chunks:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"".join(bytes(c) for c in chunks))
+        conn.execute(sa.text("UPDATE messages SET raw_path = :p WHERE raw_sha256 = :s"), {"p": rel, "s": sha})
+        conn.execute(sa.text("UPDATE attachments SET stored_path = :p WHERE sha256 = :s"), {"p": rel, "s": sha})
