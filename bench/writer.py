@@ -33,7 +33,7 @@ def two_kb_message(rcpt: str, n: int) -> bytes:
             f"Message-Id: <{n:08x}.{os.getpid():04x}@source.test>\r\n\r\n{body}").encode()
 
 
-def measure(kind: str, batch: int, messages: int, dedupe: bool) -> dict:
+def measure(kind: str, batch: int, messages: int, dedupe: bool, profile: str = "") -> dict:
     """Runs in the child: store ``messages`` in batches, return the figures."""
     from sqlalchemy import event
     import smtpserver
@@ -47,14 +47,23 @@ def measure(kind: str, batch: int, messages: int, dedupe: bool) -> dict:
         make = two_kb_message if kind == "2k" else (lambda r, n: smtpload.attachment_message(r, n, "w"))
         raws = [make(rcpt, n) for n in range(messages)]
         cpu, wall, stored = [], [], 0
+        profiler = None
+        if profile:  # cProfile of the batches after the first tenth (caches warm)
+            import cProfile
+            profiler = cProfile.Profile()
         for start in range(0, messages, batch):
             jobs = [smtpserver.Job(bytearray(raw), [rcpt], "sender@source.test", "bench", None)
                     for raw in raws[start:start + batch]]
+            if profiler and start == (messages // batch // 10) * batch:
+                profiler.enable()
             c0, w0 = time.thread_time(), time.perf_counter()
             smtpserver.store_batch(jobs)
             cpu.append((time.thread_time() - c0) / len(jobs))
             wall.append((time.perf_counter() - w0) / len(jobs))
             stored += sum(1 for j in jobs if j.reply.startswith("250"))
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)
         skip = len(cpu) // 10  # the first batches warm caches up
         return {"cpu_ms": statistics.median(cpu[skip:]) * 1000, "wall_ms": statistics.median(wall[skip:]) * 1000,
                 "statements_per_batch": statements[0] / len(cpu), "stored": stored}
@@ -67,6 +76,7 @@ def run_child(code: Path, args) -> dict:
         box.mailboxes(["writer"])
         cmd = [str(common.PYTHON), str(Path(__file__).resolve()), "--child", "--kind", args.kind,
                "--batch", str(args.batch), "--messages", str(args.messages)] + (["--dedupe"] if args.dedupe else [])
+        cmd += ["--profile", str(Path(args.profile).resolve())] if args.profile else []
         env = box.env()
         env["PYTHONPATH"] = f"{code}:{common.BENCH}"
         res = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True, timeout=900)
@@ -85,10 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--code", default=str(common.ROOT))
     parser.add_argument("--compare", help="another checkout, measured alternately with --code")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", default="", help="write a cProfile of the child's batches to this file "
+                        "(read it with: python -m pstats FILE)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.kind, args.batch, args.messages, args.dedupe)))
+        print(json.dumps(measure(args.kind, args.batch, args.messages, args.dedupe, args.profile)))
         return
     print(f"writer, {args.kind} messages, batches of {args.batch}, {args.messages} messages, "
           f"filter {'on' if args.dedupe else 'off'}  ({common.machine_line()})")

@@ -15,7 +15,7 @@ https://www.speedscope.app from the .txt) and summarised here: the share
 of samples per thread, the functions with the most samples of their own
 (leaf frames), and the frames present in the most samples (inclusive).
 
-Run: ``.venv/bin/python bench/profile.py smtp --mode new --seconds 15 [--native] [--gil]``
+Run: ``.venv/bin/python bench/spy.py smtp --mode new --seconds 15 [--native] [--gil]``
 """
 from __future__ import annotations
 
