@@ -42,7 +42,8 @@ import storage
 import webhooks
 from clock import now
 from mailparse import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, PARSE_POLICY, BoundedMessage,  # noqa: F401
-                       html_to_text, line_extent, parse_bytes, safe_codec, unfold)
+                       html_to_text, line_extent, parse_bytes, plain_addresses, plain_value, safe_codec,
+                       unfold)
 from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
                         UnknownRecipient)
 from models import Attachment, Domain, Mailbox, Message, Stat, db
@@ -127,6 +128,9 @@ def header(msg: EmailMessage, name: str) -> str:
     raw = raw_header(msg, name)
     if raw is None:
         return ""
+    plain = plain_value(name.lower(), raw)  # the stdlib's answer, without its parse
+    if plain is not None:
+        return plain
     try:
         if isinstance(msg, BoundedMessage):
             value = msg.get(name)
@@ -147,6 +151,9 @@ def legacy_decode(raw: str) -> str:
 
 def sender(msg: EmailMessage) -> tuple[str, str]:
     """(display name, address) of the From header."""
+    plain = plain_addresses(raw_header(msg, "from") or ",")  # the stdlib's answer, without its parse
+    if plain:
+        return plain[0]
     try:
         value = msg.get("from") if isinstance(msg, BoundedMessage) else None
         addresses = value.addresses if value is not None else ()
