@@ -60,9 +60,9 @@ class Domain(db.Model):
     @staticmethod
     def active_names(types: Iterable[str] = ("free",)) -> list[str]:
         """Names of active domains of the given types, in configuration order (id)."""
-        rows = db.session.scalars(select(Domain.name).where(
-            Domain.active.is_(True), Domain.type.in_(list(types))).order_by(Domain.id))
-        return list(rows)
+        # Core on the session's connection: the daemon asks once per batch, and
+        # building the ORM statement cost more than running it.
+        return list(db.session.connection().execute(ACTIVE_NAMES, {"types": list(types)}).scalars())
 
     @staticmethod
     def by_name(name: str) -> Optional["Domain"]:
@@ -595,6 +595,11 @@ class BlobChunk(db.Model):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+_domains = Domain.__table__
+ACTIVE_NAMES = select(_domains.c.name).where(_domains.c.active.is_(True), _domains.c.type.in_(
+    bindparam("types", expanding=True))).order_by(_domains.c.id)
 
 
 def delete_messages(id_query) -> list[str]:

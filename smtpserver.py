@@ -633,16 +633,18 @@ def store_batch(jobs: list[Job]) -> None:
     with one sync pass; if that fails, store them one by one so one bad
     message cannot cost the others. Sets each job's final SMTP reply.
 
-    Within the batch, domains and mailboxes are looked up once, the rows of
-    all messages go in one flush (multi-row INSERTs), and the stats counter
-    gets one UPDATE."""
+    Within the batch, domains, mailboxes and earlier copies (the duplicate
+    filter) are looked up once, the rows of all messages go in one flush
+    (multi-row INSERTs), and the stats counter gets one UPDATE."""
     batch = mailhandler.DeliveryBatch()
     staged: list[tuple[Job, list]] = []
+    shas = [storage.digest(job.raw) for job in jobs]
     try:
-        for job in jobs:
+        batch.look_up_earlier(shas)
+        for job, sha in zip(jobs, shas):
             try:
                 staged.append((job, mailhandler.deliver(job.raw, job.recipients, job.mail_from,
-                                                        job.peer, batch=batch)))
+                                                        job.peer, batch=batch, sha=sha)))
             except DeliveryError as exc:
                 if batch.failed:
                     raise mailhandler.StoreFailed() from exc  # all staged work is gone: again below
