@@ -641,10 +641,7 @@ class Stat(db.Model):
         """Add to the counters inside the caller's transaction (one atomic UPDATE)."""
         # A Core UPDATE of the table: the ORM's bulk-update machinery (even with
         # synchronize_session=False) cost more than storing a message.
-        table = Stat.__table__
-        db.session.execute(update(table).where(table.c.id == 1).values(
-            total_addresses=table.c.total_addresses + total_addresses,
-            total_received=table.c.total_received + total_received, last_updated=now()))
+        db.session.execute(STAT_BUMP, {"addresses": total_addresses, "received": total_received, "now": now()})
 
     @staticmethod
     def snapshot() -> dict:
@@ -669,3 +666,9 @@ def ensure_seed_rows() -> None:
         db.session.commit()
     except IntegrityError:  # another worker seeded the same rows first
         db.session.rollback()
+
+
+_stats = Stat.__table__
+STAT_BUMP = update(_stats).where(_stats.c.id == 1).values(
+    total_addresses=_stats.c.total_addresses + bindparam("addresses"),
+    total_received=_stats.c.total_received + bindparam("received"), last_updated=bindparam("now"))

@@ -170,10 +170,15 @@ def insert_chunks_many(blobs: Iterable[tuple[str, bytes]]) -> None:
         else:
             small.append({"sha256": sha, "seq": 0, "data": data})
     if small:
-        table = BlobChunk.__table__
         # Left-over rows under these names: see insert_chunks.
-        db.session.execute(table.delete().where(table.c.sha256.in_([row["sha256"] for row in small])))
-        db.session.execute(table.insert(), small)
+        db.session.execute(DELETE_CHUNKS, {"shas": [row["sha256"] for row in small]})
+        db.session.execute(INSERT_CHUNK, small)
+
+
+_chunks = BlobChunk.__table__
+# Built once: the daemon runs them for every batch.
+DELETE_CHUNKS = _chunks.delete().where(_chunks.c.sha256.in_(bindparam("shas", expanding=True)))
+INSERT_CHUNK = _chunks.insert()
 
 
 def insert_chunks(sha: str, data: bytes) -> None:
