@@ -181,6 +181,7 @@ _ATOM = r"[A-Za-z0-9_'-]+"
 _LOCAL = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
 _DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
 PLAIN_ADDRESS = re.compile(rf"(?:({_ATOM}(?: {_ATOM})*) +)?<({_LOCAL}@{_DOMAIN})>|({_LOCAL}@{_DOMAIN})")
+PLAIN_ENVELOPE = re.compile(rf"<({_LOCAL}@{_DOMAIN})>(?=[ \t]|$)")  # MAIL FROM:/RCPT TO: argument
 PLAIN_MSGID = re.compile(rf"<{_LOCAL}@{_LOCAL}>")
 PLAIN_TEXT = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 ADDRESS_HEADERS = frozenset(("from", "to", "cc", "bcc", "reply-to", "sender"))

@@ -41,6 +41,7 @@ from salmon._vendor import asynchat, asyncore, smtpd
 
 import logsafe
 import mailhandler
+import mailparse
 import mailpolicy
 import retention
 import storage
@@ -197,6 +198,17 @@ class SMTPChannel(salmon_server.SMTPChannel):
         lines = self.ehlo_lines()
         # One send for the whole reply: several small writes cost a delayed ACK each.
         self.push("\r\n".join([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]))
+
+    def _getaddr(self, arg: str) -> tuple:
+        """(address, the rest of the line) of a MAIL or RCPT argument. A plain
+        ``<user@example.com>`` is read by a pattern that gives what the stock
+        parser gives (tests/test_smtp_protocol.py compares them); the rest
+        goes through the stdlib's address parser, once per command."""
+        match = mailparse.PLAIN_ENVELOPE.match(arg or "")
+        rest = arg[match.end():].lstrip(" \t") if match is not None else ""
+        if match is not None and not rest.startswith("("):  # a comment: the stock parser drops it
+            return match.group(1), rest
+        return super()._getaddr(arg)
 
     def smtp_MAIL(self, arg: Optional[str]) -> None:
         if self.seen_greeting and not self.mailfrom and not storage.has_room():
