@@ -2,9 +2,17 @@
 
 ``db`` is the Flask-SQLAlchemy extension (models.py declares the tables on
 it); ``insert_ignore`` and ``upsert_add`` are the race-free INSERTs of
-SQLite and PostgreSQL that keep concurrent workers exact.
+SQLite and PostgreSQL that keep concurrent workers exact. ``write_gate``
+queues short SQLite write transactions of many threads and processes
+instead of letting them collide in SQLite's lock.
 """
 from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from typing import Iterator, Optional
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -70,3 +78,59 @@ def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
         for key_value, value in db.session.execute(stmt.returning(key_col, col)):
             out[key_value] = value
     return out
+
+
+# --------------------------------------------------------------------------
+# a queue in front of SQLite's one writer lock
+
+_gate = threading.Lock()
+_gate_files: dict[str, tuple[int, int]] = {}  # lock file -> (pid that opened it, fd)
+
+
+def sqlite_lock_path() -> Optional[str]:
+    """The lock file of the app's SQLite database (``<file>-writelock``, next
+    to its ``-wal`` and ``-shm``), or None for another database or an
+    in-memory one."""
+    url = db.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" \
+            or url.database.startswith("file:"):
+        return None
+    return url.database + "-writelock"
+
+
+def _lock_fd(path: str) -> int:
+    """This process's descriptor of ``path``: a worker forked from a parent
+    that had one opens its own, because flock() locks belong to an open file
+    description, which a fork shares."""
+    pid, fd = _gate_files.get(path, (None, -1))
+    if pid != os.getpid():
+        if fd >= 0:
+            os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _gate_files[path] = (os.getpid(), fd)
+    return fd
+
+
+@contextlib.contextmanager
+def write_gate() -> Iterator[None]:
+    """Hold the host's SQLite write queue around one short write transaction
+    (start it and commit it inside). SQLite lets one writer in at a time and
+    makes the others sleep in its busy handler (1, 2, 5, 10 ... 100 ms per
+    try), so under many concurrent writers the losers sleep far longer than
+    the writes take. Here they wait in a queue instead: a lock per process,
+    then ``flock`` on a file next to the database for the processes of the
+    host (gunicorn's workers), each woken the moment the previous one is
+    done. Writers that do not pass here (the mail daemon) still meet SQLite's
+    own lock, as before. On PostgreSQL only the process lock is taken: its
+    row locks already queue waiters."""
+    with _gate:
+        path = sqlite_lock_path()
+        if path is None:
+            yield
+            return
+        fd = _lock_fd(path)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits without the GIL
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
