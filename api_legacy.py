@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 import apierrors
 import clock
 import idgen
+import listingcache
 import mailevents
 import models
 import storage
@@ -134,6 +135,29 @@ def inbox(email: str):
         if box is None:
             return jsonify(error="Email not found", searched_for=address,
                            hint="Generate this email first via /generate endpoint"), 404
+    kept, key = listingcache.cache(), ("inbox", box.id, box.address, box.created_at, box.expires_at, limit, offset)
+    if kept is not None:
+        body = kept.get(key, inbox_fingerprint(box.id, limit, offset))
+        if body is not None:
+            return listingcache.json_response(body)
+    response, fingerprint = inbox_answer(box, limit, offset)
+    if kept is not None:
+        kept.put(key, fingerprint, response.get_data())
+    return response
+
+
+def inbox_fingerprint(mailbox_id: int, limit: int | None, offset: int) -> tuple:
+    """What of the mailbox's messages can change (see listingcache), with the
+    total of a paged listing: equal fingerprints, equal answers."""
+    conn = db.session.connection()
+    params = {"mailbox_id": mailbox_id, "offset": offset, "limit": limit}
+    marks = listingcache.fingerprint(conn.execute(INBOX_MARKS if limit is None else INBOX_MARKS_PAGE, params))
+    paged = limit is not None or offset != 0
+    return marks + ((conn.scalar(INBOX_COUNT, params) or 0,) if paged else ())
+
+
+def inbox_answer(box, limit: int | None, offset: int):
+    """The inbox JSON answer and the fingerprint of the rows it was built from."""
     # Only the summary columns, as plain rows, from statements built once
     # and run as Core: whole Message objects (bodies included), then building
     # and caching the statement per request were most of the cost.
@@ -151,9 +175,11 @@ def inbox(email: str):
                "received_at": clock.fmt_local(row.received_at, zone)}
               for shown_id, row in zip(shown, rows)]
     # Unpaged, the list is the whole mailbox (same transaction): no COUNT needed.
-    total = len(emails) if limit is None and offset == 0 else conn.scalar(INBOX_COUNT, params) or 0
-    return jsonify(success=True, email=box.address, created_at=clock.fmt_local(box.created_at, zone),
-                   expires_at=clock.fmt_local(box.expires_at, zone), total=total, emails=emails)
+    paged = limit is not None or offset != 0
+    total = (conn.scalar(INBOX_COUNT, params) or 0) if paged else len(emails)
+    response = jsonify(success=True, email=box.address, created_at=clock.fmt_local(box.created_at, zone),
+                       expires_at=clock.fmt_local(box.expires_at, zone), total=total, emails=emails)
+    return response, listingcache.fingerprint(rows) + ((total,) if paged else ())
 
 
 def since_arg() -> int:
@@ -188,11 +214,16 @@ _messages = Message.__table__
 # (and above PostgreSQL's INTEGER), which simply means "nothing newer yet".
 INBOX_NEWER = (select(_messages.c.id).where(_messages.c.mailbox_id == bindparam("mailbox_id"),
                                             _messages.c.id > bindparam("since", type_=BigInteger)).limit(1))
-INBOX_ALL = (select(_messages.c.id, _messages.c.from_email, _messages.c.from_name, _messages.c.subject,
-                    _messages.c.is_read, _messages.c.received_at)
+INBOX_ALL = (select(_messages.c.id, _messages.c.public_id, _messages.c.from_email, _messages.c.from_name,
+                    _messages.c.subject, _messages.c.is_read, _messages.c.received_at)
              .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
              .offset(bindparam("offset", type_=Integer)))
 INBOX_PAGE = INBOX_ALL.limit(bindparam("limit", type_=Integer))
+# The fingerprint of a listing (listingcache): the same rows, three narrow columns.
+INBOX_MARKS = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read)
+               .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
+               .offset(bindparam("offset", type_=Integer)))
+INBOX_MARKS_PAGE = INBOX_MARKS.limit(bindparam("limit", type_=Integer))
 INBOX_COUNT = (select(func.count()).select_from(_messages)
                .where(_messages.c.mailbox_id == bindparam("mailbox_id")))
 _mailboxes = Mailbox.__table__
