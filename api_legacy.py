@@ -151,7 +151,7 @@ def inbox_fingerprint(mailbox_id: int, limit: int | None, offset: int) -> tuple:
     total of a paged listing: equal fingerprints, equal answers."""
     conn = db.session.connection()
     params = {"mailbox_id": mailbox_id, "offset": offset, "limit": limit}
-    marks = listingcache.fingerprint(conn.execute(INBOX_MARKS if limit is None else INBOX_MARKS_PAGE, params))
+    marks = listingcache.marks(conn.execute(INBOX_MARKS if limit is None else INBOX_MARKS_PAGE, params))
     paged = limit is not None or offset != 0
     return marks + ((conn.scalar(INBOX_COUNT, params) or 0,) if paged else ())
 

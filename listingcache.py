@@ -78,6 +78,12 @@ def fingerprint(rows) -> tuple:
     return tuple((row.id, row.public_id, bool(row.is_read)) for row in rows)
 
 
+def marks(result) -> tuple:
+    """The fingerprint straight from a query of exactly ``id, public_id,
+    is_read`` (rows as plain tuples: cheaper than reading them by name)."""
+    return tuple(map(tuple, result))
+
+
 def json_response(body: bytes) -> Response:
     """A kept body answered as ``jsonify`` answers it (same type and length)."""
     return current_app.response_class(body, mimetype=current_app.json.mimetype)

@@ -20,7 +20,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
                         String, Text, UniqueConstraint, bindparam, delete, func, select, update)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, contains_eager, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -176,12 +176,19 @@ class ApiKey(db.Model):
         """The live key matching ``raw``, or None."""
         if not raw or len(raw) > 200:
             return None
-        key = db.session.scalar(select(ApiKey).where(ApiKey.key_hash == ApiKey.hash(raw)))
+        # One statement built once, the user loaded with the key: building the
+        # select and then lazy-loading ``key.user`` were half of the User
+        # API's per-request cost (bench/README, session 3).
+        key = db.session.scalar(_KEY_LOOKUP, {"key_hash": ApiKey.hash(raw)})
         return key if key is not None and key.revoked_at is None else None
 
     def revoke(self) -> None:
         """Revoke this key at once (not committed)."""
         self.revoked_at = self.revoked_at or now()
+
+
+_KEY_LOOKUP = (select(ApiKey).join(ApiKey.user).options(contains_eager(ApiKey.user))
+               .where(ApiKey.key_hash == bindparam("key_hash")))
 
 
 class QuotaUsage(db.Model):
