@@ -136,13 +136,27 @@ def inbox(email: str):
             return jsonify(error="Email not found", searched_for=address,
                            hint="Generate this email first via /generate endpoint"), 404
     kept, key = listingcache.cache(), ("inbox", box.id, box.address, box.created_at, box.expires_at, limit, offset)
-    if kept is not None:
-        body = kept.get(key, inbox_fingerprint(box.id, limit, offset))
-        if body is not None:
-            return listingcache.json_response(body)
+    body = kept.get(key, inbox_fingerprint(box.id, limit, offset)) if kept is not None else None
+    if body is not None:
+        return conditional(listingcache.json_response(body), body)
     response, fingerprint = inbox_answer(box, limit, offset)
+    body = response.get_data()
     if kept is not None:
-        kept.put(key, fingerprint, response.get_data())
+        kept.put(key, fingerprint, body)
+    return conditional(response, body)
+
+
+def conditional(response, body: bytes):
+    """The inbox with an ETag, and 304 Not Modified (no body) to a poller
+    whose ``If-None-Match`` names the same answer: api.php has no quota, so
+    an unchanged poll may cost nothing. (The User API keeps answering 200:
+    there every 2xx counts, and a 304 would make polling free of quota.)"""
+    etag = listingcache.etag_of(body)
+    response.set_etag(etag)
+    if request.if_none_match.contains(etag):
+        # werkzeug sends a 304 without its body and entity headers
+        # (make_conditional would add a Date header beside gunicorn's own)
+        response.status_code = 304
     return response
 
 

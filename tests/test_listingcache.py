@@ -140,3 +140,42 @@ def test_user_api_listing_is_never_stale_in_any_worker(site, app):
     assert requests.delete(f"{site.url}/api/messages/{oldest}", headers=auth, timeout=30).status_code == 200
     answers = site.burst(path, auth)
     assert all([m["id"] for m in a["messages"]][-1] != oldest and len(a["messages"]) == 3 for a in answers)
+
+
+def test_api_php_inbox_answers_an_unchanged_poll_with_304(app, client):
+    """``If-None-Match`` with the inbox's ETag: 304 without a body while
+    nothing changed; a new message gives 200 with the new list and a new ETag."""
+    import mailhandler
+    from models import Mailbox
+    address = client.get("/api.php/generate").get_json()["email"]
+    first = client.get(f"/api.php/inbox/{address}")
+    etag = first.headers["ETag"]
+    again = client.get(f"/api.php/inbox/{address}", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.data == b"" and again.headers["ETag"] == etag
+    assert "Content-Type" not in again.headers and again.headers.getlist("Date") == []
+    with app.app_context():
+        mailhandler.store_message(Mailbox.find_live(address), {
+            "from_email": "a@peer.test", "from_name": "A", "subject": "new", "body_text": "x"},
+            b"Subject: new\r\n\r\nx\r\n", [])
+        db.session.commit()
+    changed = client.get(f"/api.php/inbox/{address}", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.get_json()["total"] == 1 and changed.headers["ETag"] != etag
+    unpaged_etag, paged = changed.headers["ETag"], client.get(f"/api.php/inbox/{address}?limit=1&offset=1")
+    assert paged.headers["ETag"] != unpaged_etag  # another answer, another validator
+
+
+def test_listings_without_the_cache(app_factory):
+    """``listing_cache_bytes: 0``: nothing is kept, both listings answer as usual."""
+    app = app_factory({"listing_cache_bytes": 0})
+    client = app.test_client()
+    assert "listing_cache" not in app.extensions
+    address = client.get("/api.php/generate").get_json()["email"]
+    first = client.get(f"/api.php/inbox/{address}")
+    assert first.get_json()["total"] == 0
+    assert client.get(f"/api.php/inbox/{address}", headers={"If-None-Match": first.headers["ETag"]}).status_code == 304
+    with app.app_context():
+        _key, raw = ApiKey.issue(User.create("nocache@users.test"))
+        db.session.commit()
+    auth = {"Authorization": f"Bearer {raw}"}
+    owned = client.post("/api/emails", headers=auth).get_json()["data"]["email"]
+    assert client.get(f"/api/messages?email={owned}", headers=auth).get_json()["messages"] == []
