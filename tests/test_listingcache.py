@@ -2,7 +2,8 @@
 through gunicorn as ``make run`` serves it (2 threaded workers, each of which
 has answered the listing before), with mail delivered by the real daemon, a
 new, a read and a deleted message show on the very next request through
-every worker, for api.php's inbox and the User API's listing alike."""
+every worker, for api.php's inbox and the User API's listing alike (and a
+message api.php has shown is gone from every worker once deleted)."""
 from __future__ import annotations
 
 import json
@@ -66,7 +67,7 @@ class Site:
         with smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=30) as smtp:
             assert smtp.sendmail("sender@peer.test", [to], msg.as_bytes()) == {}
 
-    def burst(self, path: str, headers: dict | None = None) -> list[dict]:
+    def burst(self, path: str, headers: dict | None = None, status: int = 200) -> list[dict]:
         """The listing fetched by BURST parallel requests on new connections,
         again until both workers have answered some (checked in the access
         log): every answer is returned."""
@@ -74,7 +75,7 @@ class Site:
         for _ in range(10):
             start = self.log.stat().st_size
             with ThreadPoolExecutor(max_workers=BURST) as pool:
-                answers += list(pool.map(lambda _n: self.get(path, headers), range(BURST)))
+                answers += list(pool.map(lambda _n: self.get(path, headers, status), range(BURST)))
             time.sleep(0.2)  # the access log line is written after the answer
             with open(self.log) as log:
                 log.seek(start)
@@ -83,9 +84,9 @@ class Site:
                 return answers
         pytest.fail(f"the requests never reached both workers {self.workers()}: {served}")
 
-    def get(self, path: str, headers: dict | None = None) -> dict:
+    def get(self, path: str, headers: dict | None = None, status: int = 200) -> dict:
         resp = requests.get(self.url + path, headers={**(headers or {}), "Connection": "close"}, timeout=30)
-        assert resp.status_code == 200, resp.text
+        assert resp.status_code == status, resp.text
         return resp.json()
 
     def close(self) -> None:
@@ -112,7 +113,9 @@ def test_api_php_inbox_is_never_stale_in_any_worker(site):
     first, second = answers[0]["emails"][0]["id"], answers[0]["emails"][1]["id"]
     assert site.get(f"/api.php/email/{first}")["email"]["is_read"] == 1
     assert all([m["is_read"] for m in a["emails"]] == [1, 0, 0, 0] for a in site.burst(path))
+    assert {a["email"]["subject"] for a in site.burst(f"/api.php/email/{second}")} == {"cached 2"}
     assert requests.delete(f"{site.url}/api.php/email/{second}", timeout=30).status_code == 200
+    assert site.burst(f"/api.php/email/{second}", status=404)[0] == {"error": "Email not found"}
     answers = site.burst(path)
     assert all(a["total"] == 3 and second not in [m["id"] for m in a["emails"]] for a in answers)
     page = site.burst(path + "?limit=1&offset=1")  # a page carries the total of the whole inbox
