@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sqlite3
 from pathlib import Path
 
 from flask import Flask, request
@@ -34,6 +35,7 @@ import models
 import ops
 import settings
 import web
+import writelock
 from models import db
 
 ROOT = Path(__file__).resolve().parent
@@ -77,13 +79,16 @@ def instance_secret(instance: Path) -> str:
 def _sqlite_pragmas(dbapi_conn, _record):
     """WAL for concurrent readers while mail is written, a busy timeout instead of
     'database is locked', and foreign keys on (SQLite leaves them off)."""
-    if type(dbapi_conn).__module__.startswith("sqlite3"):
+    if isinstance(dbapi_conn, sqlite3.Connection):
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
+        path = next((row[2] for row in cur.execute("PRAGMA database_list") if row[1] == "main"), "")
         cur.close()
+        if isinstance(dbapi_conn, writelock.QueuedWriterConnection):
+            dbapi_conn.use_lock(writelock.lock_path_for(path))
 
 
 def engine_options(url: str, conf: dict) -> dict:
@@ -116,7 +121,11 @@ def create_app(test_config: dict | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
-    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options(app.config["SQLALCHEMY_DATABASE_URI"], conf))
+    options = engine_options(app.config["SQLALCHEMY_DATABASE_URI"], conf)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        # Writers queue for SQLite's one write lock instead of sleeping in its busy handler.
+        options["connect_args"] = {"factory": writelock.QueuedWriterConnection}
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     app.config.update(test_config)
     app.json.sort_keys = False
     fastjson.init_app(app)  # orjson behind jsonify: same JSON, a fraction of the CPU

@@ -2,19 +2,14 @@
 
 ``db`` is the Flask-SQLAlchemy extension (models.py declares the tables on
 it); ``insert_ignore`` and ``upsert_add`` are the race-free INSERTs of
-SQLite and PostgreSQL that keep concurrent workers exact. ``write_gate``
-queues short SQLite write transactions of many threads and processes
-instead of letting them collide in SQLite's lock.
+SQLite and PostgreSQL that keep concurrent workers exact.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import threading
-from typing import Iterator, Optional
+import functools
 
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -68,69 +63,27 @@ def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
     UPSERT_ROWS rows instead of one statement per row; returns
     ``{key value: new column value}``. Rows are sent sorted by key, so two
     writers lock rows in the same order (no deadlock on PostgreSQL)."""
-    insert = pg_insert if db.session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    table = model.__table__
-    key_col, col = table.c[key], table.c[column]
+    dialect = db.session.get_bind().dialect.name
     rows, out = sorted(rows, key=lambda r: r[key]), {}
+    names = list(rows[0]) if rows else []
     for start in range(0, len(rows), UPSERT_ROWS):
-        stmt = insert(table).values(rows[start:start + UPSERT_ROWS])
-        stmt = stmt.on_conflict_do_update(index_elements=[key], set_={column: col + stmt.excluded[column]})
-        for key_value, value in db.session.execute(stmt.returning(key_col, col)):
+        part = rows[start:start + UPSERT_ROWS]
+        stmt = _upsert_statement(dialect, model.__table__, key, column, tuple(names), len(part))
+        params = {f"{name}_{i}": row[name] for i, row in enumerate(part) for name in names}
+        for key_value, value in db.session.execute(stmt, params):
             out[key_value] = value
     return out
 
 
-# --------------------------------------------------------------------------
-# a queue in front of SQLite's one writer lock
-
-_gate = threading.Lock()
-_gate_files: dict[str, tuple[int, int]] = {}  # lock file -> (pid that opened it, fd)
-
-
-def sqlite_lock_path() -> Optional[str]:
-    """The lock file of the app's SQLite database (``<file>-writelock``, next
-    to its ``-wal`` and ``-shm``), or None for another database or an
-    in-memory one."""
-    url = db.engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" \
-            or url.database.startswith("file:"):
-        return None
-    return url.database + "-writelock"
-
-
-def _lock_fd(path: str) -> int:
-    """This process's descriptor of ``path``: a worker forked from a parent
-    that had one opens its own, because flock() locks belong to an open file
-    description, which a fork shares."""
-    pid, fd = _gate_files.get(path, (None, -1))
-    if pid != os.getpid():
-        if fd >= 0:
-            os.close(fd)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        _gate_files[path] = (os.getpid(), fd)
-    return fd
-
-
-@contextlib.contextmanager
-def write_gate() -> Iterator[None]:
-    """Hold the host's SQLite write queue around one short write transaction
-    (start it and commit it inside). SQLite lets one writer in at a time and
-    makes the others sleep in its busy handler (1, 2, 5, 10 ... 100 ms per
-    try), so under many concurrent writers the losers sleep far longer than
-    the writes take. Here they wait in a queue instead: a lock per process,
-    then ``flock`` on a file next to the database for the processes of the
-    host (gunicorn's workers), each woken the moment the previous one is
-    done. Writers that do not pass here (the mail daemon) still meet SQLite's
-    own lock, as before. On PostgreSQL only the process lock is taken: its
-    row locks already queue waiters."""
-    with _gate:
-        path = sqlite_lock_path()
-        if path is None:
-            yield
-            return
-        fd = _lock_fd(path)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits without the GIL
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+@functools.lru_cache(maxsize=256)
+def _upsert_statement(dialect: str, table, key: str, column: str, names: tuple, count: int):
+    """The multi-row upsert of ``count`` rows as SQL text, written once per
+    shape. SQLAlchemy gives an ``ON CONFLICT DO UPDATE`` construct no cache
+    key, so it compiled the statement anew for every batch, which cost more
+    than running it. The same SQL on SQLite (3.35+) and PostgreSQL; every
+    name in it is one of our own tables' and columns'."""
+    del dialect  # part of the cache key only: one engine per process, either kind
+    rows = ", ".join("(" + ", ".join(f":{name}_{i}" for name in names) + ")" for i in range(count))
+    return text(f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {rows} "
+                f"ON CONFLICT ({key}) DO UPDATE SET {column} = {table.name}.{column} + excluded.{column} "
+                f"RETURNING {key}, {column}")

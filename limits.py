@@ -18,7 +18,6 @@ from typing import Optional
 from sqlalchemy import func, select
 
 import clock
-from database import write_gate
 from models import Mailbox, QuotaUsage, RateCounter, User, cfg, db
 
 
@@ -122,7 +121,8 @@ class QuotaBatcher:
 
     Every User API request writes its reservation; as one write transaction
     each, the requests of many threads and workers queue for SQLite's one
-    writer lock (or a PostgreSQL row lock) one commit at a time. Here a
+    writer lock (or a PostgreSQL row lock) one commit at a time, each paying
+    a lock hand-off and a commit. Here a
     request joins a queue; the first one finds nobody writing and writes
     for everyone queued, in one transaction (one guarded UPDATE per user:
     ``used + n <= limit``, or unit by unit near the limit), then hands each
@@ -157,14 +157,14 @@ class QuotaBatcher:
 
     @staticmethod
     def _write(batch: list[_Ticket], mine: _Ticket) -> None:
-        """One transaction for the whole batch, through the host's write
-        queue. On failure the writer gets the error itself and the others a
-        ``QuotaFailed`` caused by it (each request then answers 500)."""
+        """One transaction for the whole batch (on SQLite it queues for the
+        host's writer lock, writelock.py, like every writer). On failure the
+        writer gets the error itself and the others a ``QuotaFailed`` caused
+        by it (each request then answers 500)."""
         wanted = Counter(t.key for t in batch)
         try:
-            with write_gate():
-                got = {key: QuotaUsage.reserve_many(*key, n) for key, n in wanted.items()}
-                db.session.commit()
+            got = {key: QuotaUsage.reserve_many(*key, n) for key, n in wanted.items()}
+            db.session.commit()
         except BaseException as exc:
             db.session.rollback()
             for ticket in batch:

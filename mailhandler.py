@@ -42,7 +42,8 @@ import storage
 import webhooks
 from clock import now
 from mailparse import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, PARSE_POLICY, BoundedMessage,  # noqa: F401
-                       html_to_text, line_extent, parse_bytes, safe_codec, unfold)
+                       html_to_text, line_extent, parse_bytes, plain_addresses, plain_value, safe_codec,
+                       unfold)
 from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
                         UnknownRecipient)
 from models import Attachment, Domain, Mailbox, Message, Stat, db
@@ -127,6 +128,9 @@ def header(msg: EmailMessage, name: str) -> str:
     raw = raw_header(msg, name)
     if raw is None:
         return ""
+    plain = plain_value(name.lower(), raw)  # the stdlib's answer, without its parse
+    if plain is not None:
+        return plain
     try:
         if isinstance(msg, BoundedMessage):
             value = msg.get(name)
@@ -147,6 +151,9 @@ def legacy_decode(raw: str) -> str:
 
 def sender(msg: EmailMessage) -> tuple[str, str]:
     """(display name, address) of the From header."""
+    plain = plain_addresses(raw_header(msg, "from") or ",")  # the stdlib's answer, without its parse
+    if plain:
+        return plain[0]
     try:
         value = msg.get("from") if isinstance(msg, BoundedMessage) else None
         addresses = value.addresses if value is not None else ()
@@ -346,8 +353,29 @@ class DeliveryBatch:
         self.copies: dict[tuple, Message] = {}
         self.stored: list[tuple[Mailbox, Message]] = []  # every new copy, for the webhook outbox
         self.freed: list[str] = []
+        self.earlier: dict[tuple, int] = {}  # (mailbox id, tag, sha, envelope from) -> id, see look_up_earlier
+        self.looked_up: set[str] = set()  # the digests ``earlier`` answers for
         self.received = 0
         self.failed = False  # rolled back: whatever was staged is gone
+
+    def look_up_earlier(self, shas: list[str]) -> None:
+        """The duplicate filter's look-up for a whole batch in one query: the
+        copies of these digests stored within the window, whatever their
+        mailbox (``earlier_copy`` then needs no query per message)."""
+        window = int(models.cfg("dedupe_window_seconds") or 0)
+        shas = [sha for sha in dict.fromkeys(shas) if sha not in self.looked_up]
+        if window <= 0 or not shas:
+            return
+        since = now() - timedelta(seconds=window)
+        try:
+            rows = db.session.connection().execute(EARLIER_ANY, {"shas": shas, "since": since}).all()
+        except Exception as exc:
+            log.exception("duplicate look-up of %d messages failed", len(shas))
+            self.rollback()
+            raise StoreFailed() from exc
+        for row in rows:
+            self.earlier.setdefault((row.mailbox_id, row.tag, row.raw_sha256, row.envelope_from), row.id)
+        self.looked_up.update(shas)
 
     def stage_files(self) -> None:
         """Make the blobs written so far durable, before the INSERTs take
@@ -382,7 +410,7 @@ class DeliveryBatch:
         db.session.rollback()
         self.pending.after_rollback()
         self.known, self.copies, self.freed, self.received = mailpolicy.Lookups(), {}, [], 0
-        self.stored = []
+        self.stored, self.earlier, self.looked_up = [], {}, set()
         self.failed = True
 
 
@@ -396,7 +424,7 @@ def forced_failure() -> None:
 
 
 def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = "",
-            batch: Optional[DeliveryBatch] = None, dedupe: bool = True) -> list[Message]:
+            batch: Optional[DeliveryBatch] = None, dedupe: bool = True, sha: Optional[str] = None) -> list[Message]:
     """Store ``raw`` once per accepted (mailbox, tag) among ``recipients``: the
     one entry point of every receiver. Raises UnknownRecipient, RelayDenied,
     TooLarge or StoreFailed, whether or not a ``batch`` is given.
@@ -406,7 +434,8 @@ def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = 
     failure rolls the whole batch back (the caller stores the others again).
     A sender's retry of a message already stored is answered with the stored
     copy (``earlier_copy``); ``dedupe=False`` (an operator's deliberate
-    ``flask import``) always stores."""
+    ``flask import``) always stores. ``sha``: the SHA-256 of ``raw`` when
+    the caller computed it already."""
     own = batch is None
     batch = batch or DeliveryBatch()
     try:
@@ -417,7 +446,7 @@ def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = 
         log_rejected(exc, mail_from, recipients, len(raw), peer)
         raise
     try:
-        msgs = stage(raw, targets, clean(mail_from)[:998], batch, dedupe)
+        msgs = stage(raw, targets, clean(mail_from)[:998], batch, dedupe, sha)
         if own:
             batch.commit()
     except Exception as exc:
@@ -441,9 +470,10 @@ def accept(raw: bytes, recipients: list[str], batch: DeliveryBatch) -> list[tupl
     return targets
 
 
-def stage(raw: bytes, targets: list, envelope_from: str, batch: DeliveryBatch, dedupe: bool) -> list[Message]:
+def stage(raw: bytes, targets: list, envelope_from: str, batch: DeliveryBatch, dedupe: bool,
+          sha: Optional[str] = None) -> list[Message]:
     """Add one copy per target to the batch (or find the copy stored earlier)."""
-    sha = storage.digest(raw)  # once per message, for the blob and the duplicate check
+    sha = sha or storage.digest(raw)  # once per message, for the blob and the duplicate check
     fields: Optional[dict] = None
     msgs = []
     for box, tag in targets:
@@ -500,6 +530,9 @@ def earlier_copy(box: Mailbox, tag: Optional[str], sha: str, envelope_from: str,
     key = (box.id, tag, sha, envelope_from)
     if key in batch.copies:
         return batch.copies[key]  # stored earlier in this batch: no query, no flush
+    if sha in batch.looked_up:  # the batch's one look-up (the daemon's group commit)
+        found = batch.earlier.get(key)
+        return db.session.get(Message, found) if found is not None else None
     params = {"sha": sha, "mailbox_id": box.id, "tag": tag, "envelope_from": envelope_from,
               "since": now() - timedelta(seconds=window)}
     # A statement built once, run as Core on the batch's connection (building
@@ -518,6 +551,9 @@ _EARLIER = (select(_msg.c.id).where(_msg.c.raw_sha256 == bindparam("sha"),
                                     _msg.c.received_at >= bindparam("since")).limit(1))
 EARLIER_UNTAGGED = _EARLIER.where(_msg.c.tag.is_(None))
 EARLIER_TAGGED = _EARLIER.where(_msg.c.tag == bindparam("tag"))
+# The same index, one seek per digest of a batch.
+EARLIER_ANY = select(_msg.c.id, _msg.c.raw_sha256, _msg.c.mailbox_id, _msg.c.tag, _msg.c.envelope_from).where(
+    _msg.c.raw_sha256.in_(bindparam("shas", expanding=True)), _msg.c.received_at >= bindparam("since"))
 
 
 def store_message(box: Mailbox, fields: dict, raw: bytes, attachments: Iterable[dict] = ()) -> Message:

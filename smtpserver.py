@@ -41,6 +41,7 @@ from salmon._vendor import asynchat, asyncore, smtpd
 
 import logsafe
 import mailhandler
+import mailparse
 import mailpolicy
 import retention
 import storage
@@ -197,6 +198,17 @@ class SMTPChannel(salmon_server.SMTPChannel):
         lines = self.ehlo_lines()
         # One send for the whole reply: several small writes cost a delayed ACK each.
         self.push("\r\n".join([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]))
+
+    def _getaddr(self, arg: str) -> tuple:
+        """(address, the rest of the line) of a MAIL or RCPT argument. A plain
+        ``<user@example.com>`` is read by a pattern that gives what the stock
+        parser gives (tests/test_smtp_protocol.py compares them); the rest
+        goes through the stdlib's address parser, once per command."""
+        match = mailparse.PLAIN_ENVELOPE.match(arg or "")
+        rest = arg[match.end():].lstrip(" \t") if match is not None else ""
+        if match is not None and not rest.startswith("("):  # a comment: the stock parser drops it
+            return match.group(1), rest
+        return super()._getaddr(arg)
 
     def smtp_MAIL(self, arg: Optional[str]) -> None:
         if self.seen_greeting and not self.mailfrom and not storage.has_room():
@@ -633,16 +645,18 @@ def store_batch(jobs: list[Job]) -> None:
     with one sync pass; if that fails, store them one by one so one bad
     message cannot cost the others. Sets each job's final SMTP reply.
 
-    Within the batch, domains and mailboxes are looked up once, the rows of
-    all messages go in one flush (multi-row INSERTs), and the stats counter
-    gets one UPDATE."""
+    Within the batch, domains, mailboxes and earlier copies (the duplicate
+    filter) are looked up once, the rows of all messages go in one flush
+    (multi-row INSERTs), and the stats counter gets one UPDATE."""
     batch = mailhandler.DeliveryBatch()
     staged: list[tuple[Job, list]] = []
+    shas = [storage.digest(job.raw) for job in jobs]
     try:
-        for job in jobs:
+        batch.look_up_earlier(shas)
+        for job, sha in zip(jobs, shas):
             try:
                 staged.append((job, mailhandler.deliver(job.raw, job.recipients, job.mail_from,
-                                                        job.peer, batch=batch)))
+                                                        job.peer, batch=batch, sha=sha)))
             except DeliveryError as exc:
                 if batch.failed:
                     raise mailhandler.StoreFailed() from exc  # all staged work is gone: again below

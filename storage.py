@@ -66,6 +66,25 @@ def backend_name() -> str:
     return current_app.config["TEMPMAIL"]["storage"]["backend"]
 
 
+def home(backend: str, size: int) -> str:
+    """The backend that keeps a blob of ``size`` bytes when ``backend`` is
+    configured. With the filesystem backend only blobs over
+    ``storage.inline_max_bytes`` are files: a small blob is a row beside the
+    message that names it, committed with it, so storing a small message
+    creates and syncs no file (one WAL or PostgreSQL commit covers it;
+    SQLite reads and writes blobs under ~100 KB faster in the database than
+    as files). Reads look in both places either way."""
+    inline_max = current_app.config["TEMPMAIL"]["storage"]["inline_max_bytes"]
+    if backend == "filesystem" and inline_max > 0 and size <= inline_max:
+        return "database"
+    return backend
+
+
+def in_file(size: int) -> bool:
+    """Whether a new blob of ``size`` bytes is written as a file."""
+    return home(backend_name(), size) == "filesystem"
+
+
 def fsync_enabled() -> bool:
     # Tests turn it off (FSYNC=False): a tmpfs-speed suite; production never does.
     return current_app.config.get("FSYNC", True)
@@ -90,7 +109,7 @@ class PendingBlobs:
         self.refs[sha] = self.refs.get(sha, 0) + 1
         if sha not in self.data:
             self.data[sha] = data
-            if backend_name() == "filesystem":
+            if in_file(len(data)):
                 write_blob_file(sha, data, self)
         return sha
 
@@ -113,20 +132,23 @@ class PendingBlobs:
         # too), so two batches sharing blobs on PostgreSQL wait for each other
         # instead of deadlocking.
         new = Blob.add_refs({sha: (len(self.data[sha]), count) for sha, count in self.refs.items()})
-        if backend_name() == "database":
-            for sha in sorted(new):
-                insert_chunks(sha, self.data[sha])
+        insert_chunks_many((sha, self.data[sha]) for sha in sorted(new) if not in_file(len(self.data[sha])))
 
     def after_commit(self) -> None:
         """Once the rows are durable: every file they name must exist. A
         concurrent deletion may have freed a blob whose file this batch found
         already present (see ``discard``): write it again from memory."""
-        if backend_name() == "filesystem":
-            for sha, data in self.data.items():
-                if not blob_path(sha).exists():
-                    log.warning("blob %s vanished during its commit; written again", sha)
-                    write_blob_file(sha, data, self)
-                    self.sync_files()
+        for sha, data in self.data.items():
+            if in_file(len(data)) and not blob_path(sha).exists():
+                log.warning("blob %s vanished during its commit; written again", sha)
+                write_blob_file(sha, data, self)
+                self.sync_files()
+                # The new row may itself have been deleted meanwhile (a deleter
+                # that found no file to discard): then the file is an orphan.
+                # A deletion committed after this look-up finds the file and
+                # discards it itself.
+                if db.session.scalar(select(Blob.sha256).where(Blob.sha256 == sha)) is None:
+                    discard([sha])
         self.data.clear()
 
     def after_rollback(self) -> None:
@@ -135,6 +157,28 @@ class PendingBlobs:
         discard([p.name for p in self.written])
         self.written.clear()
         self.data.clear()
+
+
+def insert_chunks_many(blobs: Iterable[tuple[str, bytes]]) -> None:
+    """The rows of several blobs (``(sha, bytes)``) in one DELETE and one
+    multi-row INSERT: a batch of small messages costs two statements, not
+    two per message. A blob over one chunk goes through ``insert_chunks``."""
+    small = []
+    for sha, data in blobs:
+        if len(data) > CHUNK:
+            insert_chunks(sha, data)
+        else:
+            small.append({"sha256": sha, "seq": 0, "data": data})
+    if small:
+        # Left-over rows under these names: see insert_chunks.
+        db.session.execute(DELETE_CHUNKS, {"shas": [row["sha256"] for row in small]})
+        db.session.execute(INSERT_CHUNK, small)
+
+
+_chunks = BlobChunk.__table__
+# Built once: the daemon runs them for every batch.
+DELETE_CHUNKS = _chunks.delete().where(_chunks.c.sha256.in_(bindparam("shas", expanding=True)))
+INSERT_CHUNK = _chunks.insert()
 
 
 def insert_chunks(sha: str, data: bytes) -> None:
@@ -181,11 +225,14 @@ def write_blob_file(sha: str, data: bytes, pending: PendingBlobs) -> None:
     path = blob_path(sha)
     if path.exists():
         return
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{uuid.uuid4().hex}.tmp"
+    tmp = path.parent / f"{uuid.uuid4().hex}.tmp"
     try:
-        with open(tmp, "wb") as fh:
+        fh = open(tmp, "wb")
+    except FileNotFoundError:  # the folder's first blob (or the purge removed it): a mkdir
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # per blob cost more than the write
+        fh = open(tmp, "wb")
+    try:
+        with fh:
             fh.write(data)
     except BaseException:
         tmp.unlink(missing_ok=True)

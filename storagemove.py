@@ -67,9 +67,10 @@ def migrate(target: str, batch_size: int = 500,
     remove_source = storage.backend_name() == target
     report = Report()
     for sha, size in blob_rows(batch_size):
-        outcome = move_one(sha, target)
+        dest = storage.home(target, size)  # small blobs stay rows under the filesystem backend too
+        outcome = move_one(sha, dest)
         report.note(outcome, sha, size)
-        if remove_source and outcome in ("copied", "present") and remove_copy(storage.other_backend(target), sha):
+        if remove_source and outcome in ("copied", "present") and remove_copy(storage.other_backend(dest), sha):
             report.removed += 1
         if progress:
             progress(1)

@@ -42,7 +42,8 @@ def record(pids: list[int], seconds: float, out: Path, native: bool, gil: bool) 
         path = out.with_name(f"{out.stem}-{pid}.txt")
         cmd = [str(common.VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
                "--format", "raw", "--output", str(path), "--threads", "--idle", "--nolineno", "--rate", "100",
-               "--nonblocking"]
+               ]
+        cmd += [] if native else ["--nonblocking"]  # py-spy refuses --native with --nonblocking
         cmd += ["--native"] if native else []
         cmd += ["--gil"] if gil else []
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))

@@ -147,8 +147,12 @@ def app_factory(backend, tmp_path, request, clock):
     made = []
 
     def make(overrides: dict | None = None, **flask_config):
+        # Every blob in a file: many tests look at the files a delivery, a
+        # deletion or a purge leaves. tests/test_storage.py runs its whole
+        # suite on the shipped default too (small blobs as rows), and the
+        # tests that start the daemon as `make run` does use that default.
         conf = {"database_url": url, "uploads_dir": str(tmp_path / "uploads"),
-                "domains": TEST_DOMAINS}
+                "domains": TEST_DOMAINS, "storage": {"inline_max_bytes": 0}}
         conf.update(overrides or {})
         app = create_app({"TESTING": True, "CLOCK": clock, "FSYNC": False, "TEMPMAIL": conf,
                           **flask_config})

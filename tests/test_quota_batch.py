@@ -1,21 +1,15 @@
 """The User API quota as counted by ``limits.QuotaBatcher`` (group commit of
-the reservations of concurrent requests) and ``database.write_gate`` (the
-host-wide queue in front of SQLite's writer lock): exact on both databases,
-through gunicorn as ``make run`` serves it (threaded workers, so requests of
-one worker really do share a batch)."""
+the reservations of concurrent requests): exact on both databases, through
+gunicorn as ``make run`` serves it (threaded workers, so requests of one
+worker really do share a batch)."""
 from __future__ import annotations
 
-import fcntl
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import requests
 from sqlalchemy import text, update
 
-import database
 import limits
 from models import ApiKey, QuotaUsage, User, db
 
@@ -78,45 +72,6 @@ def test_a_batch_that_cannot_be_written_fails_every_request_in_it(app):
         assert isinstance(tickets[0].failed, limits.QuotaFailed) and tickets[0].failed.__cause__ is tickets[1].failed
         assert isinstance(tickets[2].failed, limits.QuotaFailed)
         assert QuotaUsage.used_in(user.id, period) == 5  # nothing counted
-
-
-HOLD = r'''
-import sys
-sys.path.insert(0, sys.argv[1])
-from app import create_app
-import database
-app = create_app()
-with app.app_context(), database.write_gate():
-    print("held", flush=True)
-    sys.stdin.readline()
-'''
-
-
-def test_write_gate_is_one_queue_for_every_process_of_the_host(app, config_file, backend):
-    """While another process holds the gate, this one cannot take the lock
-    file; on PostgreSQL there is no lock file (row locks queue there)."""
-    with app.app_context():
-        path = database.sqlite_lock_path()
-    if backend != "sqlite":
-        assert path is None
-        return
-    assert path == app.config["SQLALCHEMY_DATABASE_URI"][len("sqlite:///"):] + "-writelock"
-    env = {"TEMPMAIL_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT)], cwd=ROOT, env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with open(path) as other:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.wait(timeout=30) == 0
-        with open(path) as other:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the holder is done
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_quota_exact_through_threaded_workers_as_shipped(app, config_file, tmp_path, backend):

@@ -346,3 +346,61 @@ def test_unknown_user_without_catch_all(app):
         with pytest.raises(mailhandler.RelayDenied):
             mailpolicy.check_recipient("known@example.net")
         mailpolicy.check_recipient("KNOWN@example.com")
+
+
+# --------------------------------------------------------------------------
+# plain header values: the same answer as the stdlib's header objects
+
+def stdlib_value(name: str, value: str) -> str:
+    return str(mailparse.PARSE_POLICY.header_fetch_parse(name, value))
+
+
+# Pieces of header values, plain and not: the generated values mix them, so
+# both the plain path and its refusals are exercised.
+WORDS = ["John", "Doe", "O'Brien", "a-b_c", "x", "Ünï", '"Q"', "(c)", "=?utf-8?q?J=C3=B6?=", "a.b", "", " "]
+LOCALS = ["john", "a.b+c", "x_y-z", "a..b", ".a", "ü", "a b", "q\"q"]
+DOMAINS = ["example.com", "x-y.z", "localhost", "[1.2.3.4]", "a.b.c.d", "-x.com", "ex ample.com"]
+DATES = ["Mon, 30 Nov 2026 10:00:00 +0000", "30 Nov 2026 10:00 -0500", "Mon, 30 Nov 2026 10:00:00",
+         "Mon, 30 Nov 2026 10:00:00 GMT", "Tue, 1 Dec 2026 25:00:00 +0000", "garbage", "31 Feb 2026 1:2:3 +0100"]
+SEPARATORS = [" ", "  ", "", "\t", ", ", ","]
+
+
+def addresses():
+    addr = st.builds(lambda l, d: f"{l}@{d}", st.sampled_from(LOCALS), st.sampled_from(DOMAINS))
+    name = st.lists(st.sampled_from(WORDS), max_size=3).map(" ".join)
+    one = st.one_of(addr, addr.map(lambda a: f"<{a}>"),
+                    st.builds(lambda n, s, a: f"{n}{s}<{a}>", name, st.sampled_from(SEPARATORS), addr))
+    return st.lists(one, min_size=1, max_size=3).flatmap(
+        lambda items: st.sampled_from(SEPARATORS).map(lambda sep: (sep if "," in sep else ", ").join(items)))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(
+    st.tuples(st.sampled_from(["from", "to", "cc", "reply-to"]), addresses()),
+    st.tuples(st.just("date"), st.sampled_from(DATES)),
+    st.tuples(st.just("message-id"), st.builds(lambda l, d: f"<{l}@{d}>", st.sampled_from(LOCALS + ["a@b"]),
+                                                st.sampled_from(DOMAINS))),
+    st.tuples(st.just("subject"), st.lists(st.sampled_from(WORDS + ["Re:", "[x]", "\u00e9t\u00e9"]), max_size=5)
+              .flatmap(lambda ws: st.sampled_from(SEPARATORS).map(lambda sep: sep.join(ws)))),
+))
+def test_plain_header_values_are_what_the_stdlib_says(item):
+    """``mailparse.plain_value`` answers only where it gives exactly the
+    stdlib's string; everything else it leaves to the stdlib (None)."""
+    name, value = item
+    plain = mailparse.plain_value(name, value)
+    if plain is not None:
+        assert plain == stdlib_value(name, value)
+    if name in ("from", "to") and (found := mailparse.plain_addresses(value)):
+        parsed = mailparse.PARSE_POLICY.header_fetch_parse(name, value).addresses
+        assert found == [(a.display_name, a.addr_spec) for a in parsed]
+
+
+def test_plain_header_values_cover_the_usual_forms():
+    """The forms most mail uses do take the plain path."""
+    assert mailparse.plain_value("from", "John Doe <john@example.com>") == "John Doe <john@example.com>"
+    assert mailparse.plain_value("to", "<a@b.example>, c@d.example") == "a@b.example, c@d.example"
+    assert mailparse.plain_value("date", "Mon, 30 Nov 2026 10:00:00 +0000") == "Mon, 30 Nov 2026 10:00:00 +0000"
+    assert mailparse.plain_value("message-id", "<1.2@host.example>") == "<1.2@host.example>"
+    assert mailparse.plain_value("subject", "Your code: 123456") == "Your code: 123456"
+    assert mailparse.plain_value("subject", "=?utf-8?q?caf=C3=A9?=") is None
+    assert mailparse.plain_value("from", '"Doe, John" <j@example.com>') is None

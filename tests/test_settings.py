@@ -71,7 +71,7 @@ def test_every_key_is_present_after_loading(tmp_path):
     conf = load_file(tmp_path, {})
     assert key_paths(conf) == key_paths(settings.defaults())
     assert conf["rate_limits"]["api_mailbox_create"] == {"limit": 0, "window_seconds": 60}
-    assert conf["storage"] == {"backend": "filesystem", "min_free_bytes": None}
+    assert conf["storage"] == {"backend": "filesystem", "inline_max_bytes": 131072, "min_free_bytes": None}
     assert conf["legacy_api"]["enabled"] is True and conf["webhooks"]["allow_private"] is False
 
 

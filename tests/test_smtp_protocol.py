@@ -283,3 +283,25 @@ def test_log_filter_is_installed_once_per_handler_and_keeps_reply_text_readable(
     logger.info("path C:\\dir é %s", "ü")
     assert out.getvalue() == "INFO tempmail.test.logsafe2 path C:\\dir é ü\n"
     assert logsafe.escape("Ünï\t", ascii_only=True) == "\\xdcn\\xef\\x09"
+
+
+ENVELOPE_ARGS = ["<a@b.example>", "<a@b.example> SIZE=2048", "<a@b.example>\tBODY=8BITMIME", "<a.b+c@x-y.example>",
+                 "<a@b.example>SIZE=1", "<>", "a@b.example", " <a@b.example>", "<a..b@x.example>", "<a@localhost>",
+                 "<\"q q\"@x.example>", "<a@b.example", "<@relay.example:a@b.example>", "<Ünï@x.example>",
+                 "<a@[127.0.0.1]>", "<a@b.example> ", "<.a@b.example>", "<a@b.example.>", "<a @b.example>",
+                 "<a@b.example> (comment) SIZE=1", "<a@b.example>  \t SIZE=1 BODY=7BIT"]
+
+
+@pytest.mark.parametrize("arg", ENVELOPE_ARGS)
+def test_envelope_addresses_read_as_the_stock_parser_reads_them(arg):
+    """The daemon's own reading of a plain ``<user@example.com>`` gives what
+    Salmon's stock parser gives (address and rest of the line); the others go
+    to the stock parser itself."""
+    channel = object.__new__(smtpserver.SMTPChannel)
+    try:
+        stock = smtpserver.salmon_server.SMTPChannel._getaddr(channel, arg)
+    except Exception as exc:  # the session answers 501 for these (found_terminator)
+        with pytest.raises(type(exc)):
+            smtpserver.SMTPChannel._getaddr(channel, arg)
+        return
+    assert smtpserver.SMTPChannel._getaddr(channel, arg) == (stock[0], str(stock[1]))

@@ -66,7 +66,7 @@ def download_all(app, ids: list[int]) -> None:
 
 @pytest.mark.parametrize("source,target", DIRECTIONS)
 def test_migrate_while_mail_arrives_then_switch_and_catch_up(app_factory, source, target):
-    old = app_factory({"storage": {"backend": source}})
+    old = app_factory({"storage": {"backend": source, "inline_max_bytes": 0}})
     with old.app_context():
         box = Mailbox.create("moving", Domain.by_name("example.com"), 7200)
         first = store_some(box, 5)
@@ -81,7 +81,7 @@ def test_migrate_while_mail_arrives_then_switch_and_catch_up(app_factory, source
         later = store_some(db.session.get(Mailbox, box.id), 3, tag="late")
         late = db.session.scalar(select(func.count(Blob.sha256))) - total  # a raw and two parts each
         db.session.rollback()
-    new = app_factory({"storage": {"backend": target}})
+    new = app_factory({"storage": {"backend": target, "inline_max_bytes": 0}})
     download_all(new, first + later)  # the late blobs are read from the old backend meanwhile
     with new.app_context():  # a late message deleted before the catch-up takes its old copies along
         doomed = db.session.get(Message, later.pop())
@@ -100,8 +100,29 @@ def test_migrate_while_mail_arrives_then_switch_and_catch_up(app_factory, source
     assert again.exit_code == 0 and f"{total + late} already there" in again.output
 
 
+def test_migrating_to_the_filesystem_keeps_small_blobs_as_rows(app_factory):
+    """With ``storage.inline_max_bytes`` (128 KiB as shipped) the filesystem
+    backend keeps small blobs as rows: moving there from the database backend
+    writes only the large ones out as files, and every blob reads back."""
+    old = app_factory({"storage": {"backend": "database"}})
+    with old.app_context():
+        box = Mailbox.create("mixed", Domain.by_name("example.com"), 7200)
+        ids = store_some(box, 2, parts=1, size=4096) + store_some(box, 2, parts=1, size=300_000, tag="big")
+        sizes = dict(db.session.execute(select(Blob.sha256, Blob.size)).all())
+    new = app_factory({"storage": {"backend": "filesystem"}})
+    for _ in range(2):  # the second run finds everything in place
+        result = new.test_cli_runner().invoke(args=["storage", "migrate", "--to", "filesystem"])
+        assert result.exit_code == 0, result.output
+    with new.app_context():
+        big = {sha for sha, size in sizes.items() if size > 128 * 1024}
+        assert len(big) == 2 and held_by("filesystem") == big
+        assert held_by("database") == set(sizes) - big
+        assert every_blob_reads_back() == len(sizes)
+    download_all(new, ids)
+
+
 def test_migrate_reports_missing_and_corrupt_blobs(app_factory):
-    app = app_factory()
+    app = app_factory({"storage": {"inline_max_bytes": 0}})
     with app.app_context():
         box = Mailbox.create("damaged", Domain.by_name("example.com"), 7200)
         msg = db.session.get(Message, store_some(box, 1)[0])
@@ -155,7 +176,7 @@ def kill_mid_way(proc: subprocess.Popen, url: str, target: str, uploads: Path, t
 
 @pytest.mark.parametrize("source,target", DIRECTIONS)
 def test_a_killed_migration_resumes(app_factory, tmp_path, source, target):
-    app = app_factory({"storage": {"backend": source}})
+    app = app_factory({"storage": {"backend": source, "inline_max_bytes": 0}})
     uploads = Path(app.config["UPLOADS_DIR"])
     with app.app_context():
         box = Mailbox.create("resume", Domain.by_name("example.com"), 7200)

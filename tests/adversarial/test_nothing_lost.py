@@ -19,6 +19,7 @@ import requests
 from sqlalchemy import func, select
 
 import mailhandler
+import smtpserver
 from models import Attachment, Domain, Mailbox, Message, db
 
 from .helpers import Daemon, Gunicorn, build_message, record, write_config
@@ -194,6 +195,34 @@ def test_a_retry_of_stored_bytes_is_stored_once(app):
     assert len({first, other_sender, other_bytes, no_window}) == 4 and stored == 4
     record("nothing lost: SMTP", "retried identical bytes answered with the stored copy; "
            "other sender/bytes or dedupe_window_seconds=0 store anew")
+
+
+def test_the_daemons_batches_apply_the_same_rule(app):
+    """The group commit looks earlier copies up once per batch
+    (``DeliveryBatch.look_up_earlier``): the same answers as one by one,
+    within a batch, across batches, and under a sub-address tag."""
+    (address,) = make_mailboxes(app, 1, "batchretry")
+    raw = build_message(2, address, [("a.bin", b"\x02" * 700)])
+    tagged = address.replace("@", "+shop@")
+
+    def batch(*items) -> list[str]:
+        jobs = [smtpserver.Job(bytearray(data), [rcpt], sender, "test", None) for data, rcpt, sender in items]
+        with app.app_context():
+            smtpserver.store_batch(jobs)
+        return [job.reply for job in jobs]
+
+    def count() -> int:
+        with app.app_context():
+            return db.session.scalar(select(func.count(Message.id)))
+
+    replies = batch((raw, address, "s@peer.test"), (raw, address, "s@peer.test"), (raw, address, "t@peer.test"),
+                    (raw + b"\r\n", address, "s@peer.test"), (raw, tagged, "s@peer.test"))
+    assert all(r.startswith("250") for r in replies) and count() == 4  # the second is the first
+    replies = batch((raw, address, "s@peer.test"), (raw, tagged, "s@peer.test"), (raw, address, "u@peer.test"))
+    assert all(r.startswith("250") for r in replies) and count() == 5  # only the new sender stored
+    app.config["TEMPMAIL"]["dedupe_window_seconds"] = 0
+    batch((raw, address, "s@peer.test"))
+    assert count() == 6
 
 
 def seed_messages(app, address: str, count: int) -> list[int]:

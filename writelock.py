@@ -1,0 +1,133 @@
+"""A queue for SQLite's one writer, shared by every process of a host.
+
+SQLite lets one connection write at a time. A connection that finds the
+write lock taken sleeps in SQLite's busy handler and tries again after 1,
+2, 5, 10, ... 100 ms, however soon the lock came free: with the mail
+daemon's writer, several receiver processes and two web workers all
+writing (messages, quota reservations, rate limits), the losers slept far
+longer than the transactions they waited for took (a 1.4 s p99 on the
+keyed listing; a second receiver process slower than one).
+
+So before its first write statement a connection queues: on a lock shared
+by the threads of its process, then on an ``flock(2)`` of a file beside the
+database shared by the processes of the host. Both wake the next waiter
+the moment the holder commits or rolls back. SQLite's own locking stays
+underneath, unchanged, for whatever does not queue here (the ``sqlite3``
+shell, another program). Reads never queue (WAL: readers do not block).
+
+The lock is taken by the statement that begins a transaction in Python's
+``sqlite3`` module (INSERT, UPDATE, DELETE, REPLACE) and released by the
+transaction's end (commit, rollback, close), so it spans exactly SQLite's
+own write lock. A thread that already holds it through another connection
+does not queue again (it would wait for itself); SQLite's busy timeout
+applies there, as before.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+from typing import Optional
+
+WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+PROCESS_WAIT_SECONDS = 30.0  # as SQLite's busy_timeout: past it, go on and let SQLite decide
+
+_process_locks: dict[str, threading.Lock] = {}
+_owners: dict[str, int] = {}  # lock path -> thread ident holding it in this process
+_guard = threading.Lock()
+
+
+def lock_path_for(database: str) -> Optional[str]:
+    """The lock file of a SQLite database file; None for in-memory databases."""
+    return None if not database or database == ":memory:" else database + "-writer.lock"
+
+
+def _process_lock(path: str) -> threading.Lock:
+    with _guard:
+        return _process_locks.setdefault(path, threading.Lock())
+
+
+class QueuedCursor(sqlite3.Cursor):
+    """A cursor whose write statements queue for the host's writer lock first."""
+
+    def execute(self, sql, parameters=()):
+        self.connection.before_statement(sql)
+        return super().execute(sql, parameters)
+
+    def executemany(self, sql, seq_of_parameters):
+        self.connection.before_statement(sql)
+        return super().executemany(sql, seq_of_parameters)
+
+
+class QueuedWriterConnection(sqlite3.Connection):
+    """``sqlite3.connect(..., factory=QueuedWriterConnection)``; call
+    ``use_lock(path)`` once connected to turn the queue on."""
+
+    lock_path: Optional[str] = None
+    _fd: Optional[int] = None
+    _held = False
+
+    def use_lock(self, path: Optional[str]) -> None:
+        """Queue this connection's writes on ``path`` (None: never queue)."""
+        self.lock_path = path
+
+    def cursor(self, factory=None):
+        return super().cursor(factory or QueuedCursor)
+
+    def execute(self, sql, parameters=()):
+        return self.cursor().execute(sql, parameters)
+
+    def before_statement(self, sql: str) -> None:
+        """Queue for the writer lock before a statement that starts a write
+        transaction (later statements of the same transaction find it held)."""
+        if self._held or self.lock_path is None or self.in_transaction:
+            return
+        if sql.lstrip()[:7].upper().startswith(WRITE_VERBS):
+            self._acquire()
+
+    def _acquire(self) -> None:
+        path, me = self.lock_path, threading.get_ident()
+        if _owners.get(path) == me:
+            return  # this thread writes through another connection already
+        if not _process_lock(path).acquire(timeout=PROCESS_WAIT_SECONDS):
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+        except BaseException:
+            _process_lock(path).release()
+            raise
+        _owners[path], self._held = me, True
+
+    def _release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        _owners.pop(self.lock_path, None)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            _process_lock(self.lock_path).release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._release()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        try:
+            self._release()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        finally:
+            super().close()
