@@ -122,13 +122,13 @@ class QuotaBatcher:
     Every User API request writes its reservation; as one write transaction
     each, the requests of many threads and workers queue for SQLite's one
     writer lock (or a PostgreSQL row lock) one commit at a time, each paying
-    a lock hand-off and a commit. Here a
-    request joins a queue; the first one finds nobody writing and writes
-    for everyone queued, in one transaction (one guarded UPDATE per user:
-    ``used + n <= limit``, or unit by unit near the limit), then hands each
-    its count. The requests that arrive meanwhile form the next batch. The
-    count stays exact: every unit is still taken by a guarded UPDATE in the
-    database, before the request runs."""
+    a lock hand-off and a commit. Here a request joins a queue; the first
+    one finds nobody writing and writes for everyone queued, in one
+    transaction (one guarded UPDATE per user: ``used + n <= limit``, or unit
+    by unit near the limit), then hands each its count. The requests that
+    arrive meanwhile form the next batch. The count stays exact: every unit
+    is still taken by a guarded UPDATE in the database, before the request
+    runs."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
