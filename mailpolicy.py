@@ -17,10 +17,12 @@ username rules, each refusal a ``MailboxError`` with its text.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Optional
 
+from flask import current_app
 from sqlalchemy import bindparam, select
 
 import clock
@@ -122,13 +124,30 @@ def decide(rcpt: Recipient, domain_known: bool, expires_at: Optional[datetime]) 
     raise UnknownRecipient(f"<{rcpt.given}>: Recipient address rejected: User unknown")
 
 
+LIVE_RCPT_SECONDS = 1.0  # how long a "live" answer at RCPT is reused
+LIVE_RCPT_ENTRIES = 10_000
+
+
 def check_recipient(given: str) -> Recipient:
     """RCPT time: decide on one short connection (read only), so a mailbox the
-    web app created a moment ago is seen. Raises like ``decide``."""
+    web app created a moment ago is seen. Raises like ``decide``.
+
+    A "live" answer is reused for up to a second (never past the mailbox's
+    expiry): a client sending many messages to one mailbox costs one look-up
+    a second, not one per RCPT. Refusals are never reused, and delivery
+    decides again in its own transaction (``mailboxes_for``): mail to a
+    mailbox deleted within that second is refused after DATA instead."""
     rcpt = parse_recipient(given)
+    live = current_app.extensions.setdefault("tempmail_live_rcpt", {})
+    until, expires_at = live.get(rcpt.address, (0.0, None))
+    if until > time.monotonic() and expires_at > clock.now():
+        return rcpt
     with db.engine.connect() as conn:
         row = conn.execute(RCPT_CHECK, {"address": rcpt.address, "domain": rcpt.domain}).first()
-    decide(rcpt, row is not None, row[1] if row is not None else None)
+    if decide(rcpt, row is not None, row[1] if row is not None else None) == "live":
+        if len(live) >= LIVE_RCPT_ENTRIES:
+            live.clear()
+        live[rcpt.address] = (time.monotonic() + LIVE_RCPT_SECONDS, row[1])
     return rcpt
 
 

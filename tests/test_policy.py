@@ -9,6 +9,7 @@ import pytest
 
 import mailpolicy
 import smtpserver
+import storage
 from models import Domain, Mailbox, Message, db
 
 LOCAL_PARTS = ["alice", "Alice", "alice+news", "bob", "ab", "a" * 21, "admin", "postmaster",
@@ -85,3 +86,24 @@ def test_subaddress_is_delivered_to_its_mailbox_with_the_tag(app):
         assert sorted(m.tag for m in msgs) == ["login", "signup-7"]
         assert {m.mailbox.address for m in msgs} == {"tagged@example.com"}
         assert db.session.query(Message).count() == 2
+
+
+def test_a_live_answer_at_rcpt_is_reused_for_a_second_and_delivery_decides_again(app_factory, monkeypatch):
+    """RCPT reuses a "live" answer for up to a second (mailpolicy.LIVE_RCPT_SECONDS);
+    a refusal is never reused, so a mailbox created a moment ago is found at
+    once; a mailbox deleted within that second gets RCPT 250, then 550 after
+    DATA from delivery's own decision, and nothing is stored."""
+    monkeypatch.setattr(mailpolicy, "LIVE_RCPT_SECONDS", 60)  # "within the second" on any machine
+    app = app_factory()
+    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False).start()
+    try:
+        assert rcpt_then_data(server.port, "fresh@example.com") == (550, None)
+        with app.app_context():
+            Mailbox.create("fresh", Domain.by_name("example.com"), 3600)
+        assert rcpt_then_data(server.port, "fresh@example.com") == (250, 250)  # the refusal was not kept
+        with app.app_context():
+            storage.commit_removal(Mailbox.find_live("fresh@example.com").delete())
+        assert rcpt_then_data(server.port, "Fresh@example.com") == (250, 550)  # RCPT from the second-old answer
+        assert stored_for(app, "fresh@example.com") == 0
+    finally:
+        server.stop()
