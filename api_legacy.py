@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 import apierrors
 import clock
 import idgen
+import listingcache
 import mailevents
 import models
 import storage
@@ -134,6 +135,43 @@ def inbox(email: str):
         if box is None:
             return jsonify(error="Email not found", searched_for=address,
                            hint="Generate this email first via /generate endpoint"), 404
+    kept, key = listingcache.cache(), ("inbox", box.id, box.address, box.created_at, box.expires_at, limit, offset)
+    body = kept.get(key, inbox_fingerprint(box.id, limit, offset)) if kept is not None else None
+    if body is not None:
+        return conditional(listingcache.json_response(body), body)
+    response, fingerprint = inbox_answer(box, limit, offset)
+    body = response.get_data()
+    if kept is not None:
+        kept.put(key, fingerprint, body)
+    return conditional(response, body)
+
+
+def conditional(response, body: bytes):
+    """The inbox with an ETag, and 304 Not Modified (no body) to a poller
+    whose ``If-None-Match`` names the same answer: api.php has no quota, so
+    an unchanged poll may cost nothing. (The User API keeps answering 200:
+    there every 2xx counts, and a 304 would make polling free of quota.)"""
+    etag = listingcache.etag_of(body)
+    response.set_etag(etag)
+    if request.if_none_match.contains(etag):
+        # werkzeug sends a 304 without its body and entity headers
+        # (make_conditional would add a Date header beside gunicorn's own)
+        response.status_code = 304
+    return response
+
+
+def inbox_fingerprint(mailbox_id: int, limit: int | None, offset: int) -> tuple:
+    """What of the mailbox's messages can change (see listingcache), with the
+    total of a paged listing: equal fingerprints, equal answers."""
+    conn = db.session.connection()
+    params = {"mailbox_id": mailbox_id, "offset": offset, "limit": limit}
+    marks = listingcache.marks(conn.execute(INBOX_MARKS if limit is None else INBOX_MARKS_PAGE, params))
+    paged = limit is not None or offset != 0
+    return marks + ((conn.scalar(INBOX_COUNT, params) or 0,) if paged else ())
+
+
+def inbox_answer(box, limit: int | None, offset: int):
+    """The inbox JSON answer and the fingerprint of the rows it was built from."""
     # Only the summary columns, as plain rows, from statements built once
     # and run as Core: whole Message objects (bodies included), then building
     # and caching the statement per request were most of the cost.
@@ -151,9 +189,11 @@ def inbox(email: str):
                "received_at": clock.fmt_local(row.received_at, zone)}
               for shown_id, row in zip(shown, rows)]
     # Unpaged, the list is the whole mailbox (same transaction): no COUNT needed.
-    total = len(emails) if limit is None and offset == 0 else conn.scalar(INBOX_COUNT, params) or 0
-    return jsonify(success=True, email=box.address, created_at=clock.fmt_local(box.created_at, zone),
-                   expires_at=clock.fmt_local(box.expires_at, zone), total=total, emails=emails)
+    paged = limit is not None or offset != 0
+    total = (conn.scalar(INBOX_COUNT, params) or 0) if paged else len(emails)
+    response = jsonify(success=True, email=box.address, created_at=clock.fmt_local(box.created_at, zone),
+                       expires_at=clock.fmt_local(box.expires_at, zone), total=total, emails=emails)
+    return response, listingcache.fingerprint(rows) + ((total,) if paged else ())
 
 
 def since_arg() -> int:
@@ -188,11 +228,16 @@ _messages = Message.__table__
 # (and above PostgreSQL's INTEGER), which simply means "nothing newer yet".
 INBOX_NEWER = (select(_messages.c.id).where(_messages.c.mailbox_id == bindparam("mailbox_id"),
                                             _messages.c.id > bindparam("since", type_=BigInteger)).limit(1))
-INBOX_ALL = (select(_messages.c.id, _messages.c.from_email, _messages.c.from_name, _messages.c.subject,
-                    _messages.c.is_read, _messages.c.received_at)
+INBOX_ALL = (select(_messages.c.id, _messages.c.public_id, _messages.c.from_email, _messages.c.from_name,
+                    _messages.c.subject, _messages.c.is_read, _messages.c.received_at)
              .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
              .offset(bindparam("offset", type_=Integer)))
 INBOX_PAGE = INBOX_ALL.limit(bindparam("limit", type_=Integer))
+# The fingerprint of a listing (listingcache): the same rows, three narrow columns.
+INBOX_MARKS = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read)
+               .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
+               .offset(bindparam("offset", type_=Integer)))
+INBOX_MARKS_PAGE = INBOX_MARKS.limit(bindparam("limit", type_=Integer))
 INBOX_COUNT = (select(func.count()).select_from(_messages)
                .where(_messages.c.mailbox_id == bindparam("mailbox_id")))
 _mailboxes = Mailbox.__table__
@@ -241,6 +286,11 @@ EMAIL_ROW = (select(_messages.c.id, _messages.c.mailbox_id, _messages.c.from_ema
                     _messages.c.received_at, _mailboxes.c.origin, _mailboxes.c.expires_at)
              .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
              .where(_messages.c.id == bindparam("msg_row")))
+# Whether the message may be shown (and must be marked read), without its bodies.
+EMAIL_HEAD = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _mailboxes.c.origin,
+                     _mailboxes.c.expires_at)
+              .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
+              .where(_messages.c.id == bindparam("msg_row")))
 EMAIL_ATTACHMENTS = (select(_att.c.id, _att.c.filename, _att.c.size, _att.c.content_type)
                      .where(_att.c.message_id == bindparam("msg_row")).order_by(_att.c.id))
 EMAIL_MARK_READ = (update(_messages).where(_messages.c.id == bindparam("msg_row"))
@@ -254,15 +304,29 @@ def email_detail(raw_id: str):
     # lazy mailbox, lazy attachments) were most of this route's cost.
     row_id = idgen.row_id_of(raw_id, "messages")
     conn = db.session.connection()
-    msg = conn.execute(EMAIL_ROW, {"msg_row": row_id}).first() if row_id is not None else None
-    if msg is None or msg.origin not in LEGACY_ORIGINS or msg.expires_at <= clock.now():
+    head = conn.execute(EMAIL_HEAD, {"msg_row": row_id}).first() if row_id is not None else None
+    if head is None or head.origin not in LEGACY_ORIGINS or head.expires_at <= clock.now():
         return jsonify(error="Email not found"), 404
-    attachments = conn.execute(EMAIL_ATTACHMENTS, {"msg_row": msg.id}).all()
-    if not msg.is_read:
-        conn.execute(EMAIL_MARK_READ, {"msg_row": msg.id})  # 0 rows if deleted meanwhile: fine
+    # The answer shows only what never changes (the read flag is always 1
+    # here), so a worker that built it once sends it again for as long as
+    # the message is there: the key holds its random public id too.
+    kept, key = listingcache.cache(), ("email", head.id, head.public_id)
+    body = kept.get(key, ()) if kept is not None else None
+    if body is not None:
+        response = listingcache.json_response(body)
+    else:
+        msg = conn.execute(EMAIL_ROW, {"msg_row": head.id}).first()
+        if msg is None:  # deleted between the two statements
+            return jsonify(error="Email not found"), 404
+        attachments = conn.execute(EMAIL_ATTACHMENTS, {"msg_row": msg.id}).all()
+        response = jsonify(success=True, email=message_json(msg, is_read=True),
+                           attachments=[attachment_json(a) for a in attachments])
+        if kept is not None:
+            kept.put(key, (), response.get_data())
+    if not head.is_read:
+        conn.execute(EMAIL_MARK_READ, {"msg_row": head.id})  # 0 rows if deleted meanwhile: fine
         db.session.commit()
-    return jsonify(success=True, email=message_json(msg, is_read=True),
-                   attachments=[attachment_json(a) for a in attachments])
+    return response
 
 
 @bp.delete("/email/<raw_id>")

@@ -29,6 +29,7 @@ import apidocs
 import cli
 import fastjson
 import languages
+import listingcache
 import logsafe
 import models
 import ops
@@ -90,6 +91,17 @@ def _sqlite_pragmas(dbapi_conn, _record):
             dbapi_conn.use_lock(writelock.lock_path_for(path))
 
 
+def engine_options(url: str, conf: dict) -> dict:
+    """The connection pool's size (``database_pool_size``). SQLite gets 32 by
+    default: its connections are cheap, and with SQLAlchemy's 5 (+10) a busy
+    worker's threads queued for one, each return waking a waiter under the
+    GIL (13 % of the User API listing's CPU under wrk -c50, bench/README)."""
+    size = conf.get("database_pool_size")
+    if size is None and url.startswith("sqlite") and ":memory:" not in url:
+        size = 32
+    return {"pool_size": size} if size else {}
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the Flask application. ``test_config`` overrides Flask settings, and
     its ``TEMPMAIL`` key is deep-merged over the TempMail configuration.
@@ -109,9 +121,11 @@ def create_app(test_config: dict | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
+    options = engine_options(app.config["SQLALCHEMY_DATABASE_URI"], conf)
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         # Writers queue for SQLite's one write lock instead of sleeping in its busy handler.
-        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"connect_args": {"factory": writelock.QueuedWriterConnection}}
+        options["connect_args"] = {"factory": writelock.QueuedWriterConnection}
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     app.config.update(test_config)
     app.json.sort_keys = False
     fastjson.init_app(app)  # orjson behind jsonify: same JSON, a fraction of the CPU
@@ -135,6 +149,7 @@ def register_parts(app: Flask) -> None:
     API answers its own errors (404, 405, 500) in its own shape."""
     csrf.init_app(app)
     languages.init_app(app)
+    listingcache.init_app(app)
     api_legacy.init_app(app)
     api_v1.init_app(app)
     web.init_app(app)

@@ -9,7 +9,10 @@ check before any of them counts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Optional
 
 from sqlalchemy import func, select
@@ -100,11 +103,102 @@ class QuotaReservation:
         self.used = QuotaUsage.refund(self.user_id, self.period)
 
 
+@dataclass
+class _Ticket:
+    """One request's wish for a unit, waiting in ``QuotaBatcher``."""
+    key: tuple[int, str, int]  # user id, period, limit
+    done: bool = False
+    used: Optional[int] = None
+    failed: Optional[BaseException] = field(default=None, repr=False)
+
+
+class QuotaFailed(RuntimeError):
+    """The batch that held this request's reservation could not be written."""
+
+
+class QuotaBatcher:
+    """Group commit of quota reservations within one process.
+
+    Every User API request writes its reservation; as one write transaction
+    each, the requests of many threads and workers queue for SQLite's one
+    writer lock (or a PostgreSQL row lock) one commit at a time, each paying
+    a lock hand-off and a commit. Here a request joins a queue; the first
+    one finds nobody writing and writes for everyone queued, in one
+    transaction (one guarded UPDATE per user: ``used + n <= limit``, or unit
+    by unit near the limit), then hands each its count. The requests that
+    arrive meanwhile form the next batch. The count stays exact: every unit
+    is still taken by a guarded UPDATE in the database, before the request
+    runs."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[_Ticket] = []
+        self._writing = False
+
+    def reserve(self, user_id: int, period: str, limit: int) -> Optional[int]:
+        """Take one unit: the new count, or None when the quota is spent."""
+        ticket = _Ticket((user_id, period, limit))
+        with self._cond:
+            self._queue.append(ticket)
+            while self._writing and not ticket.done:
+                self._cond.wait()
+            if not ticket.done:
+                self._writing, batch, self._queue = True, self._queue, []
+        if not ticket.done:
+            try:
+                self._write(batch, ticket)
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+        if ticket.failed is not None:
+            raise ticket.failed
+        return ticket.used
+
+    @staticmethod
+    def _write(batch: list[_Ticket], mine: _Ticket) -> None:
+        """One transaction for the whole batch (on SQLite it queues for the
+        host's writer lock, writelock.py, like every writer). On failure the
+        writer gets the error itself and the others a ``QuotaFailed`` caused
+        by it (each request then answers 500)."""
+        wanted = Counter(t.key for t in batch)
+        try:
+            got = {key: QuotaUsage.reserve_many(*key, n) for key, n in wanted.items()}
+            db.session.commit()
+        except BaseException as exc:
+            db.session.rollback()
+            for ticket in batch:
+                if ticket is mine:
+                    ticket.failed = exc
+                else:
+                    ticket.failed = QuotaFailed("the quota could not be counted")
+                    ticket.failed.__cause__ = exc
+                ticket.done = True
+            return
+        for ticket in batch:
+            ticket.used, ticket.done = got[ticket.key].pop(0), True
+
+
+_batchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # engine -> its QuotaBatcher
+_batchers_lock = threading.Lock()
+
+
+def batcher() -> QuotaBatcher:
+    """The batcher of the current app's database (one per engine: requests of
+    two apps in one process, as in tests, never share a transaction)."""
+    engine = db.engine
+    with _batchers_lock:
+        found = _batchers.get(engine)
+        if found is None:
+            found = _batchers[engine] = QuotaBatcher()
+        return found
+
+
 def reserve_quota(user: User) -> tuple[Optional[QuotaReservation], int]:
     """Take one request of ``user``'s monthly quota: ``(reservation, used)``,
     or ``(None, used)`` when it is spent."""
     period, limit = quota_period(), quota_limit(user)
-    used = QuotaUsage.reserve(user.id, period, limit)
+    used = batcher().reserve(user.id, period, limit)
     if used is None:
         return None, QuotaUsage.used_in(user.id, period)
     return QuotaReservation(user.id, period, limit, used), used

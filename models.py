@@ -20,7 +20,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
                         String, Text, UniqueConstraint, bindparam, delete, func, select, update)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, contains_eager, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -176,12 +176,19 @@ class ApiKey(db.Model):
         """The live key matching ``raw``, or None."""
         if not raw or len(raw) > 200:
             return None
-        key = db.session.scalar(select(ApiKey).where(ApiKey.key_hash == ApiKey.hash(raw)))
+        # One statement built once, the user loaded with the key: building the
+        # select and then lazy-loading ``key.user`` were half of the User
+        # API's per-request cost (bench/README, session 3).
+        key = db.session.scalar(_KEY_LOOKUP, {"key_hash": ApiKey.hash(raw)})
         return key if key is not None and key.revoked_at is None else None
 
     def revoke(self) -> None:
         """Revoke this key at once (not committed)."""
         self.revoked_at = self.revoked_at or now()
+
+
+_KEY_LOOKUP = (select(ApiKey).join(ApiKey.user).options(contains_eager(ApiKey.user))
+               .where(ApiKey.key_hash == bindparam("key_hash")))
 
 
 class QuotaUsage(db.Model):
@@ -217,6 +224,30 @@ class QuotaUsage(db.Model):
         return used
 
     @staticmethod
+    def reserve_many(user_id: int, period: str, limit: int, count: int) -> list[Optional[int]]:
+        """Take ``count`` units at once in the caller's transaction (not
+        committed): the count each unit brings ``used`` to, in order, then
+        None for each one the quota has no room for. While there is room for
+        all of them this is one guarded UPDATE (``used + count <= limit``),
+        exact under concurrency like ``reserve``'s; near the limit (or for a
+        month's first request) they are taken one by one."""
+        params = {"quota_user": user_id, "quota_period": period, "quota_count": count,
+                  "quota_room": limit - count}
+        conn = db.session.connection()
+        if count > 1 and (used := conn.execute(_QUOTA_TAKE_MANY, params).scalar()) is not None:
+            return list(range(used - count + 1, used + 1))
+        out: list[Optional[int]] = []
+        while len(out) < count:
+            used = QuotaUsage._take(user_id, period, limit)
+            if used is None and not out:
+                insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
+                used = QuotaUsage._take(user_id, period, limit)
+            if used is None:  # spent: the rest are refused too
+                return out + [None] * (count - len(out))
+            out.append(used)
+        return out
+
+    @staticmethod
     def _take(user_id: int, period: str, limit: int) -> Optional[int]:
         params = {"quota_user": user_id, "quota_period": period, "quota_limit": limit}
         return db.session.connection().execute(_QUOTA_TAKE, params).scalar()
@@ -237,6 +268,10 @@ _QUOTA_TAKE = (update(_quota).where(_quota.c.user_id == bindparam("quota_user"),
                                     _quota.c.period == bindparam("quota_period"),
                                     _quota.c.used < bindparam("quota_limit"))
                .values(used=_quota.c.used + 1).returning(_quota.c.used))
+_QUOTA_TAKE_MANY = (update(_quota).where(_quota.c.user_id == bindparam("quota_user"),
+                                         _quota.c.period == bindparam("quota_period"),
+                                         _quota.c.used <= bindparam("quota_room"))
+                    .values(used=_quota.c.used + bindparam("quota_count")).returning(_quota.c.used))
 
 
 class RateCounter(db.Model):

@@ -182,6 +182,13 @@ SCHEMA: tuple = (
     ), []),
     Key("database_url", STR, "sqlite:///instance/tempmail.db",
         "SQLAlchemy URL: SQLite (WAL, busy timeout, foreign keys on) or PostgreSQL", env="DATABASE_URL"),
+    Key("database_pool_size", nullable(INT), None,
+        "database connections each web worker keeps open; null: 32 on SQLite (a thread waiting for a "
+        "pooled connection costs every other thread a wake-up), SQLAlchemy's 5 elsewhere (mind "
+        "PostgreSQL's `max_connections`); up to 10 more are opened while busy", at_least(1)),
+    Key("listing_cache_bytes", INT, 16 * 1024 * 1024,
+        "memory each web worker may keep of mailbox listings it answered, sent again only while the "
+        "listed messages are provably unchanged (listingcache.py); 0: off", at_least(0)),
     Key("secret_key", nullable(STR), None,
         "signs sessions and mailbox tokens; null: generated into `instance/secret_key` on first run",
         env="SECRET_KEY"),

@@ -1,7 +1,7 @@
 """Capacity: do held requests starve ordinary ones?
 
 ``make run``'s deployment (the gunicorn line of deploy/run.sh: ``--config
-deploy/gunicorn.conf.py --workers 2``; the mail daemon beside it; SQLite) serves ordinary API
+deploy/gunicorn.conf.py``, two workers per core; the mail daemon beside it; SQLite) serves ordinary API
 requests with wrk, first with nothing held, then while N connections are
 held open (default 1,000: half ``GET /api.php/inbox/{email}?wait=30`` long
 polls, re-sent as each one ends, half ``GET /api/messages/stream`` Server-

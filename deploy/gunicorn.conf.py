@@ -13,7 +13,13 @@ import resource
 import signal
 
 bind = "127.0.0.1:8000"
-workers = int(os.environ.get("TEMPMAIL_WORKERS", "3"))
+# Two worker processes per core: each worker's threads share one GIL, and a
+# worker waiting for its GIL hand-offs (gthread's main loop, SQLite calls,
+# socket writes) leaves its core idle; with two per core the other one runs.
+# Measured with bench/http_api.py on 2 cores (bench/README, session 3): 4
+# workers served the api.php inbox 15-28 % faster than 2, the User API
+# listing up to 29 %.
+workers = int(os.environ.get("TEMPMAIL_WORKERS") or 2 * (os.cpu_count() or 1))
 # Held requests (?wait= long polls, Server-Sent Events streams) each keep a
 # thread asleep, without a database connection, until mail or their time
 # comes: a threaded worker with many threads holds a thousand of them per

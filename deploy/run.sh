@@ -51,7 +51,8 @@ trap 'on_signal TERM' TERM
 echo "Web app on http://$host:$port/ ; mail daemon as configured (flask smtpd)"
 # --no-control-socket: gunicorn's default control socket is one path per user,
 # which two `make run`s (or a test's) would fight over; nothing here uses it.
-"$venv/bin/gunicorn" --config deploy/gunicorn.conf.py --bind "$host:$port" --workers 2 \
+# Worker count: deploy/gunicorn.conf.py (two per core; TEMPMAIL_WORKERS overrides).
+"$venv/bin/gunicorn" --config deploy/gunicorn.conf.py --bind "$host:$port" \
     --no-control-socket wsgi:application &
 web=$!
 "$venv/bin/flask" --app app smtpd &
