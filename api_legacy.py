@@ -229,12 +229,12 @@ _messages = Message.__table__
 INBOX_NEWER = (select(_messages.c.id).where(_messages.c.mailbox_id == bindparam("mailbox_id"),
                                             _messages.c.id > bindparam("since", type_=BigInteger)).limit(1))
 INBOX_ALL = (select(_messages.c.id, _messages.c.public_id, _messages.c.from_email, _messages.c.from_name,
-                    _messages.c.subject, _messages.c.is_read, _messages.c.received_at)
+                    _messages.c.subject, _messages.c.is_read, _messages.c.revision, _messages.c.received_at)
              .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
              .offset(bindparam("offset", type_=Integer)))
 INBOX_PAGE = INBOX_ALL.limit(bindparam("limit", type_=Integer))
-# The fingerprint of a listing (listingcache): the same rows, three narrow columns.
-INBOX_MARKS = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read)
+# The fingerprint of a listing (listingcache): the same rows, four narrow columns.
+INBOX_MARKS = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _messages.c.revision)
                .where(_messages.c.mailbox_id == bindparam("mailbox_id")).order_by(_messages.c.id)
                .offset(bindparam("offset", type_=Integer)))
 INBOX_MARKS_PAGE = INBOX_MARKS.limit(bindparam("limit", type_=Integer))
@@ -287,7 +287,8 @@ EMAIL_ROW = (select(_messages.c.id, _messages.c.mailbox_id, _messages.c.from_ema
              .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
              .where(_messages.c.id == bindparam("msg_row")))
 # Whether the message may be shown (and must be marked read), without its bodies.
-EMAIL_HEAD = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _mailboxes.c.origin,
+EMAIL_HEAD = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _messages.c.revision,
+                     _mailboxes.c.origin,
                      _mailboxes.c.expires_at)
               .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
               .where(_messages.c.id == bindparam("msg_row")))
@@ -310,7 +311,7 @@ def email_detail(raw_id: str):
     # The answer shows only what never changes (the read flag is always 1
     # here), so a worker that built it once sends it again for as long as
     # the message is there: the key holds its random public id too.
-    kept, key = listingcache.cache(), ("email", head.id, head.public_id)
+    kept, key = listingcache.cache(), ("email", head.id, head.public_id, head.revision)
     body = kept.get(key, ()) if kept is not None else None
     if body is not None:
         response = listingcache.json_response(body)

@@ -346,11 +346,12 @@ def listing_answer(mailbox_id: int, address: str, filt: livefeed.MessageFilter, 
 
 
 _msg, _att = Message.__table__, Attachment.__table__
-LIST_MESSAGES = (select(_msg.c.id, _msg.c.public_id, _msg.c.is_read, _msg.c.subject, _msg.c.from_name,
-                        _msg.c.from_email, _msg.c.received_at, _msg.c.body_html, _msg.c.body_text)
+LIST_MESSAGES = (select(_msg.c.id, _msg.c.public_id, _msg.c.is_read, _msg.c.revision, _msg.c.subject,
+                        _msg.c.from_name, _msg.c.from_email, _msg.c.received_at, _msg.c.body_html,
+                        _msg.c.body_text)
                  .where(_msg.c.mailbox_id == bindparam("mailbox_id")).order_by(_msg.c.id.desc()))
-# The fingerprint of a listing (listingcache): the same rows, three narrow columns.
-LIST_MARKS = (select(_msg.c.id, _msg.c.public_id, _msg.c.is_read)
+# The fingerprint of a listing (listingcache): the same rows, four narrow columns.
+LIST_MARKS = (select(_msg.c.id, _msg.c.public_id, _msg.c.is_read, _msg.c.revision)
               .where(_msg.c.mailbox_id == bindparam("mailbox_id")).order_by(_msg.c.id.desc()))
 LIST_ATTACHMENTS = (select(_att.c.message_id, _att.c.filename, _att.c.size)
                     .where(_att.c.message_id.in_(bindparam("ids", expanding=True))).order_by(_att.c.id))

@@ -3,11 +3,12 @@
 A listing (api.php ``GET /inbox/{email}``, the User API's ``GET /messages``)
 is mostly work on things that never change: a stored message's sender,
 subject, date, body and attachments are written once (only its read flag
-changes, and only to read), and its id is never given to another message.
+changes, and only to read; ``flask reparse`` rewrites the rest and bumps its
+``revision``), and its id is never given to another message.
 So each web worker keeps the JSON body of a listing it built, together with
-its *fingerprint*: every ``(id, public_id, is_read)`` of the listed
+its *fingerprint*: every ``(id, public_id, is_read, revision)`` of the listed
 messages, read from the very rows the body was built from. A later request
-reads the fingerprint again (one query of three narrow columns, no bodies,
+reads the fingerprint again (one query of four narrow columns, no bodies,
 no date parsing) and sends the kept body only when it is equal; a new,
 deleted or newly read message changes it, so the next request through any
 worker, after any other process's commit, builds the body afresh. The
@@ -75,13 +76,13 @@ def cache() -> Optional[ListingCache]:
 
 
 def fingerprint(rows) -> tuple:
-    """The fingerprint of listing rows that have ``id``, ``public_id`` and ``is_read``."""
-    return tuple((row.id, row.public_id, bool(row.is_read)) for row in rows)
+    """The fingerprint of listing rows that have ``id``, ``public_id``, ``is_read`` and ``revision``."""
+    return tuple((row.id, row.public_id, bool(row.is_read), row.revision) for row in rows)
 
 
 def marks(result) -> tuple:
     """The fingerprint straight from a query of exactly ``id, public_id,
-    is_read`` (rows as plain tuples: cheaper than reading them by name)."""
+    is_read, revision`` (rows as plain tuples: cheaper than reading them by name)."""
     return tuple(map(tuple, result))
 
 

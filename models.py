@@ -487,6 +487,9 @@ class Message(db.Model):
     body_text: Mapped[str] = mapped_column(Text, default="")
     body_html: Mapped[str] = mapped_column(Text, default="")
     is_read: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Bumped by `flask reparse`, the one rewrite of a stored message's fields:
+    # web workers compare it before answering from what they kept (listingcache.py).
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     size: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(DateTime)
     raw_sha256: Mapped[Optional[str]] = mapped_column(String(64))  # the raw .eml blob

@@ -333,6 +333,7 @@ def _reparse_one(msg_id: int, parse) -> bool:
     parsed = parse(storage.read(msg.raw_sha256))
     for key in REPARSED_FIELDS:
         setattr(msg, key, parsed[key])
+    msg.revision = (msg.revision or 0) + 1  # what a web worker kept of it is stale now
     pending = storage.PendingBlobs()
     freed = Blob.release(Counter(a.sha256 for a in msg.attachments))
     msg.attachments.clear()  # delete-orphan: the old rows go at flush

@@ -18,7 +18,9 @@ import requests
 
 from adversarial.helpers import Daemon, Gunicorn
 from listingcache import ListingCache
-from models import ApiKey, User, db
+from sqlalchemy import select
+
+from models import ApiKey, Message, User, db
 
 ROOT = Path(__file__).resolve().parent.parent
 BURST = 24
@@ -182,3 +184,24 @@ def test_listings_without_the_cache(app_factory):
     auth = {"Authorization": f"Bearer {raw}"}
     owned = client.post("/api/emails", headers=auth).get_json()["data"]["email"]
     assert client.get(f"/api/messages?email={owned}", headers=auth).get_json()["messages"] == []
+
+
+def test_a_reparsed_message_is_seen_by_every_worker(site, app):
+    """``flask reparse`` rewrites a stored message's fields (here: back from
+    what an older parser had stored) and bumps its revision: every worker's
+    kept listing and message answer give way to the new fields."""
+    address = requests.get(f"{site.url}/api.php/generate", timeout=30).json()["email"]
+    site.send(address)
+    with app.app_context():
+        msg = db.session.scalars(select(Message).where(Message.envelope_to == address)).one()
+        msg.subject = "as an older release parsed it"
+        db.session.commit()
+        msg_id, shown = msg.id, msg.legacy_id
+    path = f"/api.php/inbox/{address}"
+    assert {a["emails"][0]["subject"] for a in site.burst(path)} == {"as an older release parsed it"}
+    assert {a["email"]["subject"] for a in site.burst(f"/api.php/email/{shown}")} == {
+        "as an older release parsed it"}
+    result = app.test_cli_runner().invoke(args=["reparse", "--id", str(msg_id)])
+    assert result.exit_code == 0, result.output
+    assert {a["emails"][0]["subject"] for a in site.burst(path)} == {f"cached {site.sent}"}
+    assert {a["email"]["subject"] for a in site.burst(f"/api.php/email/{shown}")} == {f"cached {site.sent}"}
