@@ -91,7 +91,13 @@ class Network:
         self.ip(self.switch, "link", "set", self.hosts[name].port_name, "down")
 
     def mend(self, name: str) -> None:
+        """Plug ``name``'s cable back in. Its neighbour table is flushed: the
+        addresses it failed to resolve while cut stay FAILED for a while, and
+        a connection it opens meanwhile (its daemon reconnecting to the
+        database) fails although the cable is back (seen as "server closed
+        the connection unexpectedly")."""
         self.ip(self.switch, "link", "set", self.hosts[name].port_name, "up")
+        self.ip(self.hosts[name].netns, "neigh", "flush", "all")
 
     def command(self, name: str, argv: list[str]) -> list[str]:
         """``argv`` run inside host ``name``'s namespace (ip execs it: same pid)."""
