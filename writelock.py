@@ -10,8 +10,10 @@ keyed listing; a second receiver process slower than one).
 
 So before its first write statement a connection queues: on a lock shared
 by the threads of its process, then on an ``flock(2)`` of a file beside the
-database shared by the processes of the host. Both wake the next waiter
-the moment the holder commits or rolls back. SQLite's own locking stays
+database shared by the processes of the host. The next thread of a process wakes the
+moment the holder commits or rolls back; the one waiting for another
+process polls the file lock less than 1 ms apart. Waits end after 30 s
+(SQLite's busy timeout) and the statement then meets SQLite's own lock. SQLite's own locking stays
 underneath, unchanged, for whatever does not queue here (the ``sqlite3``
 shell, another program). Reads never queue (WAL: readers do not block).
 
@@ -28,10 +30,11 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from typing import Optional
 
 WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
-PROCESS_WAIT_SECONDS = 30.0  # as SQLite's busy_timeout: past it, go on and let SQLite decide
+WAIT_SECONDS = 30.0  # as SQLite's busy_timeout: past it, go on and let SQLite decide
 
 _process_locks: dict[str, threading.Lock] = {}
 _owners: dict[str, int] = {}  # lock path -> thread ident holding it in this process
@@ -46,6 +49,24 @@ def lock_path_for(database: str) -> Optional[str]:
 def _process_lock(path: str) -> threading.Lock:
     with _guard:
         return _process_locks.setdefault(path, threading.Lock())
+
+
+def _flock_until(fd: int, deadline: float) -> bool:
+    """Take the host-wide lock by ``deadline``. Only one thread per process
+    waits here (the others wait on the process lock), so it polls: a
+    blocking flock() cannot time out, and a holder that never lets go (a
+    connection lost without being closed) must not stop every writer of
+    the host for good. Polls start at 50 us and stay under 1 ms apart."""
+    pause = 0.00005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
 
 
 class QueuedCursor(sqlite3.Cursor):
@@ -90,15 +111,19 @@ class QueuedWriterConnection(sqlite3.Connection):
         path, me = self.lock_path, threading.get_ident()
         if _owners.get(path) == me:
             return  # this thread writes through another connection already
-        if not _process_lock(path).acquire(timeout=PROCESS_WAIT_SECONDS):
+        deadline = time.monotonic() + WAIT_SECONDS
+        if not _process_lock(path).acquire(timeout=WAIT_SECONDS):
             return
         try:
             if self._fd is None:
                 self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+            locked = _flock_until(self._fd, deadline)
         except BaseException:
             _process_lock(path).release()
             raise
+        if not locked:
+            _process_lock(path).release()
+            return
         _owners[path], self._held = me, True
 
     def _release(self) -> None:
@@ -122,6 +147,14 @@ class QueuedWriterConnection(sqlite3.Connection):
             super().rollback()
         finally:
             self._release()
+
+    def __del__(self) -> None:
+        # A connection dropped without close() (a test's abandoned thread, an
+        # engine disposed while it was checked out) must not keep the queue.
+        try:
+            self._release()
+        except Exception:
+            pass
 
     def close(self) -> None:
         try:

@@ -142,3 +142,33 @@ def test_the_app_queues_on_its_sqlite_file_only(app, backend):
             assert not isinstance(conn, sqlite3.Connection)
         db.session.rollback()
     assert writelock.lock_path_for(":memory:") is None
+
+
+def test_a_holder_that_never_lets_go_does_not_stop_the_others_for_good(counter_db, monkeypatch):
+    """Waits end (after SQLite's busy timeout, here shortened): the writer
+    then meets SQLite's own lock and its error, instead of waiting forever;
+    a holder dropped without close() frees the queue when it is collected."""
+    monkeypatch.setattr(writelock, "WAIT_SECONDS", 0.3)
+    holder = connect(counter_db)
+    holder.execute("UPDATE counter SET n = n + 1")  # holds the queue and SQLite's lock
+    outcome = []
+
+    def other():
+        conn = sqlite3.connect(counter_db, timeout=0.2, factory=writelock.QueuedWriterConnection)
+        conn.use_lock(writelock.lock_path_for(str(counter_db)))
+        try:
+            conn.execute("UPDATE counter SET n = n + 1")
+        except sqlite3.OperationalError as exc:
+            outcome.append(str(exc))
+        conn.close()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(timeout=20)
+    assert outcome == ["database is locked"]
+    holder.rollback()
+    holder.execute("UPDATE counter SET n = n + 1")
+    del holder  # dropped while holding, never closed
+    import gc
+    gc.collect()
+    assert lock_is_free(counter_db)
