@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, free_port, wait_for_port
+import smtpserver
 from models import Domain, Mailbox
 
 
@@ -59,3 +60,28 @@ def test_crashed_receiver_is_restarted(app, config_file, tmp_path):
         assert proc.wait(timeout=60) == 0
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
                for pid in again)
+
+
+def test_receivers_end_with_a_killed_supervisor_and_default_to_one_per_core(app, config_file, tmp_path):
+    """``smtp.processes`` null (the default): one receiver per core on a fixed
+    port. SIGKILL the supervisor and its receivers end too (none is left
+    taking mail on the port unsupervised)."""
+    port, log = free_port(), tmp_path / "smtpd.log"
+    env = dict(os.environ, TEMPMAIL_CONFIG=str(config_file))
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(ROOT / ".venv/bin/flask"), "--app", "app", "smtpd", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    cores = os.cpu_count() or 1
+    try:
+        wait_for_port(port, timeout=60)
+        kids = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == cores else None) if cores > 1 \
+            else set()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone = lambda pid: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        wait_for(lambda: all(gone(pid) for pid in kids))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert smtpserver.receiver_count(None, port) == cores and smtpserver.receiver_count(None, 0) == 1
+    assert smtpserver.receiver_count(3, 0) == 3
