@@ -61,10 +61,16 @@ class Daemon:
     def start(self) -> "Daemon":
         env = dict(os.environ, TEMPMAIL_CONFIG=str(self.config))
         env.pop("DATABASE_URL", None)
+        # One receiver unless the test's config asks for more: these tests
+        # kill and restart "the daemon"; tests/test_daemon_processes.py
+        # covers the supervisor with its receivers (the default on a fixed port).
+        conf = json.loads(self.config.read_text())
+        count = (conf.get("smtp") or {}).get("processes") or 1
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(VENV_BIN / "flask"), "--app", "app", "smtpd", "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                 "--port", str(self.port), "--processes", str(count)], cwd=ROOT, env=env, stdout=out,
+                stderr=subprocess.STDOUT)
         self.starts += 1
         wait_for_port(self.port, timeout=60)
         return self

@@ -161,7 +161,8 @@ class Cluster:
 
     def mail(self, host: str) -> Service:
         address = self.net.hosts[host].address
-        argv = [str(VENV_BIN / "flask"), "--app", "app", "smtpd", "--host", address, "--port", str(SMTP_PORT)]
+        argv = [str(VENV_BIN / "flask"), "--app", "app", "smtpd", "--host", address, "--port", str(SMTP_PORT),
+                "--processes", "1"]  # one receiver per mail host: the hosts are what these tests multiply
         return Service(self, host, argv, SMTP_PORT, self.dir / f"{host}.log")
 
     def start(self) -> None:
