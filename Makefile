@@ -66,7 +66,7 @@ system-deps:
 	fi
 
 test: venv system-deps
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: venv
 	$(PY) bench/run_all.py

@@ -374,7 +374,7 @@ def addresses():
         lambda items: st.sampled_from(SEPARATORS).map(lambda sep: (sep if "," in sep else ", ").join(items)))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.one_of(
     st.tuples(st.sampled_from(["from", "to", "cc", "reply-to"]), addresses()),
     st.tuples(st.just("date"), st.sampled_from(DATES)),
