@@ -213,13 +213,7 @@ class QuotaUsage(db.Model):
         """Take one unit of the quota if any is left, atomically (one guarded
         UPDATE: concurrent workers can never together pass the limit), and
         commit; returns the new count, or None when the quota is spent."""
-        # The month's row exists after its first request: try the guarded
-        # UPDATE alone first (one statement per request), and create the row
-        # only when nothing matched (a new month, or the quota is spent).
-        used = QuotaUsage._take(user_id, period, limit)
-        if used is None:
-            insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
-            used = QuotaUsage._take(user_id, period, limit)
+        used = QuotaUsage.reserve_many(user_id, period, limit, 1)[0]
         db.session.commit()
         return used
 
@@ -236,6 +230,9 @@ class QuotaUsage(db.Model):
         conn = db.session.connection()
         if count > 1 and (used := conn.execute(_QUOTA_TAKE_MANY, params).scalar()) is not None:
             return list(range(used - count + 1, used + 1))
+        # The month's row exists after its first request: try the guarded
+        # UPDATE alone first, and create the row only when nothing matched
+        # (a new month, or the quota is spent).
         out: list[Optional[int]] = []
         while len(out) < count:
             used = QuotaUsage._take(user_id, period, limit)

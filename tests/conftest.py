@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from sqlalchemy import text
@@ -197,6 +199,30 @@ def config_file(app, tmp_path):
     conf["secret_key"] = app.config["SECRET_KEY"]
     path.write_text(json.dumps(conf))
     return path
+
+
+def kill_process(proc: subprocess.Popen, group: bool = False) -> None:
+    """SIGKILL ``proc`` (its whole process group with ``group``): no clean-up,
+    no last commit, no reply."""
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def stop_process(proc: Optional[subprocess.Popen], group: bool = False) -> None:
+    """SIGTERM ``proc`` (or its group) if it runs, and wait; SIGKILL after 60 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_process(proc, group)
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:

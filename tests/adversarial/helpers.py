@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import smtplib
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 
-from conftest import free_port, wait_for_port  # tests/conftest.py (this package has its own name)
+from conftest import free_port, kill_process, stop_process, wait_for_port  # tests/conftest.py (this package has its own name)
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -77,16 +76,10 @@ class Daemon:
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, no last commit, no reply."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def memory(self) -> dict:
         return rss_kib(self.proc.pid)
@@ -116,16 +109,10 @@ class Gunicorn:
         return self
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        kill_process(self.proc, group=True)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, group=True)
 
 
 def build_message(n: int, to: str, attachments: list[tuple[str, bytes]] = (), tag: str = "adv") -> bytes:

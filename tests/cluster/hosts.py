@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import smtplib
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from conftest import ROOT, TEST_DOMAINS, as_unprivileged, pg_bin  # tests/conftest.py
+from conftest import ROOT, TEST_DOMAINS, as_unprivileged, kill_process, pg_bin, stop_process  # tests/conftest.py
 from .netns import Network
 
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -54,17 +53,11 @@ class Service:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no clean-up, no last reply."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        kill_process(self.proc, group=True)
 
     def stop(self) -> None:
         """SIGTERM: gunicorn finishes the requests it has, the daemon the mail it has."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, group=True)
 
     def pids(self) -> list[int]:
         """The master and its children (gunicorn's workers)."""
