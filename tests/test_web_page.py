@@ -5,7 +5,6 @@ sizes, the headers/source view), and the inbox (search, paging, the QR code,
 from __future__ import annotations
 
 import io
-import re
 from datetime import timedelta
 
 import pytest
@@ -16,17 +15,7 @@ import mailhandler
 import storage
 from models import Mailbox, Message, db
 
-TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
-ADDRESS_RE = re.compile(r'id="address"[^>]*value="([^"]+)"')
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
-
-
-def page_address(client) -> str:
-    return ADDRESS_RE.search(client.get("/").get_data(as_text=True)).group(1)
-
-
-def csrf(client) -> str:
-    return TOKEN_RE.search(client.get("/").get_data(as_text=True)).group(1)
+from test_web import PNG, TOKEN_RE, csrf, page_address  # the page's own helpers, defined once
 
 
 def deliver(app, address: str, subject: str = "Hello", html: str = "", text: str = "Hi there",
