@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 import apierrors
 import clock
+import hotpath
 import idgen
 import listingcache
 import mailevents
@@ -137,12 +138,14 @@ def inbox(email: str):
                            hint="Generate this email first via /generate endpoint"), 404
     kept, key = listingcache.cache(), ("inbox", box.id, box.address, box.created_at, box.expires_at, limit, offset)
     body = kept.get(key, inbox_fingerprint(box.id, limit, offset)) if kept is not None else None
-    if body is not None:
-        return conditional(listingcache.json_response(body), body)
-    response, fingerprint = inbox_answer(box, limit, offset)
-    body = response.get_data()
-    if kept is not None:
-        kept.put(key, fingerprint, body)
+    if body is None:
+        response, fingerprint = inbox_answer(box, limit, offset)
+        body = response.get_data()
+        if kept is not None:
+            kept.put(key, fingerprint, body)
+    else:
+        response = listingcache.json_response(body)
+    hotpath.accept(request.environ, request.url_rule.rule)
     return conditional(response, body)
 
 
@@ -327,6 +330,7 @@ def email_detail(raw_id: str):
     if not head.is_read:
         conn.execute(EMAIL_MARK_READ, {"msg_row": head.id})  # 0 rows if deleted meanwhile: fine
         db.session.commit()
+    hotpath.accept(request.environ, request.url_rule.rule)
     return response
 
 
@@ -369,6 +373,63 @@ def send_attachment(att: Attachment):
     return resp
 
 
+# --------------------------------------------------------------------------
+# the hot routes (hotpath.py): the inbox and a read message, answered again
+# below Flask while their rows are unchanged
+
+# The mount (``/api.php`` or the root) is part of the key: the answers are
+# the same, but each is counted under its own URL rule.
+_HOT_INBOX = re.compile(r"(/api\.php)?/inbox/([^/%]+)")
+_HOT_EMAIL = re.compile(r"(/api\.php)?/email/([^/%]+)")
+# The same rule as live_mailbox_row and the inbox's rows, in one statement:
+# a live api.php mailbox and each of its messages' changeable columns.
+HOT_INBOX = (select(_mailboxes.c.id, _mailboxes.c.created_at, _mailboxes.c.expires_at, _messages.c.id,
+                    _messages.c.public_id, _messages.c.is_read, _messages.c.revision)
+             .select_from(_mailboxes.outerjoin(_messages, _messages.c.mailbox_id == _mailboxes.c.id))
+             .where(_mailboxes.c.address == bindparam("address"), _mailboxes.c.origin.in_(LEGACY_ORIGINS),
+                    _mailboxes.c.expires_at > bindparam("now", type_=_mailboxes.c.expires_at.type))
+             .order_by(_messages.c.id))
+# As EMAIL_HEAD, with the mailbox's rule in the statement.
+HOT_EMAIL = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _messages.c.revision)
+             .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
+             .where(_messages.c.id == bindparam("msg_row"), _mailboxes.c.origin.in_(LEGACY_ORIGINS),
+                    _mailboxes.c.expires_at > bindparam("now", type_=_mailboxes.c.expires_at.type)))
+
+
+def request_shape(environ: dict) -> tuple:
+    """What of a request, besides its path, can change a 200 answer's
+    headers or links: the CORS origin and the site's address as seen."""
+    return (environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), environ.get("wsgi.url_scheme"),
+            environ.get("SCRIPT_NAME"))
+
+
+def hot_inbox_key(environ: dict) -> tuple | None:
+    """A plain ``GET /inbox/{email}`` (no paging, waiting or percent sign)."""
+    found = None if environ.get("QUERY_STRING") else _HOT_INBOX.fullmatch(environ.get("PATH_INFO", ""))
+    address = found.group(2).strip().lower() if found is not None else ""
+    if not (address.isascii() and models.plausible(address, 320)):
+        return None
+    return (address, found.group(1)) + request_shape(environ)
+
+
+def hot_inbox_validator(run, key: tuple) -> tuple | None:
+    return tuple(run(HOT_INBOX, address=key[0], now=clock.now())) or None
+
+
+def hot_email_key(environ: dict) -> tuple | None:
+    """A plain ``GET /email/{id}`` of a plausible api.php id."""
+    found = None if environ.get("QUERY_STRING") else _HOT_EMAIL.fullmatch(environ.get("PATH_INFO", ""))
+    row_id = idgen.row_id_of(found.group(2), "messages") if found is not None else None
+    return None if row_id is None else (row_id, found.group(1)) + request_shape(environ)
+
+
+def hot_email_validator(run, key: tuple) -> tuple | None:
+    """Only a message already read: the first read must go through Flask,
+    which marks it read."""
+    rows = run(HOT_EMAIL, msg_row=key[0], now=clock.now())
+    return tuple(rows) if rows and rows[0][2] else None
+
+
 def init_app(app: Flask) -> None:
     """Mount api.php at ``/api.php/`` and at the root, unless ``legacy_api.enabled``
     is false: then every api.php path answers 404 ``Invalid endpoint``."""
@@ -376,3 +437,5 @@ def init_app(app: Flask) -> None:
         return
     app.register_blueprint(bp, url_prefix="/api.php", name="legacy_php")
     app.register_blueprint(bp, name="legacy")
+    hotpath.register(app, hotpath.HotRoute("legacy.inbox", hot_inbox_key, hot_inbox_validator))
+    hotpath.register(app, hotpath.HotRoute("legacy.email", hot_email_key, hot_email_validator))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from datetime import datetime, timezone
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 from flask import Blueprint, Flask, g, jsonify, request
 from sqlalchemy import bindparam, select
@@ -24,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 import apierrors
 import clock
 import extract
+import hotpath
 import idgen
 import limits
 import listingcache
@@ -119,11 +121,17 @@ def count_quota(response):
         except SQLAlchemyError:
             db.session.rollback()
             log.exception("could not refund a User API request of user %s", quota.user_id)
-    response.headers["X-RateLimit-Limit"] = str(quota.limit)
-    response.headers["X-RateLimit-Used"] = str(quota.used)
-    response.headers["X-RateLimit-Remaining"] = str(max(0, quota.limit - quota.used))
-    response.headers["X-RateLimit-Reset"] = clock.next_month_start().isoformat()
+    response.headers.update(quota_headers(quota.limit, quota.used))
     return response
+
+
+QUOTA_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Used", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+
+
+def quota_headers(limit: int, used: int) -> list[tuple[str, str]]:
+    """The quota headers every User API answer with a valid key carries."""
+    return list(zip(QUOTA_HEADERS, (str(limit), str(used), str(max(0, limit - used)),
+                                    clock.next_month_start().isoformat())))
 
 
 # --------------------------------------------------------------------------
@@ -318,10 +326,12 @@ def list_messages():
         rows = db.session.connection().execute(filt.restrict(LIST_MARKS), {"mailbox_id": box.id})
         body = kept.get(key, listingcache.marks(rows))
         if body is not None:
+            hotpath.accept(request.environ, request.url_rule.rule)
             return listingcache.json_response(body)
     response, fingerprint = listing_answer(box.id, box.address, filt, base)
     if kept is not None:
         kept.put(key, fingerprint, response.get_data())
+    hotpath.accept(request.environ, request.url_rule.rule)
     return response
 
 
@@ -548,9 +558,61 @@ def attachment_json(att, base: str, public_id: str) -> dict:
             "url": f"{base}/api/messages/{public_id}/attachments/{quote(att.filename, safe='')}"}
 
 
+# --------------------------------------------------------------------------
+# the hot route (hotpath.py): an unfiltered listing, answered again below
+# Flask while the key, the mailbox and its messages are unchanged; the
+# request is still authenticated and counted each time
+
+_HOT_QUERY = re.compile(r"email=([A-Za-z0-9._%+@-]{1,960})")
+_TOKEN68 = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
+_key, _user = ApiKey.__table__, User.__table__
+# authenticate's key rule, owned_mailbox_row's ownership and life rules and
+# the listing's rows, in one statement.
+HOT_LISTING = (select(_key.c.user_id, _user.c.plan, _box.c.id, _msg.c.id, _msg.c.public_id, _msg.c.is_read,
+                      _msg.c.revision)
+               .select_from(_key.join(_user, _user.c.id == _key.c.user_id)
+                            .join(_box, _box.c.user_id == _key.c.user_id)
+                            .outerjoin(_msg, _msg.c.mailbox_id == _box.c.id))
+               .where(_key.c.key_hash == bindparam("key_hash"), _key.c.revoked_at.is_(None),
+                      _box.c.address == bindparam("address"),
+                      _box.c.expires_at > bindparam("now", type_=_box.c.expires_at.type))
+               .order_by(_msg.c.id.desc()))
+
+
+def hot_listing_key(environ: dict) -> tuple | None:
+    """``GET /api/messages?email=`` alone, with a plain Bearer key."""
+    if environ.get("PATH_INFO") != "/api/messages":
+        return None
+    query = _HOT_QUERY.fullmatch(environ.get("QUERY_STRING", ""))
+    token = _TOKEN68.fullmatch(environ.get("HTTP_AUTHORIZATION", ""))
+    if query is None or token is None or len(token.group(1)) > 200:
+        return None
+    address = unquote_plus(query.group(1)).strip().lower()
+    if not (address.isascii() and models.plausible(address, 320)):
+        return None
+    return (ApiKey.hash(token.group(1)), address) + (
+        environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), environ.get("wsgi.url_scheme"),
+        environ.get("SCRIPT_NAME"))
+
+
+def hot_listing_validator(run, key: tuple) -> tuple | None:
+    return tuple(run(HOT_LISTING, key_hash=key[0], address=key[1], now=clock.now())) or None
+
+
+def hot_listing_admit(_app: Flask, validator: tuple) -> list | None:
+    """Reserve the request's unit as ``authenticate`` does; None when the
+    quota is spent (Flask then answers the 429)."""
+    user_id, plan = validator[0][0], validator[0][1]
+    limit = limits.plan_quota(plan)
+    used = limits.batcher().reserve(user_id, limits.quota_period(), limit)
+    return None if used is None else quota_headers(limit, used)
+
+
 def init_app(app: Flask) -> None:
     """Mount the User API at /api; authentication and counting hook in app-wide
     so unmatched /api/ paths answer 401 or carry quota headers as well."""
     app.register_blueprint(bp, url_prefix="/api")
     app.before_request(authenticate)
     app.after_request(count_quota)
+    hotpath.register(app, hotpath.HotRoute("v1.listing", hot_listing_key, hot_listing_validator,
+                                           admit=hot_listing_admit, per_request=frozenset(h.lower() for h in QUOTA_HEADERS)))

@@ -28,6 +28,7 @@ import api_webhooks  # noqa: F401  (adds /api/webhook to the User API's blueprin
 import apidocs
 import cli
 import fastjson
+import hotpath
 import languages
 import listingcache
 import logsafe
@@ -129,6 +130,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.update(test_config)
     app.json.sort_keys = False
     fastjson.init_app(app)  # orjson behind jsonify: same JSON, a fraction of the CPU
+    # Kept answers of the hot read routes (registered by the API modules) are
+    # sent below Flask; inside ProxyFix, so they see the client's scheme and host.
+    app.wsgi_app = hotpath.HotPath(app, app.wsgi_app)
     if conf.get("behind_proxy"):
         # nginx / Passenger in front: trust one hop of X-Forwarded-For/-Proto so
         # rate limits see the client's address and cookies get Secure on HTTPS.

@@ -87,7 +87,12 @@ def quota_period() -> str:
 
 
 def quota_limit(user: User) -> int:
-    return int(user.plan_config().get("monthly_quota") or 0)
+    return plan_quota(user.plan)
+
+
+def plan_quota(plan: str) -> int:
+    """The monthly quota of plan ``plan`` (an unknown plan is ``free``, as in ``User.plan_config``)."""
+    return int(User.plan_named(plan).get("monthly_quota") or 0)
 
 
 @dataclass

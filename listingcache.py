@@ -41,7 +41,7 @@ class ListingCache:
         self._entries: OrderedDict = OrderedDict()  # key -> (fingerprint, body, size)
         self._bytes = 0
 
-    def get(self, key: Hashable, fingerprint: tuple) -> Optional[bytes]:
+    def get(self, key: Hashable, fingerprint: tuple):
         """The body kept for ``key`` if it was built at exactly ``fingerprint``."""
         with self._lock:
             entry = self._entries.get(key)
@@ -50,10 +50,11 @@ class ListingCache:
             self._entries.move_to_end(key)
             return entry[1]
 
-    def put(self, key: Hashable, fingerprint: tuple, body: bytes) -> None:
+    def put(self, key: Hashable, fingerprint: tuple, body, size: Optional[int] = None) -> None:
         """Keep ``body`` for ``key`` (replacing an older one); a body larger
-        than an eighth of the budget is not kept."""
-        size = len(body) + ROW_BYTES * (len(fingerprint) + 1)
+        than an eighth of the budget is not kept. ``size``: the bytes ``body``
+        holds when it is not itself ``bytes`` (hotpath.py keeps whole answers)."""
+        size = (len(body) if size is None else size) + ROW_BYTES * (len(fingerprint) + 1)
         if size > self.max_bytes // 8:
             return
         with self._lock:

@@ -13,6 +13,9 @@ MESSAGES = Counter("tempmail_messages", "Messages offered to the receivers, by o
                    ["outcome", "reason"])
 REQUESTS = Counter("tempmail_http_requests", "HTTP requests by URL rule, method and status.",
                    ["route", "method", "status"])
+ANSWERS_FROM_MEMORY = Counter("tempmail_http_answers_from_memory",
+                              "HTTP answers sent again from a worker's memory (hotpath.py), by hot route.",
+                              ["route"])
 PURGE_RUNS = Counter("tempmail_purge_runs", "Retention passes run (flask purge and the daemon timer).")
 PURGE_ROWS = Counter("tempmail_purge_rows", "Rows and files removed by retention passes, by kind.",
                      ["kind"])
@@ -25,3 +28,9 @@ def count_message(outcome: str, reason: str = "") -> None:
     ``user_unknown``, ``too_big``, ``error``...), never free text, so the
     number of label values stays small."""
     MESSAGES.labels(outcome=outcome, reason=reason or "").inc()
+
+
+def count_request(rule: str, method: str, status: str) -> None:
+    """Count one HTTP answer under its URL rule (``/api/messages/<id>``, not
+    the path: one series per route, however many ids clients ask for)."""
+    REQUESTS.labels(route=rule, method=method, status=status).inc()

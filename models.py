@@ -97,8 +97,13 @@ class User(db.Model):
 
     def plan_config(self) -> dict:
         """This user's plan from the configuration (falls back to ``free``)."""
+        return User.plan_named(self.plan)
+
+    @staticmethod
+    def plan_named(plan: str) -> dict:
+        """Plan ``plan`` from the configuration; an unknown plan is ``free``."""
         plans = cfg("plans")
-        return plans.get(self.plan) or plans["free"]
+        return plans.get(plan) or plans["free"]
 
     @staticmethod
     def create(email: str, plan: str = "free", password: Optional[str] = None) -> "User":

@@ -58,10 +58,8 @@ migrate = Migrate()
 # metrics
 
 def _record_request(response: Response) -> Response:
-    # The URL rule ("/api/messages/<id>"), not the path: one series per route,
-    # however many ids and addresses clients ask for.
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.REQUESTS.labels(route=rule, method=request.method, status=str(response.status_code)).inc()
+    metrics.count_request(rule, request.method, str(response.status_code))
     return response
 
 

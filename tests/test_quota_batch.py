@@ -7,7 +7,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
+from prometheus_client import CollectorRegistry, multiprocess
 from sqlalchemy import text, update
 
 import limits
@@ -74,24 +76,39 @@ def test_a_batch_that_cannot_be_written_fails_every_request_in_it(app):
         assert QuotaUsage.used_in(user.id, period) == 5  # nothing counted
 
 
-def test_quota_exact_through_threaded_workers_as_shipped(app, config_file, tmp_path, backend):
+@pytest.mark.parametrize("route", ["domains", "listing"])
+def test_quota_exact_through_threaded_workers_as_shipped(app, config_file, tmp_path, backend, route, monkeypatch):
     """``make run``'s gunicorn (deploy/gunicorn.conf.py: threaded workers, many
     threads each), 2 workers, 80 parallel requests with 30 units left: exactly
     30 answers 200, each with its own Used count, the others 429, and the
-    count ends at the limit."""
+    count ends at the limit. ``listing``: a mailbox listing that both workers
+    have answered before, so most answers are sent from memory (hotpath.py)
+    and reserve their unit there."""
     from adversarial.helpers import Gunicorn
     with app.app_context():
         user = User.create("batch@users.test")
         _key, raw = ApiKey.issue(user)
         db.session.commit()
-        set_used(user.id, 50_000 - 30)
         user_id = user.id
+    auth = {"Authorization": f"Bearer {raw}"}
+    counts = tmp_path / "metrics"
+    counts.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(counts))
     server = Gunicorn(config_file, tmp_path / "gunicorn.log", workers=2,
                       extra=["--config", str(ROOT / "deploy" / "gunicorn.conf.py")]).start()
     try:
+        path = "/api/domains"
+        if route == "listing":
+            address = requests.post(server.url + "/api/emails", headers=auth, timeout=60).json()["data"]["email"]
+            path = f"/api/messages?email={address}"
+            for _ in range(20):  # new connections: both workers answer it and keep it
+                assert requests.get(server.url + path, headers={**auth, "Connection": "close"},
+                                    timeout=60).status_code == 200
+        with app.app_context():
+            set_used(user_id, 50_000 - 30)
+
         def call(_n):
-            resp = requests.get(server.url + "/api/domains", headers={"Authorization": f"Bearer {raw}"},
-                                timeout=60)
+            resp = requests.get(server.url + path, headers=auth, timeout=60)
             return resp.status_code, int(resp.headers["X-RateLimit-Used"])
         with ThreadPoolExecutor(max_workers=80) as pool:
             results = list(pool.map(call, range(80)))
@@ -102,3 +119,13 @@ def test_quota_exact_through_threaded_workers_as_shipped(app, config_file, tmp_p
     assert sorted(used for code, used in results if code == 200) == list(range(50_000 - 29, 50_001))
     with app.app_context():
         assert QuotaUsage.used_in(user_id, limits.quota_period()) == 50_000
+    if route == "listing":
+        assert answers_from_memory(counts) >= 20  # most of the 200s and the warm-up's repeats
+
+
+def answers_from_memory(folder: Path) -> float:
+    """The workers' count of answers sent from memory (prometheus-client's files)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, str(folder))
+    return sum(sample.value for family in registry.collect() for sample in family.samples
+               if sample.name == "tempmail_http_answers_from_memory_total")
