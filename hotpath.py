@@ -211,7 +211,8 @@ class HotPath:
 
 
 class _Runner:
-    """Runs prepared statements on one raw connection, opened on first use."""
+    """Runs prepared statements, each on a raw pooled connection taken for it
+    and given back at once (the pool rolls back what the read began)."""
 
     def __init__(self, engine, prepared: dict) -> None:
         self.engine, self.prepared = engine, prepared
@@ -228,4 +229,4 @@ class _Runner:
             finally:
                 cursor.close()
         finally:
-            conn.close()  # back to the pool, which rolls back what the read began
+            conn.close()
