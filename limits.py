@@ -142,6 +142,11 @@ class QuotaBatcher:
 
     def reserve(self, user_id: int, period: str, limit: int) -> Optional[int]:
         """Take one unit: the new count, or None when the quota is spent."""
+        # Whoever finds nobody writing writes the batch with its own session,
+        # so each request holds its connection before it queues: a writer
+        # that first had to check one out could wait for the pool behind the
+        # very requests that wait for it (pool timeout, 500s on PostgreSQL).
+        db.session.connection()
         ticket = _Ticket((user_id, period, limit))
         with self._cond:
             self._queue.append(ticket)

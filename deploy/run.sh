@@ -61,6 +61,12 @@ mail=$!
 # Until a signal (its trap runs) or the first server to end by itself.
 wait -n $web $mail
 status=$?
+# A Ctrl-C reaches every process of the group at once, and a server may end
+# on it (gunicorn with status 0) before this shell has run its own trap:
+# give a pending trap a moment to run (it stops both and exits by the
+# signal) before calling this end unasked.
+sleep 0.3 &
+wait $!
 echo "run.sh: a server stopped by itself (exit status $status); stopping the other" >&2
 stop_servers
 exit "$status"

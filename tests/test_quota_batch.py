@@ -109,6 +109,7 @@ def test_quota_exact_through_threaded_workers_as_shipped(app, config_file, tmp_p
 
         def call(_n):
             resp = requests.get(server.url + path, headers=auth, timeout=60)
+            assert "X-RateLimit-Used" in resp.headers, (resp.status_code, resp.headers, resp.text[:300])
             return resp.status_code, int(resp.headers["X-RateLimit-Used"])
         with ThreadPoolExecutor(max_workers=80) as pool:
             results = list(pool.map(call, range(80)))
