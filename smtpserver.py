@@ -58,6 +58,7 @@ BATCH_MESSAGES = 64
 BATCH_BYTES = 4 << 20
 SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
 PR_SET_PDEATHSIG = 1  # prctl(2)
+PR_SET_NAME = 15  # prctl(2)
 SWITCH_INTERVAL = 0.0005  # seconds; see MailServer.start
 PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
@@ -537,6 +538,7 @@ class MailServer:
 
     # -- I/O thread ------------------------------------------------------
     def io_loop(self) -> None:
+        name_os_thread("smtpd-io")
         with self.app.app_context():
             next_tick = time.monotonic() + 1
             next_purge = time.monotonic() + self.purge_interval
@@ -597,6 +599,7 @@ class MailServer:
 
     # -- writer thread -----------------------------------------------------
     def writer_loop(self) -> None:
+        name_os_thread("smtpd-writer")
         with self.app.app_context():
             while True:
                 batch = self.next_batch()
@@ -808,6 +811,15 @@ def die_with(parent: int) -> None:
         return
     if os.getppid() != parent:  # the supervisor died before the prctl
         os._exit(1)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` in the kernel too, so ``top -H``, ``ps
+    -L`` and /proc/PID/task/*/comm tell the I/O thread from the writer."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15])
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 def receiver_count(wanted: Optional[int], port: int) -> int:
