@@ -380,6 +380,16 @@ class DeliveryBatch:
             self.earlier.setdefault((row.mailbox_id, row.tag, row.raw_sha256, row.envelope_from), row.id)
         self.looked_up.update(shas)
 
+    def look_up_recipients(self, recipients: list[str]) -> None:
+        """The recipient policy's look-up for a whole batch in one query:
+        the active domains and the mailboxes of ``recipients``."""
+        try:
+            mailpolicy.look_up(recipients, self.known)
+        except Exception as exc:
+            log.exception("recipient look-up of %d addresses failed", len(recipients))
+            self.rollback()
+            raise StoreFailed() from exc
+
     def stage_files(self) -> None:
         """Make the blobs written so far durable, before the INSERTs take
         SQLite's write lock, so another receiver process can commit meanwhile."""

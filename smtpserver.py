@@ -667,14 +667,15 @@ def store_batch(jobs: list[Job]) -> None:
     with one sync pass; if that fails, store them one by one so one bad
     message cannot cost the others. Sets each job's final SMTP reply.
 
-    Within the batch, domains, mailboxes and earlier copies (the duplicate
-    filter) are looked up once, the rows of all messages go in one flush
+    Within the batch, earlier copies (the duplicate filter) are looked up
+    in one query, domains and mailboxes in another, the rows of all messages go in one flush
     (multi-row INSERTs), and the stats counter gets one UPDATE."""
     batch = mailhandler.DeliveryBatch()
     staged: list[tuple[Job, list]] = []
     shas = [storage.digest(job.raw) for job in jobs]
     try:
         batch.look_up_earlier(shas)
+        batch.look_up_recipients([rcpt for job in jobs for rcpt in job.recipients])
         for job, sha in zip(jobs, shas):
             try:
                 staged.append((job, mailhandler.deliver(job.raw, job.recipients, job.mail_from,
