@@ -173,7 +173,7 @@ def insert_chunks_many(blobs: Iterable[tuple[str, bytes]]) -> None:
         # Left-over rows under these names (see insert_chunks) hold the same
         # bytes: an upsert replaces them in the same statement, so a batch of
         # small messages costs one statement here, not a DELETE and an INSERT.
-        db.session.execute(UPSERT_CHUNK, small)
+        db.session.connection().execute(UPSERT_CHUNK, small)
 
 
 # Built once: the daemon runs it for every batch. The same SQL on SQLite
