@@ -668,8 +668,9 @@ def store_batch(jobs: list[Job]) -> None:
     message cannot cost the others. Sets each job's final SMTP reply.
 
     Within the batch, earlier copies (the duplicate filter) are looked up
-    in one query, domains and mailboxes in another, the rows of all messages go in one flush
-    (multi-row INSERTs), and the stats counter gets one UPDATE."""
+    in one query, the domains and the mailboxes of all recipients in
+    another, the rows of all messages go in multi-row INSERTs, and the
+    stats counter gets one UPDATE."""
     batch = mailhandler.DeliveryBatch()
     staged: list[tuple[Job, list]] = []
     shas = [storage.digest(job.raw) for job in jobs]

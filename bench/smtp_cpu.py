@@ -86,6 +86,13 @@ def start(code: Path, processes: int | None, stack: contextlib.ExitStack) -> tup
     return box, box.pids(server, "smtpd")
 
 
+def describe(res: dict) -> str:
+    """One line of figures: rate, daemon CPU per message (and its split), load."""
+    return (f"{res['rate']:6.0f} msg/s  daemon {res['user'] + res['sys']:.3f} ms/msg (user {res['user']:.3f} "
+            f"sys {res['sys']:.3f}; I/O thread {res['io']:.3f}, writer {res['writer']:.3f})  "
+            f"smtp-source {res['client']:.3f} ms/msg" + (f"  load {res['load']:.2f}" if "load" in res else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Mail daemon CPU per message, A/B.")
     parser.add_argument("--mode", choices=["new", "reuse"], default="new")
@@ -106,15 +113,11 @@ def main(argv: list[str] | None = None) -> None:
             for name, box, pids in targets if rnd % 2 == 0 else targets[::-1]:
                 res = run_round(box, pids, args.mode, args.messages)
                 rows.setdefault(name, []).append(res)
-                print(f"  round {rnd + 1} {name:>14}: {res['rate']:6.0f} msg/s  daemon "
-                      f"{res['user'] + res['sys']:.3f} ms/msg (user {res['user']:.3f} sys {res['sys']:.3f}; "
-                      f"I/O thread {res['io']:.3f}, writer {res['writer']:.3f})"
-                      f"  smtp-source {res['client']:.3f} ms/msg  load {res['load']:.2f}", flush=True)
+                print(f"  round {rnd + 1} {name:>14}: {describe(res)}", flush=True)
     print("medians:")
     for name, res in rows.items():
-        med = lambda key: common.median([r[key] for r in res])  # noqa: E731
-        print(f"  {name:>14}: {med('rate'):6.0f} msg/s  daemon {med('user') + med('sys'):.3f} ms/msg "
-              f"(user {med('user'):.3f} sys {med('sys'):.3f}; I/O thread {med('io'):.3f}, writer {med('writer'):.3f})  smtp-source {med('client'):.3f} ms/msg")
+        medians = {key: common.median([r[key] for r in res]) for key in res[0] if key != "load"}
+        print(f"  {name:>14}: {describe(medians)}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
