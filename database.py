@@ -70,7 +70,7 @@ def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
         part = rows[start:start + UPSERT_ROWS]
         stmt = _upsert_statement(dialect, model.__table__, key, column, tuple(names), len(part))
         params = {f"{name}_{i}": row[name] for i, row in enumerate(part) for name in names}
-        for key_value, value in db.session.execute(stmt, params):
+        for key_value, value in db.session.connection().execute(stmt, params):  # Core: no ORM path
             out[key_value] = value
     return out
 

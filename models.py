@@ -681,7 +681,8 @@ class Stat(db.Model):
         """Add to the counters inside the caller's transaction (one atomic UPDATE)."""
         # A Core UPDATE of the table: the ORM's bulk-update machinery (even with
         # synchronize_session=False) cost more than storing a message.
-        db.session.execute(STAT_BUMP, {"addresses": total_addresses, "received": total_received, "now": now()})
+        db.session.connection().execute(STAT_BUMP, {"addresses": total_addresses, "received": total_received,
+                                                     "now": now()})
 
     @staticmethod
     def snapshot() -> dict:

@@ -57,7 +57,11 @@ MAX_RECIPIENTS = 100
 BATCH_MESSAGES = 64
 BATCH_BYTES = 4 << 20
 SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
+# Reply lines of printable ASCII joined by CRLF: what SMTPChannel.push can send as they are.
+PLAIN_REPLY = re.compile(r"[\x20-\x7e]*(?:\r\n[\x20-\x7e]*)*\Z")
+ROOM_MAX_AGE = 1.0  # seconds a free-space answer is reused (MailServer.has_room)
 PR_SET_PDEATHSIG = 1  # prctl(2)
+PR_SET_NAME = 15  # prctl(2)
 SWITCH_INTERVAL = 0.0005  # seconds; see MailServer.start
 PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
@@ -129,6 +133,9 @@ class SMTPChannel(salmon_server.SMTPChannel):
         visible escapes, and so does non-ASCII text unless the client asked
         for SMTPUTF8 in this transaction (stock push raised UnicodeEncodeError
         on an address like Ünï@ quoted in a refusal)."""
+        if PLAIN_REPLY.match(msg):  # printable ASCII lines: nothing to escape (nearly every reply)
+            asynchat.async_chat.push(self, (msg + "\r\n").encode("ascii"))
+            return
         ascii_only = not self.require_SMTPUTF8
         lines = [logsafe.escape(line, ascii_only) for line in msg.split("\r\n")]
         asynchat.async_chat.push(self, ("\r\n".join(lines) + "\r\n").encode("utf-8"))
@@ -156,7 +163,8 @@ class SMTPChannel(salmon_server.SMTPChannel):
         if self.smtp_state == self.DATA:
             self.end_of_data()
             return
-        if any(b"\r" in part or b"\n" in part for part in self.received_lines):
+        line = self.received_lines[0] if len(self.received_lines) == 1 else b"".join(self.received_lines)
+        if b"\r" in line or b"\n" in line:
             self.refuse_bare_line_break()
             return
         try:
@@ -213,7 +221,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
         return super()._getaddr(arg)
 
     def smtp_MAIL(self, arg: Optional[str]) -> None:
-        if self.seen_greeting and not self.mailfrom and not storage.has_room():
+        if self.seen_greeting and not self.mailfrom and not self.mail_server.has_room():
             # Below the free-space floor: the sender keeps the mail queued
             # instead of sending data we could not keep (RFC 5321 452).
             self.refuse(NoRoom(), arg or "", [], 0)
@@ -255,7 +263,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
 
     def check_and_add(self, address: str) -> None:
         try:
-            if not storage.has_room():
+            if not self.mail_server.has_room():
                 raise NoRoom()
             mailpolicy.check_recipient(address)
         except DeliveryError as exc:
@@ -477,6 +485,7 @@ class MailServer:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.replies: collections.deque = collections.deque()
         self.running = self.draining = False
+        self.room, self.room_checked = True, -ROOM_MAX_AGE
         wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.wakeup = Wakeup(wake_r, self)
@@ -537,6 +546,7 @@ class MailServer:
 
     # -- I/O thread ------------------------------------------------------
     def io_loop(self) -> None:
+        name_os_thread("smtpd-io")
         with self.app.app_context():
             next_tick = time.monotonic() + 1
             next_purge = time.monotonic() + self.purge_interval
@@ -584,6 +594,15 @@ class MailServer:
                 channel.close_when_done()
                 self.channels.discard(channel)
 
+    def has_room(self) -> bool:
+        """``storage.has_room()``, asked at most once a second (as that
+        function itself caches): MAIL and RCPT ask for every message, and
+        finding the storage folder built paths each time."""
+        now = time.monotonic()
+        if now >= self.room_checked + ROOM_MAX_AGE:
+            self.room, self.room_checked = storage.has_room(max_age=0), now
+        return self.room
+
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
@@ -597,6 +616,7 @@ class MailServer:
 
     # -- writer thread -----------------------------------------------------
     def writer_loop(self) -> None:
+        name_os_thread("smtpd-writer")
         with self.app.app_context():
             while True:
                 batch = self.next_batch()
@@ -647,14 +667,16 @@ def store_batch(jobs: list[Job]) -> None:
     with one sync pass; if that fails, store them one by one so one bad
     message cannot cost the others. Sets each job's final SMTP reply.
 
-    Within the batch, domains, mailboxes and earlier copies (the duplicate
-    filter) are looked up once, the rows of all messages go in one flush
-    (multi-row INSERTs), and the stats counter gets one UPDATE."""
+    Within the batch, earlier copies (the duplicate filter) are looked up
+    in one query, the domains and the mailboxes of all recipients in
+    another, the rows of all messages go in multi-row INSERTs, and the
+    stats counter gets one UPDATE."""
     batch = mailhandler.DeliveryBatch()
     staged: list[tuple[Job, list]] = []
     shas = [storage.digest(job.raw) for job in jobs]
     try:
         batch.look_up_earlier(shas)
+        batch.look_up_recipients([rcpt for job in jobs for rcpt in job.recipients])
         for job, sha in zip(jobs, shas):
             try:
                 staged.append((job, mailhandler.deliver(job.raw, job.recipients, job.mail_from,
@@ -808,6 +830,15 @@ def die_with(parent: int) -> None:
         return
     if os.getppid() != parent:  # the supervisor died before the prctl
         os._exit(1)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` in the kernel too, so ``top -H``, ``ps
+    -L`` and /proc/PID/task/*/comm tell the I/O thread from the writer."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15])
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 def receiver_count(wanted: Optional[int], port: int) -> int:

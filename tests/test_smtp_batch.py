@@ -1,0 +1,102 @@
+"""The daemon's group commit in-process (``smtpserver.store_batch``): a batch
+decides every recipient with one look-up and still answers each message as
+the policy says; a left-over chunk row under a new blob's name is replaced,
+not doubled; and the plain-reply shortcut of ``SMTPChannel.push`` sends
+exactly what the escaping path would."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from sqlalchemy import event, text
+
+import logsafe
+import smtpserver
+import storage
+from models import Domain, Mailbox, Message, db
+
+SHIPPED_STORAGE = {"storage": {"inline_max_bytes": 131072}}  # small blobs as rows, as shipped
+
+
+def message(n: int) -> bytearray:
+    return bytearray(f"From: <s@source.test>\r\nSubject: batch {n}\r\nMessage-ID: <{n}@source.test>\r\n\r\n"
+                     f"body {n}\r\n".encode())
+
+
+def job(n: int, recipients: list[str]) -> smtpserver.Job:
+    return smtpserver.Job(message(n), recipients, "s@source.test", "test", None)
+
+
+@contextlib.contextmanager
+def statements():
+    """The SQL statements run on the app's engine inside the block."""
+    seen: list[str] = []
+
+    def note(_conn, _cursor, sql, *_args):
+        seen.append(" ".join(sql.split()))
+    event.listen(db.engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(db.engine, "before_cursor_execute", note)
+
+
+def test_a_batch_decides_every_recipient_with_one_look_up(app_factory):
+    app = app_factory(SHIPPED_STORAGE)
+    with app.app_context():
+        domain = Domain.by_name("example.com")
+        Mailbox.create("alice", domain, 3600)
+        Mailbox.create("bob", domain, 3600)
+        jobs = [job(1, ["alice@example.com"]), job(2, ["Bob+news@example.com", "alice@example.com"]),
+                job(3, ["nobody@example.com"]), job(4, ["alice@elsewhere.org"]),
+                job(5, ["nobody@example.com", "bob@example.com"])]
+        with statements() as seen:
+            smtpserver.store_batch(jobs)
+        assert [j.reply.split(" ")[0] for j in jobs] == ["250", "250", "550", "550", "250"]
+        assert jobs[2].reply.startswith("550 5.1.1") and jobs[3].reply.startswith("550 5.7.1")
+        look_ups = [sql for sql in seen if " FROM domains" in sql or " FROM mailboxes" in sql]
+        assert len(look_ups) == 1, look_ups
+        stored = sorted((m.envelope_to, m.tag or "") for m in db.session.query(Message))
+        assert stored == [("alice@example.com", ""), ("alice@example.com", ""),
+                          ("bob@example.com", ""), ("bob@example.com", "news")]
+
+
+def test_catch_all_makes_a_mailbox_once_per_batch(app_factory):
+    app = app_factory(dict(SHIPPED_STORAGE, catch_all=True))
+    with app.app_context():
+        jobs = [job(1, ["fresh42@example.com"]), job(2, ["Fresh42+x@example.com"]), job(3, ["admin@example.com"])]
+        smtpserver.store_batch(jobs)
+        assert [j.reply.split(" ")[0] for j in jobs] == ["250", "250", "550"]
+        assert db.session.query(Mailbox).filter_by(address="fresh42@example.com").count() == 1
+        assert db.session.query(Message).count() == 2
+
+
+def test_a_left_over_chunk_row_is_replaced_not_doubled(app_factory):
+    app = app_factory(SHIPPED_STORAGE)
+    with app.app_context():
+        Mailbox.create("alice", Domain.by_name("example.com"), 3600)
+        raw = message(7)
+        sha = storage.digest(bytes(raw))
+        # A chunk row with no blobs row: a migration copy that raced the blob's deletion.
+        db.session.execute(text("INSERT INTO blob_chunks (sha256, seq, data) VALUES (:sha, 0, :data)"),
+                           {"sha": sha, "data": bytes(raw)})
+        db.session.commit()
+        one = job(7, ["alice@example.com"])
+        smtpserver.store_batch([one])
+        assert one.reply.startswith("250 ")
+        rows = db.session.execute(text("SELECT count(*) FROM blob_chunks WHERE sha256 = :sha"), {"sha": sha})
+        assert rows.scalar() == 1
+        assert storage.read(sha) == bytes(raw)
+
+
+@pytest.mark.parametrize("reply", [
+    "250 2.1.5 OK", "250-mail.example\r\n250-SIZE 26214400\r\n250 HELP", "", "550 5.1.1 <a\x00b@x>: no",
+    "550 5.1.1 <zoë@exämple.org>: User unknown", "501 bad\rline", "452 4.5.3 tab\there", "250 \u2028sep",
+    "221 2.0.0 Bye\r\n",
+])
+def test_the_plain_reply_shortcut_sends_what_escaping_would(reply):
+    if smtpserver.PLAIN_REPLY.match(reply):
+        for ascii_only in (True, False):
+            assert "\r\n".join(logsafe.escape(line, ascii_only) for line in reply.split("\r\n")) == reply
+    else:
+        assert any(logsafe.escape(line, True) != line for line in reply.split("\r\n"))
