@@ -541,11 +541,15 @@ CUT_SAMPLE = 4096
 # (~30 us for a multipart) is more than the lines it could save (measured:
 # even at 10 KB, 130 us cut against 142 us line by line).
 CUT_MIN_MESSAGE = 16 << 10
-# What the walk may spend before cuts pay for more: a line read at a "--" is
-# one unit, a part four, and each line cut out earns one. Past it the walk
-# stops (the rest is parsed line by line): thousands of tiny parts, or deep
-# nesting, cost the walk a few hundred units, not a share of the parse.
+# What the walk may spend in Python before cuts pay for more: a line read at
+# a "--" is one unit, as is a line passed for a "-" inside it, a part four;
+# every four lines cut out earn one. Past it the walk stops (the rest is
+# parsed line by line): thousands of tiny parts, deep nesting or lines full
+# of hyphens cost the walk a few hundred units, not a share of the parse.
 WALK_ALLOWANCE = 256
+# The walk reads a part's header block only if it ends within this many
+# bytes; a longer one (a header bomb) is left to the parser.
+WALK_HEADER_BYTES = 1 << 16
 # Unguessable by a sender: a marker is accepted only as what this process wrote.
 MARKER = "\x00tempmail-body-" + secrets.token_hex(12) + "-"
 # A line ending, then an empty line's: "\r\n" + "\r\n" holds "\n\r", and a "\r"
@@ -597,7 +601,6 @@ class BodyCuts:
         self.parts = 0
         self.budget = WALK_ALLOWANCE
         self._hits: dict[bytes, tuple[int, int]] = {}  # byte -> (where it was searched from, hit)
-        self._blank = (self.end + 1, -1)  # the same for the next empty line
 
     # -- finding the bodies: a guess, checked by ``restore``
     def plan(self) -> bool:
@@ -611,11 +614,12 @@ class BodyCuts:
         self.budget -= units
         return self.budget >= 0
 
-    def dash_line(self, pos: int) -> int:
+    def dash_line(self, pos: int) -> Optional[int]:
         """Start of the first line at or after ``pos`` that begins with "--"
-        (only such a line can be a boundary), or end. It looks for "-" (in C,
-        by memchr; base64 has none) and, for a "-" inside a line, goes on
-        from the next line."""
+        (only such a line can be a boundary), or end; None once the walk has
+        spent its allowance (then nothing may be cut). It looks for "-" (in
+        C, by memchr; base64 has none) and, for a "-" inside a line, goes on
+        from the next line, for one unit of the allowance."""
         raw, end = self.raw, self.end
         while pos < end:
             hit = self.next_byte(b"-", pos)
@@ -623,6 +627,8 @@ class BodyCuts:
                 return end
             if (hit == 0 or raw[hit - 1] in b"\r\n") and raw.startswith(b"--", hit, end):
                 return hit
+            if not self.spend(1):
+                return None
             pos = self.next_line(hit)
         return end
 
@@ -653,7 +659,7 @@ class BodyCuts:
         """Start of the first line at or after ``pos`` that a boundary on
         ``stack`` matches (where the parser's input ends for a part), or end."""
         pos = self.dash_line(pos)
-        while stack and pos < self.end and self.budget >= 0:
+        while stack and pos is not None and pos < self.end and self.budget >= 0:
             text, after = self.line(pos)
             if any(match(text) for match in stack):
                 return pos
@@ -661,16 +667,12 @@ class BodyCuts:
         return self.end
 
     def header_end(self, pos: int) -> Optional[int]:
-        """Start of the first empty line at or after ``pos`` (a line start),
-        or None; a forward search, kept like ``next_byte``'s."""
+        """Start of the first empty line in the WALK_HEADER_BYTES from ``pos``
+        (a line start), or None: a longer header block is left to the parser."""
         if pos < self.end and self.raw[pos] in b"\r\n":
             return pos
-        start, hit = self._blank
-        if not (start <= pos and (hit == -1 or pos <= hit)):
-            found = BLANK_LINE.search(self.raw, pos, self.end)
-            hit = found.start() + 1 if found else -1
-            self._blank = (pos, hit)
-        return None if hit < 0 else hit
+        found = BLANK_LINE.search(self.raw, pos, min(self.end, pos + WALK_HEADER_BYTES))
+        return found.start() + 1 if found else None
 
     def dash_line_in(self, start: int, stop: int) -> bool:
         """Whether a line in ``[start, stop)`` (``start`` a line start) begins with "--"."""
@@ -713,13 +715,15 @@ class BodyCuts:
         if ctype.startswith("message/"):  # a message in the part: the parser reads it as one
             return self.entity(body, stack, depth + 1, False) if self.count_part() else self.end
         dash = self.dash_line(body)
+        if dash is None:
+            return self.end
         self.cut(body, dash)
         return self.skip(dash, stack)
 
     def multipart(self, pos: int, stack: tuple, depth: int, digest: bool, own) -> int:
         """Walk a multipart's body from ``pos``: preamble, parts, epilogue."""
         pos = self.dash_line(pos)
-        while pos < self.end and self.budget >= 0:
+        while pos is not None and pos < self.end and self.budget >= 0:
             text, after = self.line(pos)
             if any(match(text) for match in stack):
                 return pos  # an enclosing boundary ends this multipart too
@@ -745,7 +749,7 @@ class BodyCuts:
         lines = self.lines_in(start, stop)
         if stop <= start or lines < CUT_MIN_LINES:
             return
-        self.budget += lines
+        self.budget += lines // 4
         raw = self.raw
         ending = "\r\n" if raw.startswith(b"\r\n", stop - 2, stop) else raw[stop - 1:stop].decode("latin-1")
         self.cuts.append((start, stop, ending if ending in ("\r\n", "\r", "\n") else ""))
