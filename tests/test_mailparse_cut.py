@@ -318,3 +318,32 @@ def test_a_wrong_walk_still_parses_the_same(liar, raw):
     method = "content_type" if liar is leaf_everywhere else "header_end"
     with cut_everything(), mock.patch.object(mailparse.BodyCuts, method, liar):
         assert_same(raw)
+
+
+# --------------------------------------------------------------------------
+# base64: pybase64 where the input is well-formed, binascii otherwise
+
+BASE64_PIECES = st.sampled_from([b"QUJD", b"QQ==", b"QR==", b"QUI=", b"Q", b"=", b"==", b"\r\n", b"\n", b"\r",
+                                 b" ", b"-", b"\x00", b"\xff", b"AAAA", b"////", b"++++", b"\r\n\r\n"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(BASE64_PIECES, max_size=30).map(b"".join) | st.binary(max_size=200))
+def test_base64_decodes_as_binascii_did(data):
+    """``decode_base64`` gives what binascii's lenient decoder (with its
+    padding retry) gave, for well-formed and malformed input alike."""
+    expected = None
+    for padding in (b"", b"=="):
+        try:
+            expected = mailhandler.binascii.a2b_base64(data + padding)
+            break
+        except (mailhandler.binascii.Error, ValueError):
+            continue
+    assert mailhandler.decode_base64(data) == expected
+
+
+def test_base64_attachments_take_the_fast_decoder():
+    data = bytes(range(256)) * 300
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    with mock.patch.object(mailhandler.binascii, "a2b_base64", side_effect=AssertionError("binascii used")):
+        assert mailhandler.decode_base64(encoded) == data
