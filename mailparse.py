@@ -17,6 +17,10 @@ shown to people (From, Subject, ...). The structure the parser is shown is
 bounded too (parts, nesting, lines), and HTML becomes text by a few linear
 regular-expression passes over at most ``MAX_HTML_TEXT_CHARS``. Whatever lies
 beyond a bound stays in the raw ``.eml``, which is always kept.
+
+Long leaf bodies (a base64 attachment) are cut out before the parser and put
+back into the tree it builds (``BodyCuts``), so their lines are not walked
+one by one; the tree is the same as a line-by-line parse gives.
 """
 from __future__ import annotations
 
@@ -509,7 +513,7 @@ def parse_bytes(raw: bytes) -> BoundedMessage:
         return parse_line_by_line(raw, end)
     try:
         msg = parse_pieces(cuts.skeleton(), len(raw))
-    except Exception:  # whatever the stdlib raises, it raises on the whole message too
+    except Exception:  # the line-by-line parse decides what such a message gives
         return parse_line_by_line(raw, end)
     if not cuts.restore(msg):
         log.info("message of %d bytes: a body cut out was not read as one, parsed line by line", len(raw))
