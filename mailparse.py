@@ -559,6 +559,9 @@ MARKER = "\x00tempmail-body-" + secrets.token_hex(12) + "-"
 # A line ending, then an empty line's: "\r\n" + "\r\n" holds "\n\r", and a "\r"
 # not followed by "\n" ends a line by itself.
 BLANK_LINE = re.compile(rb"\n[\r\n]|\r\r")
+# A header block the feed parser reads whole: every line a header line by its
+# ``headerRE`` (a name and a colon, a continuation, or a "From " line).
+HEADER_LINES = re.compile(rb"(?:(?:From |[\x21-\x39\x3b-\x7e]*:|[\t ])[^\r\n]*(?:\r\n|\r|\n))*")
 
 
 def boundary_matcher(boundary: str):
@@ -678,6 +681,16 @@ class BodyCuts:
         found = BLANK_LINE.search(self.raw, pos, min(self.end, pos + WALK_HEADER_BYTES))
         return found.start() + 1 if found else None
 
+    def whole_header(self, start: int, stop: int) -> bool:
+        """Whether the parser reads ``[start, stop)`` as the header block: all
+        header lines, and no "From " line last but first (which the parser
+        pushes back into the body). Otherwise ``restore`` would refuse the
+        cut, after a parse for nothing."""
+        if HEADER_LINES.fullmatch(self.raw, start, stop) is None:
+            return False
+        last = max(self.raw.rfind(b"\n", start, stop - 1), self.raw.rfind(b"\r", start, stop - 2)) + 1
+        return not (last > start and self.raw.startswith(b"From ", last, stop))
+
     def dash_line_in(self, start: int, stop: int) -> bool:
         """Whether a line in ``[start, stop)`` (``start`` a line start) begins with "--"."""
         raw = self.raw
@@ -708,8 +721,8 @@ class BodyCuts:
         """Walk the message or part whose headers start at ``pos``, inside
         multiparts whose boundaries are ``stack``; return where it ends."""
         blank = self.header_end(pos)
-        if blank is None or self.dash_line_in(pos, blank):  # no body before a line that may be a boundary
-            return self.skip(pos, stack)
+        if blank is None or self.dash_line_in(pos, blank) or not self.whole_header(pos, blank):
+            return self.skip(pos, stack)  # no body the parser surely begins after the empty line
         body = blank + (2 if self.raw.startswith(b"\r\n", blank) else 1)
         ctype, boundary = self.content_type(self.raw[pos:blank], depth, digest)
         if ctype.startswith("multipart/") and boundary is not None:

@@ -347,3 +347,16 @@ def test_base64_attachments_take_the_fast_decoder():
     encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
     with mock.patch.object(mailhandler.binascii, "a2b_base64", side_effect=AssertionError("binascii used")):
         assert mailhandler.decode_base64(encoded) == data
+
+
+@pytest.mark.parametrize("head", [b"X-A: 1\r\nBad line\r\n", b"X-A: 1\r\nFrom x@y\r\n"], ids=["not a header", "From last"])
+def test_the_walk_does_not_cut_what_restore_would_refuse(head):
+    """A header block the parser does not read whole (it reads the body from
+    an earlier line): the walk leaves the body uncut, so the message is not
+    parsed twice (once cut, then line by line)."""
+    body = b"QUJD\r\n" * 4000
+    raw = b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n" + head + b"\r\n" + body + b"--B--\r\n"
+    assert not mailparse.BodyCuts(raw, len(raw)).plan()
+    good = raw.replace(head, b"X-A: 1\r\n")
+    assert mailparse.BodyCuts(good, len(good)).plan()
+    assert_same(raw)
