@@ -187,8 +187,9 @@ SCHEMA: tuple = (
         "pooled connection costs every other thread a wake-up), SQLAlchemy's 5 elsewhere (mind "
         "PostgreSQL's `max_connections`); up to 10 more are opened while busy", at_least(1)),
     Key("listing_cache_bytes", INT, 16 * 1024 * 1024,
-        "memory each web worker may keep of mailbox listings it answered, sent again only while the "
-        "listed messages are provably unchanged (listingcache.py); 0: off", at_least(0)),
+        "memory each web worker may keep of mailbox listings and whole hot answers it gave, sent again "
+        "only while what they show is provably unchanged (listingcache.py, hotpath.py); 0: off",
+        at_least(0)),
     Key("secret_key", nullable(STR), None,
         "signs sessions and mailbox tokens; null: generated into `instance/secret_key` on first run",
         env="SECRET_KEY"),
