@@ -10,12 +10,12 @@ import functools
 from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
 
 
 class Base(DeclarativeBase):
@@ -110,7 +110,10 @@ class Prepared:
         self.sql = compiled.string
         self.fixed = dict(compiled.params)  # literal values such as an IN list
         self.order = compiled.positiontup if compiled.positional else None
-        self.binders = {name: bind.type.bind_processor(dialect) for name, bind in compiled.binds.items()}
+        # The dialect's own form of each type (SQLite's DATETIME writes the
+        # text SQLAlchemy reads back; the generic type would leave it to the driver).
+        self.binders = {name: bind.type.dialect_impl(dialect).bind_processor(dialect)
+                        for name, bind in compiled.binds.items()}
 
     def rows(self, cursor, **params: Any) -> list[tuple]:
         """All rows of the statement for ``params``."""
@@ -142,8 +145,41 @@ def prepared(build: Any, *shape: Any) -> Prepared:
     return _prepare(dialect.name, dialect.driver, build, shape)
 
 
+@functools.lru_cache(maxsize=64)
+def _result_processor(dialect: str, driver: str, type_) -> Any:
+    del dialect, driver  # the cache key
+    return type_.dialect_impl(db.engine.dialect).result_processor(db.engine.dialect, None)
+
+
+def result_processor(type_) -> Any:
+    """The function that turns the driver's value of a column of ``type_``
+    into SQLAlchemy's (e.g. SQLite's text of a date into a datetime), or None
+    when the driver's value is already it."""
+    dialect = db.engine.dialect
+    return _result_processor(dialect.name, dialect.driver, type_)
+
+
+RAW = "tempmail.dbapi_connection"  # session.info key: the DBAPI connection of its transaction
+
+
 def raw_cursor():
     """A DBAPI cursor on the session's connection, in its transaction. On
     SQLite it is writelock's queued cursor, so a write through it queues for
     the host's writer lock like any other; errors are the driver's own."""
-    return db.session.connection().connection.dbapi_connection.cursor()
+    # Remembered per transaction (see _remember_connection): asking the
+    # session for its connection cost more than the cursor's statement.
+    connection = db.session.info.get(RAW)
+    if connection is None:
+        connection = db.session.connection().connection.dbapi_connection
+    return connection.cursor()
+
+
+@event.listens_for(Session, "after_begin")
+def _remember_connection(session, _transaction, connection) -> None:
+    session.info[RAW] = connection.connection.dbapi_connection
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_connection(session, transaction) -> None:
+    if transaction.parent is None:  # the session's own transaction, not a savepoint
+        session.info.pop(RAW, None)
