@@ -7,13 +7,15 @@ SQLite and PostgreSQL that keep concurrent workers exact.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
 
 
 class Base(DeclarativeBase):
@@ -70,7 +72,7 @@ def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
         part = rows[start:start + UPSERT_ROWS]
         stmt = _upsert_statement(dialect, model.__table__, key, column, tuple(names), len(part))
         params = {f"{name}_{i}": row[name] for i, row in enumerate(part) for name in names}
-        for key_value, value in db.session.connection().execute(stmt, params):  # Core: no ORM path
+        for key_value, value in prepared(stmt).rows(raw_cursor(), **params):  # no SQLAlchemy path
             out[key_value] = value
     return out
 
@@ -87,3 +89,97 @@ def _upsert_statement(dialect: str, table, key: str, column: str, names: tuple, 
     return text(f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {rows} "
                 f"ON CONFLICT ({key}) DO UPDATE SET {column} = {table.name}.{column} + excluded.{column} "
                 f"RETURNING {key}, {column}")
+
+
+class Prepared:
+    """A Core statement compiled once for a dialect and run on a raw DBAPI
+    cursor: SQLAlchemy's per-execution work (parameters, result objects) was
+    three quarters of a cheap validation's cost. Results are plain tuples of
+    the driver's own values (compared, never interpreted)."""
+
+    def __init__(self, statement, dialect: Dialect) -> None:
+        # An IN list of fixed values is rendered into the SQL, which needs a
+        # value for every parameter at compile time: None stands in for the
+        # ones given per run.
+        # (INSERT/UPDATE statements take no ``params()``, and need none: they
+        # hold no IN list.)
+        required = {name: None for name, bind in statement.compile(dialect=dialect).binds.items() if bind.required}
+        if required and not statement.is_dml:
+            statement = statement.params(required)
+        compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        self.sql = compiled.string
+        self.fixed = dict(compiled.params)  # literal values such as an IN list
+        self.order = compiled.positiontup if compiled.positional else None
+        # The dialect's own form of each type (SQLite's DATETIME writes the
+        # text SQLAlchemy reads back; the generic type would leave it to the driver).
+        self.binders = {name: bind.type.dialect_impl(dialect).bind_processor(dialect)
+                        for name, bind in compiled.binds.items()}
+
+    def rows(self, cursor, **params: Any) -> list[tuple]:
+        """All rows of the statement for ``params``."""
+        self.run(cursor, **params)
+        return cursor.fetchall()
+
+    def run(self, cursor, **params: Any) -> None:
+        """Run a statement that returns no rows (a DBAPI cursor may refuse
+        ``fetchall`` after one)."""
+        values = dict(self.fixed)
+        for name, value in params.items():
+            binder = self.binders.get(name)
+            values[name] = binder(value) if binder is not None else value
+        cursor.execute(self.sql, [values[n] for n in self.order] if self.order is not None else values)
+
+
+@functools.lru_cache(maxsize=512)
+def _prepare(dialect: str, driver: str, build: Any, shape: tuple) -> Prepared:
+    del dialect, driver  # the cache key: one compiled form per kind of database
+    return Prepared(build(*shape) if shape else build, db.engine.dialect)
+
+
+def prepared(build: Any, *shape: Any) -> Prepared:
+    """A statement compiled once per dialect: ``build`` itself (a statement
+    built once), or ``build(*shape)`` per shape (e.g. the number of rows of a
+    multi-row INSERT). The writer of mail runs its statements so: the
+    SQLAlchemy execution path cost more than running them."""
+    dialect = db.engine.dialect
+    return _prepare(dialect.name, dialect.driver, build, shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _result_processor(dialect: str, driver: str, type_) -> Any:
+    del dialect, driver  # the cache key
+    return type_.dialect_impl(db.engine.dialect).result_processor(db.engine.dialect, None)
+
+
+def result_processor(type_) -> Any:
+    """The function that turns the driver's value of a column of ``type_``
+    into SQLAlchemy's (e.g. SQLite's text of a date into a datetime), or None
+    when the driver's value is already it."""
+    dialect = db.engine.dialect
+    return _result_processor(dialect.name, dialect.driver, type_)
+
+
+RAW = "tempmail.dbapi_connection"  # session.info key: the DBAPI connection of its transaction
+
+
+def raw_cursor():
+    """A DBAPI cursor on the session's connection, in its transaction. On
+    SQLite it is writelock's queued cursor, so a write through it queues for
+    the host's writer lock like any other; errors are the driver's own."""
+    # Remembered per transaction (see _remember_connection): asking the
+    # session for its connection cost more than the cursor's statement.
+    connection = db.session.info.get(RAW)
+    if connection is None:
+        connection = db.session.connection().connection.dbapi_connection
+    return connection.cursor()
+
+
+@event.listens_for(Session, "after_begin")
+def _remember_connection(session, _transaction, connection) -> None:
+    session.info[RAW] = connection.connection.dbapi_connection
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_connection(session, transaction) -> None:
+    if transaction.parent is None:  # the session's own transaction, not a savepoint
+        session.info.pop(RAW, None)

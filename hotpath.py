@@ -33,43 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from flask import Flask
-from sqlalchemy.engine import Dialect
 
 import listingcache
 import metrics
+from database import Prepared  # noqa: F401  (moved there: the mail writer uses it too)
 
 log = logging.getLogger(__name__)
 ENVIRON_KEY = "tempmail.hot_offer"  # the request's Offer, for the view to accept
 # Request headers that change an answer in ways a key does not hold: such
 # requests always go to Flask.
 UNKEYED = ("HTTP_COOKIE", "HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE")
-
-
-class Prepared:
-    """A Core statement compiled once for a dialect and run on a raw DBAPI
-    cursor: SQLAlchemy's per-execution work (parameters, result objects) was
-    three quarters of a cheap validation's cost. Results are plain tuples of
-    the driver's own values (compared, never interpreted)."""
-
-    def __init__(self, statement, dialect: Dialect) -> None:
-        # An IN list of fixed values is rendered into the SQL, which needs a
-        # value for every parameter at compile time: None stands in for the
-        # ones given per run.
-        required = {name: None for name, bind in statement.compile(dialect=dialect).binds.items() if bind.required}
-        compiled = statement.params(required).compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
-        self.sql = compiled.string
-        self.fixed = dict(compiled.params)  # literal values such as an IN list
-        self.order = compiled.positiontup if compiled.positional else None
-        self.binders = {name: bind.type.bind_processor(dialect) for name, bind in compiled.binds.items()}
-
-    def rows(self, cursor, **params: Any) -> list[tuple]:
-        """All rows of the statement for ``params``."""
-        values = dict(self.fixed)
-        for name, value in params.items():
-            binder = self.binders.get(name)
-            values[name] = binder(value) if binder is not None else value
-        cursor.execute(self.sql, [values[n] for n in self.order] if self.order is not None else values)
-        return cursor.fetchall()
 
 
 @dataclass

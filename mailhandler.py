@@ -33,8 +33,9 @@ import pybase64
 from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import bindparam, insert, select
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import configure_mappers, make_transient_to_detached
 
+import database
 import idgen
 import mailevents
 import mailpolicy
@@ -383,13 +384,14 @@ class DeliveryBatch:
             return
         since = now() - timedelta(seconds=window)
         try:
-            rows = db.session.connection().execute(EARLIER_ANY, {"shas": shas, "since": since}).all()
+            params = dict({f"sha_{i}": sha for i, sha in enumerate(shas)}, since=since)
+            rows = database.prepared(earlier_any, len(shas)).rows(database.raw_cursor(), **params)
         except Exception as exc:
             log.exception("duplicate look-up of %d messages failed", len(shas))
             self.rollback()
             raise StoreFailed() from exc
-        for row in rows:
-            self.earlier.setdefault((row.mailbox_id, row.tag, row.raw_sha256, row.envelope_from), row.id)
+        for msg_id, sha, mailbox_id, tag, envelope_from in rows:
+            self.earlier.setdefault((mailbox_id, tag, sha, envelope_from), msg_id)
         self.looked_up.update(shas)
 
     def look_up_recipients(self, recipients: list[str]) -> None:
@@ -520,8 +522,8 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     """Stage one copy for ``box`` in the batch."""
     parts = fields.pop("attachments", [])
     columns = dict({"envelope_from": envelope_from, "envelope_to": box.address, "tag": tag}, **fields)
-    msg = Message(mailbox_id=box.id, received_at=now(), size=len(raw), public_id=idgen.new_public_id(),
-                  raw_sha256=batch.pending.add(raw, sha), **columns)
+    msg = new_message(mailbox_id=box.id, received_at=now(), size=len(raw), public_id=idgen.new_public_id(),
+                      raw_sha256=batch.pending.add(raw, sha), **columns)
     # Assigned, not extended: an extended collection of a new object is not
     # marked loaded, and reading it later (the log line) cost one SELECT.
     # Not added to the session: the batch INSERTs its rows (insert_rows).
@@ -529,6 +531,24 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     batch.received += 1
     batch.copies[(box.id, tag, sha, envelope_from)] = msg
     batch.stored.append((box, msg))
+    return msg
+
+
+def new_message(**columns) -> Message:
+    """A new Message holding ``columns`` (the others: their defaults), its
+    values written straight into the object's dict: ``insert_rows`` makes it
+    a row as loaded, so the ORM's per-attribute events and history of the
+    constructor were work for nothing (a quarter of staging a message)."""
+    unknown = columns.keys() - _MESSAGE_DEFAULTS.keys()
+    if unknown:
+        raise TypeError(f"not a column of messages: {sorted(unknown)}")
+    if not _mappers_ready:
+        # The constructor's init event configures the mappers before a first
+        # object; an instance made without it must ask for that itself.
+        configure_mappers()
+        _mappers_ready.append(True)
+    msg = Message._sa_class_manager.new_instance()
+    msg.__dict__.update(_MESSAGE_DEFAULTS, **columns)
     return msg
 
 
@@ -542,18 +562,22 @@ def insert_rows(msgs: list[Message]) -> None:
     to its row) and one of attachments."""
     if not msgs:
         return
-    # On the session's connection: Core statements need none of the ORM's
-    # execution path (Session.execute cost more than the INSERT itself).
-    conn = db.session.connection()
-    ids = conn.execute(INSERT_MESSAGES, [row_of(msg, _msg) for msg in msgs]).scalars().all()
+    # On the raw connection, compiled once per row count: SQLAlchemy's
+    # execution path cost more than the INSERT itself.
+    ids = {}
+    for start in range(0, len(msgs), INSERT_ROWS):
+        part = msgs[start:start + INSERT_ROWS]
+        params = {f"{key}_{i}": msg.__dict__[key] for i, msg in enumerate(part) for key in _MESSAGE_COLUMNS}
+        ids.update((public_id, msg_id) for msg_id, public_id in
+                   database.prepared(insert_messages, len(part)).rows(database.raw_cursor(), **params))
     atts = []
-    for msg, msg_id in zip(msgs, ids):
-        msg.id = msg_id
+    for msg in msgs:
+        msg.__dict__["id"] = msg_id = ids[msg.public_id]  # as loaded: no history to clear
         for att in msg.attachments:
             att.message_id = msg_id
             atts.append(att)
     if atts:
-        att_ids = conn.execute(INSERT_ATTACHMENTS, [row_of(a, _att) for a in atts]).scalars().all()
+        att_ids = db.session.connection().execute(INSERT_ATTACHMENTS, [row_of(a, _att) for a in atts]).scalars().all()
         for att, att_id in zip(atts, att_ids):
             att.id = att_id
             make_transient_to_detached(att)
@@ -623,11 +647,31 @@ _EARLIER = (select(_msg.c.id).where(_msg.c.raw_sha256 == bindparam("sha"),
 EARLIER_UNTAGGED = _EARLIER.where(_msg.c.tag.is_(None))
 EARLIER_TAGGED = _EARLIER.where(_msg.c.tag == bindparam("tag"))
 _att = Attachment.__table__
-INSERT_MESSAGES = insert(_msg).returning(_msg.c.id, sort_by_parameter_order=True)
+_MESSAGE_COLUMNS = [column.key for column in _msg.columns if column.key != "id"]
+# Every column of a new message: its scalar default, else None (as row_of fills them).
+_MESSAGE_DEFAULTS = {column.key: column.default.arg if column.default is not None and column.default.is_scalar
+                     else None for column in _msg.columns}
+_mappers_ready: list = []  # not empty once configure_mappers() ran (new_message)
 INSERT_ATTACHMENTS = insert(_att).returning(_att.c.id, sort_by_parameter_order=True)
-# The same index, one seek per digest of a batch.
-EARLIER_ANY = select(_msg.c.id, _msg.c.raw_sha256, _msg.c.mailbox_id, _msg.c.tag, _msg.c.envelope_from).where(
-    _msg.c.raw_sha256.in_(bindparam("shas", expanding=True)), _msg.c.received_at >= bindparam("since"))
+INSERT_ROWS = 40  # messages per multi-row INSERT: ~700 parameters, below SQLite's limit
+
+
+def insert_messages(count: int):
+    """The multi-row INSERT of ``count`` messages (parameters ``<column>_<i>``),
+    RETURNING each row's id with its ``public_id`` (unique), which matches
+    the two: the order of RETURNING rows is not promised."""
+    columns = [column for column in _msg.columns if column.key != "id"]
+    rows = [{column.key: bindparam(f"{column.key}_{i}", type_=column.type) for column in columns}
+            for i in range(count)]
+    return insert(_msg).values(rows).returning(_msg.c.id, _msg.c.public_id)
+
+
+def earlier_any(count: int):
+    """The duplicate filter's look-up of ``count`` digests (``sha_<i>``, and
+    ``since``): the same index, one seek per digest of a batch."""
+    return select(_msg.c.id, _msg.c.raw_sha256, _msg.c.mailbox_id, _msg.c.tag, _msg.c.envelope_from).where(
+        _msg.c.raw_sha256.in_([bindparam(f"sha_{i}", type_=_msg.c.raw_sha256.type) for i in range(count)]),
+        _msg.c.received_at >= bindparam("since", type_=_msg.c.received_at.type))
 
 
 def store_message(box: Mailbox, fields: dict, raw: bytes, attachments: Iterable[dict] = ()) -> Message:

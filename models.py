@@ -26,7 +26,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import idgen
 from clock import fmt_local, now
-from database import db, insert_ignore, upsert_add, upsert_add_many  # noqa: F401  (db is imported from here too)
+from database import db, insert_ignore, prepared, raw_cursor, upsert_add, upsert_add_many  # noqa: F401  (db is imported from here too)
 from idgen import MailboxError, check_username  # noqa: F401  (the fronts import them from here)
 
 
@@ -681,8 +681,7 @@ class Stat(db.Model):
         """Add to the counters inside the caller's transaction (one atomic UPDATE)."""
         # A Core UPDATE of the table: the ORM's bulk-update machinery (even with
         # synchronize_session=False) cost more than storing a message.
-        db.session.connection().execute(STAT_BUMP, {"addresses": total_addresses, "received": total_received,
-                                                     "now": now()})
+        prepared(STAT_BUMP).run(raw_cursor(), addresses=total_addresses, received=total_received, now=now())
 
     @staticmethod
     def snapshot() -> dict:

@@ -48,6 +48,7 @@ from typing import Iterable, Iterator, Optional
 from flask import Response, current_app, send_file
 from sqlalchemy import LargeBinary, bindparam, select, text
 
+import database
 from models import Blob, BlobChunk, db
 
 log = logging.getLogger("tempmail.storage")
@@ -173,14 +174,24 @@ def insert_chunks_many(blobs: Iterable[tuple[str, bytes]]) -> None:
         # Left-over rows under these names (see insert_chunks) hold the same
         # bytes: an upsert replaces them in the same statement, so a batch of
         # small messages costs one statement here, not a DELETE and an INSERT.
-        db.session.connection().execute(UPSERT_CHUNK, small)
+        cursor = database.raw_cursor()
+        for start in range(0, len(small), CHUNK_ROWS):
+            part = small[start:start + CHUNK_ROWS]
+            params = {f"{name}_{i}": row[name] for i, row in enumerate(part) for name in ("sha256", "seq", "data")}
+            database.prepared(upsert_chunk_rows, len(part)).run(cursor, **params)
 
 
-# Built once: the daemon runs it for every batch. The same SQL on SQLite
-# (3.24+) and PostgreSQL.
-UPSERT_CHUNK = text("INSERT INTO blob_chunks (sha256, seq, data) VALUES (:sha256, :seq, :data) "
-                    "ON CONFLICT (sha256, seq) DO UPDATE SET data = excluded.data").bindparams(
-    bindparam("data", type_=LargeBinary))
+# The daemon runs it for every batch. The same SQL on SQLite (3.24+) and PostgreSQL.
+CHUNK_ROWS = 300  # rows per multi-row upsert: 900 parameters, below SQLite's limit
+
+
+def upsert_chunk_rows(count: int):
+    """UPSERT_CHUNK for ``count`` rows in one statement (run on the raw
+    connection, compiled once per count: ``database.prepared``)."""
+    rows = ", ".join(f"(:sha256_{i}, :seq_{i}, :data_{i})" for i in range(count))
+    return text(f"INSERT INTO blob_chunks (sha256, seq, data) VALUES {rows} "
+                "ON CONFLICT (sha256, seq) DO UPDATE SET data = excluded.data").bindparams(
+        *(bindparam(f"data_{i}", type_=LargeBinary) for i in range(count)))
 
 
 def insert_chunks(sha: str, data: bytes) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import pytest
 from sqlalchemy import event, text
 
+import database
 import logsafe
 import smtpserver
 import storage
@@ -29,16 +30,24 @@ def job(n: int, recipients: list[str]) -> smtpserver.Job:
 
 @contextlib.contextmanager
 def statements():
-    """The SQL statements run on the app's engine inside the block."""
+    """The SQL statements run inside the block: through the app's engine, and
+    on its raw connection (``database.Prepared``, the writer's statements)."""
     seen: list[str] = []
+    run = database.Prepared.run
 
     def note(_conn, _cursor, sql, *_args):
         seen.append(" ".join(sql.split()))
+
+    def noted(self, cursor, **params):
+        seen.append(" ".join(self.sql.split()))
+        return run(self, cursor, **params)
     event.listen(db.engine, "before_cursor_execute", note)
+    database.Prepared.run = noted
     try:
         yield seen
     finally:
         event.remove(db.engine, "before_cursor_execute", note)
+        database.Prepared.run = run
 
 
 def test_a_batch_decides_every_recipient_with_one_look_up(app_factory):
@@ -69,6 +78,28 @@ def test_catch_all_makes_a_mailbox_once_per_batch(app_factory):
         assert [j.reply.split(" ")[0] for j in jobs] == ["250", "250", "550"]
         assert db.session.query(Mailbox).filter_by(address="fresh42@example.com").count() == 1
         assert db.session.query(Message).count() == 2
+
+
+def test_the_writer_stores_what_sqlalchemy_would_write(app_factory):
+    """The writer's rows go in on the raw connection: every value must be
+    written in the form SQLAlchemy writes and reads back (SQLite: a date's
+    text with microseconds, which the duplicate filter compares as text)."""
+    app = app_factory(SHIPPED_STORAGE)
+    with app.app_context():
+        Mailbox.create("alice", Domain.by_name("example.com"), 3600)
+        with statements() as seen:
+            smtpserver.store_batch([job(1, ["alice@example.com"]), job(2, ["alice+t@example.com"])])
+        assert any(sql.startswith("INSERT INTO messages") for sql in seen)
+        db.session.expunge_all()
+        stored = {m.subject: m for m in db.session.query(Message)}
+        assert sorted(stored) == ["batch 1", "batch 2"] and stored["batch 2"].tag == "t"
+        raw = db.session.execute(text("SELECT received_at, is_read FROM messages ORDER BY id")).all()
+        date_type = Message.__table__.c.received_at.type
+        for msg, (received, is_read) in zip(sorted(stored.values(), key=lambda m: m.id), raw):
+            written = date_type.dialect_impl(db.engine.dialect).bind_processor(db.engine.dialect)
+            assert received == (written(msg.received_at) if written else msg.received_at)
+            assert not is_read
+        assert storage.read(stored["batch 1"].raw_sha256) == bytes(message(1))
 
 
 def test_a_left_over_chunk_row_is_replaced_not_doubled(app_factory):
