@@ -7,6 +7,7 @@ SQLite and PostgreSQL that keep concurrent workers exact.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
@@ -95,7 +96,8 @@ class Prepared:
     """A Core statement compiled once for a dialect and run on a raw DBAPI
     cursor: SQLAlchemy's per-execution work (parameters, result objects) was
     three quarters of a cheap validation's cost. Results are plain tuples of
-    the driver's own values (compared, never interpreted)."""
+    the driver's own values (``result_processor`` turns one into SQLAlchemy's
+    where a caller needs that)."""
 
     def __init__(self, statement, dialect: Dialect) -> None:
         # An IN list of fixed values is rendered into the SQL, which needs a
@@ -159,7 +161,9 @@ def result_processor(type_) -> Any:
     return _result_processor(dialect.name, dialect.driver, type_)
 
 
-RAW = "tempmail.dbapi_connection"  # session.info key: the DBAPI connection of its transaction
+# Each session's DBAPI connection of its current transaction (weakly held:
+# a session that is gone takes its entry along).
+_RAW: "weakref.WeakKeyDictionary[Session, Any]" = weakref.WeakKeyDictionary()
 
 
 def raw_cursor():
@@ -168,18 +172,19 @@ def raw_cursor():
     the host's writer lock like any other; errors are the driver's own."""
     # Remembered per transaction (see _remember_connection): asking the
     # session for its connection cost more than the cursor's statement.
-    connection = db.session.info.get(RAW)
+    session = db.session()
+    connection = _RAW.get(session)
     if connection is None:
-        connection = db.session.connection().connection.dbapi_connection
+        connection = session.connection().connection.dbapi_connection
     return connection.cursor()
 
 
 @event.listens_for(Session, "after_begin")
 def _remember_connection(session, _transaction, connection) -> None:
-    session.info[RAW] = connection.connection.dbapi_connection
+    _RAW[session] = connection.connection.dbapi_connection
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_connection(session, transaction) -> None:
     if transaction.parent is None:  # the session's own transaction, not a savepoint
-        session.info.pop(RAW, None)
+        _RAW.pop(session, None)
