@@ -244,9 +244,13 @@ INBOX_MARKS_PAGE = INBOX_MARKS.limit(bindparam("limit", type_=Integer))
 INBOX_COUNT = (select(func.count()).select_from(_messages)
                .where(_messages.c.mailbox_id == bindparam("mailbox_id")))
 _mailboxes = Mailbox.__table__
+# What api.php may show: a live mailbox made through it (``now`` bound per
+# request). Every statement below that finds a mailbox or a message applies
+# exactly this, the views' and the kept answers' (hotpath) alike.
+LIVE_LEGACY_BOX = (_mailboxes.c.origin.in_(LEGACY_ORIGINS),
+                   _mailboxes.c.expires_at > bindparam("now", type_=_mailboxes.c.expires_at.type))
 INBOX_BOX = (select(_mailboxes.c.id, _mailboxes.c.address, _mailboxes.c.created_at, _mailboxes.c.expires_at)
-             .where(_mailboxes.c.address == bindparam("address"),
-                    _mailboxes.c.origin.in_(LEGACY_ORIGINS)))
+             .where(_mailboxes.c.address == bindparam("address"), *LIVE_LEGACY_BOX))
 
 
 def live_mailbox_row(address: str):
@@ -255,8 +259,7 @@ def live_mailbox_row(address: str):
     address = (address or "").strip().lower()
     if not models.plausible(address, 320):
         return None
-    row = db.session.connection().execute(INBOX_BOX, {"address": address}).first()
-    return row if row is not None and row.expires_at > clock.now() else None
+    return db.session.connection().execute(INBOX_BOX, {"address": address, "now": clock.now()}).first()
 
 
 def live_message(raw_id: str) -> Message:
@@ -284,17 +287,17 @@ def attachment_json(att) -> dict:
 
 
 _att = Attachment.__table__
+# The shown message's fields (EMAIL_HEAD has decided it may be shown).
 EMAIL_ROW = (select(_messages.c.id, _messages.c.mailbox_id, _messages.c.from_email, _messages.c.from_name,
                     _messages.c.subject, _messages.c.body_text, _messages.c.body_html, _messages.c.is_read,
-                    _messages.c.received_at, _mailboxes.c.origin, _mailboxes.c.expires_at)
-             .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
+                    _messages.c.received_at)
              .where(_messages.c.id == bindparam("msg_row")))
-# Whether the message may be shown (and must be marked read), without its bodies.
-EMAIL_HEAD = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _messages.c.revision,
-                     _mailboxes.c.origin,
-                     _mailboxes.c.expires_at)
+# The message if it may be shown, without its bodies: what can change of it
+# (whether it must be marked read, its revision), also the kept answer's
+# validator (hot_email_validator).
+EMAIL_HEAD = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _messages.c.revision)
               .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
-              .where(_messages.c.id == bindparam("msg_row")))
+              .where(_messages.c.id == bindparam("msg_row"), *LIVE_LEGACY_BOX))
 EMAIL_ATTACHMENTS = (select(_att.c.id, _att.c.filename, _att.c.size, _att.c.content_type)
                      .where(_att.c.message_id == bindparam("msg_row")).order_by(_att.c.id))
 EMAIL_MARK_READ = (update(_messages).where(_messages.c.id == bindparam("msg_row"))
@@ -303,13 +306,13 @@ EMAIL_MARK_READ = (update(_messages).where(_messages.c.id == bindparam("msg_row"
 
 @bp.get("/email/<raw_id>")
 def email_detail(raw_id: str):
-    # Plain rows from statements built once (the message with its mailbox's
-    # origin and expiry, then its attachments): three ORM loads (message,
-    # lazy mailbox, lazy attachments) were most of this route's cost.
+    # Plain rows from statements built once (whether it may be shown, its
+    # fields, its attachments): three ORM loads (message, lazy mailbox, lazy
+    # attachments) were most of this route's cost.
     row_id = idgen.row_id_of(raw_id, "messages")
     conn = db.session.connection()
-    head = conn.execute(EMAIL_HEAD, {"msg_row": row_id}).first() if row_id is not None else None
-    if head is None or head.origin not in LEGACY_ORIGINS or head.expires_at <= clock.now():
+    head = conn.execute(EMAIL_HEAD, {"msg_row": row_id, "now": clock.now()}).first() if row_id is not None else None
+    if head is None:
         return jsonify(error="Email not found"), 404
     # The answer shows only what never changes (the read flag is always 1
     # here), so a worker that built it once sends it again for as long as
@@ -381,19 +384,13 @@ def send_attachment(att: Attachment):
 # the same, but each is counted under its own URL rule.
 _HOT_INBOX = re.compile(r"(/api\.php)?/inbox/([^/%]+)")
 _HOT_EMAIL = re.compile(r"(/api\.php)?/email/([^/%]+)")
-# The same rule as live_mailbox_row and the inbox's rows, in one statement:
-# a live api.php mailbox and each of its messages' changeable columns.
+# INBOX_BOX and the inbox's fingerprint (INBOX_MARKS) in one statement: the
+# live api.php mailbox and each of its messages' changeable columns.
 HOT_INBOX = (select(_mailboxes.c.id, _mailboxes.c.created_at, _mailboxes.c.expires_at, _messages.c.id,
                     _messages.c.public_id, _messages.c.is_read, _messages.c.revision)
              .select_from(_mailboxes.outerjoin(_messages, _messages.c.mailbox_id == _mailboxes.c.id))
-             .where(_mailboxes.c.address == bindparam("address"), _mailboxes.c.origin.in_(LEGACY_ORIGINS),
-                    _mailboxes.c.expires_at > bindparam("now", type_=_mailboxes.c.expires_at.type))
+             .where(_mailboxes.c.address == bindparam("address"), *LIVE_LEGACY_BOX)
              .order_by(_messages.c.id))
-# As EMAIL_HEAD, with the mailbox's rule in the statement.
-HOT_EMAIL = (select(_messages.c.id, _messages.c.public_id, _messages.c.is_read, _messages.c.revision)
-             .join_from(_messages, _mailboxes, _mailboxes.c.id == _messages.c.mailbox_id)
-             .where(_messages.c.id == bindparam("msg_row"), _mailboxes.c.origin.in_(LEGACY_ORIGINS),
-                    _mailboxes.c.expires_at > bindparam("now", type_=_mailboxes.c.expires_at.type)))
 
 
 def request_shape(environ: dict) -> tuple:
@@ -426,7 +423,7 @@ def hot_email_key(environ: dict) -> tuple | None:
 def hot_email_validator(run, key: tuple) -> tuple | None:
     """Only a message already read: the first read must go through Flask,
     which marks it read."""
-    rows = run(HOT_EMAIL, msg_row=key[0], now=clock.now())
+    rows = run(EMAIL_HEAD, msg_row=key[0], now=clock.now())
     return tuple(rows) if rows and rows[0][2] else None
 
 

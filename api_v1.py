@@ -186,15 +186,19 @@ def owned_mailbox_row(address: str):
     address = (address or "").strip().lower()
     row = None
     if models.plausible(address, 320):
-        row = db.session.connection().execute(OWNED_BOX, {"address": address}).first()
-    if row is None or row.user_id != user().id or row.expires_at <= clock.now():
+        params = {"address": address, "user_id": user().id, "now": clock.now()}
+        row = db.session.connection().execute(OWNED_BOX, params).first()
+    if row is None:
         raise ApiError(404, "Email not found.")
     return row
 
 
 _box = Mailbox.__table__
+# A mailbox the User API may show: alive (``now`` bound per request); the
+# views and the kept listing (HOT_LISTING) apply this same condition.
+LIVE_BOX = _box.c.expires_at > bindparam("now", type_=_box.c.expires_at.type)
 OWNED_BOX = (select(_box.c.id, _box.c.address, _box.c.user_id, _box.c.expires_at)
-             .where(_box.c.address == bindparam("address")))
+             .where(_box.c.address == bindparam("address"), _box.c.user_id == bindparam("user_id"), LIVE_BOX))
 
 
 def owned_message(public_id: str) -> Message:
@@ -574,8 +578,7 @@ HOT_LISTING = (select(_key.c.user_id, _user.c.plan, _box.c.id, _msg.c.id, _msg.c
                             .join(_box, _box.c.user_id == _key.c.user_id)
                             .outerjoin(_msg, _msg.c.mailbox_id == _box.c.id))
                .where(_key.c.key_hash == bindparam("key_hash"), _key.c.revoked_at.is_(None),
-                      _box.c.address == bindparam("address"),
-                      _box.c.expires_at > bindparam("now", type_=_box.c.expires_at.type))
+                      _box.c.address == bindparam("address"), LIVE_BOX)
                .order_by(_msg.c.id.desc()))
 
 

@@ -59,6 +59,12 @@ def upsert_add(model, key: dict, column: str, amount: int, **extra) -> int:
 UPSERT_ROWS = 500  # rows per statement: 1,500 parameters, far below SQLite's limit
 
 
+def numbered(rows: list, names) -> dict:
+    """The parameters of a multi-row statement: ``<name>_<i>`` for each name
+    of each row (a mapping) ``i``, as the ``..._many`` statements spell them."""
+    return {f"{name}_{i}": row[name] for i, row in enumerate(rows) for name in names}
+
+
 def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
     """``upsert_add`` for many rows at once: each row dict holds ``key``,
     ``column`` (the amount to add) and the columns of a new row. One
@@ -72,7 +78,7 @@ def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
     for start in range(0, len(rows), UPSERT_ROWS):
         part = rows[start:start + UPSERT_ROWS]
         stmt = _upsert_statement(dialect, model.__table__, key, column, tuple(names), len(part))
-        params = {f"{name}_{i}": row[name] for i, row in enumerate(part) for name in names}
+        params = numbered(part, names)
         for key_value, value in prepared(stmt).rows(raw_cursor(), **params):  # no SQLAlchemy path
             out[key_value] = value
     return out

@@ -567,7 +567,7 @@ def insert_rows(msgs: list[Message]) -> None:
     ids = {}
     for start in range(0, len(msgs), INSERT_ROWS):
         part = msgs[start:start + INSERT_ROWS]
-        params = {f"{key}_{i}": msg.__dict__[key] for i, msg in enumerate(part) for key in _MESSAGE_COLUMNS}
+        params = database.numbered([msg.__dict__ for msg in part], _MESSAGE_COLUMNS)
         ids.update((public_id, msg_id) for msg_id, public_id in
                    database.prepared(insert_messages, len(part)).rows(database.raw_cursor(), **params))
     atts = []

@@ -213,8 +213,8 @@ def look_up(recipients: Iterable[str], known: Lookups) -> None:
 def mailboxes_for(recipients: Iterable[str], known: Lookups) -> list[tuple[Mailbox, Optional[str]]]:
     """Delivery time: the distinct ``(mailbox, tag)`` pairs of ``recipients``,
     catch-all mailboxes created (added and flushed, committed with the mail).
-    A mailbox is a row of its ``id``, ``address``, ``expires_at`` and
-    ``user_id`` (``_load_boxes``), or the new ``Mailbox`` of a catch-all.
+    A mailbox is a ``BoxRow`` (``look_up``, ``_load_boxes``), or the new
+    ``Mailbox`` of a catch-all.
     Raises UnknownRecipient or RelayDenied when no recipient is accepted."""
     if known.domains is None:
         known.domains, known.boxes = set(Domain.active_names(DELIVERY_TYPES)), {}
@@ -239,15 +239,14 @@ def mailboxes_for(recipients: Iterable[str], known: Lookups) -> list[tuple[Mailb
 
 
 def _load_boxes(addresses: list[str], known: Lookups) -> None:
-    """The mailboxes of ``addresses`` not looked up yet, as rows of the
-    columns delivery reads (``id``, ``address``, ``expires_at``,
-    ``user_id``): a Core statement built once, in the batch's transaction.
+    """The mailboxes of ``addresses`` not looked up yet, as ``BoxRow``s: a
+    Core statement built once, in the batch's transaction.
     Loading ORM objects (with the domain each joins) cost a third of the
     daemon's fixed cost per batch (bench/README.md, session 4)."""
     missing = [a for a in dict.fromkeys(addresses) if a not in known.boxes and a not in known.absent]
     if missing:
         rows = db.session.connection().execute(BOXES_BY_ADDRESS, {"addresses": missing})
-        known.boxes.update((row.address, row) for row in rows)
+        known.boxes.update((row.address, BoxRow(*row)) for row in rows)  # one shape, as look_up's
 
 
 def catch_all_mailbox(rcpt: Recipient) -> Mailbox:

@@ -59,7 +59,6 @@ BATCH_BYTES = 4 << 20
 SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
 # Reply lines of printable ASCII joined by CRLF: what SMTPChannel.push can send as they are.
 PLAIN_REPLY = re.compile(r"[\x20-\x7e]*(?:\r\n[\x20-\x7e]*)*\Z")
-ROOM_MAX_AGE = 1.0  # seconds a free-space answer is reused (MailServer.has_room)
 PR_SET_PDEATHSIG = 1  # prctl(2)
 PR_SET_NAME = 15  # prctl(2)
 SWITCH_INTERVAL = 0.0005  # seconds; see MailServer.start
@@ -221,7 +220,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
         return super()._getaddr(arg)
 
     def smtp_MAIL(self, arg: Optional[str]) -> None:
-        if self.seen_greeting and not self.mailfrom and not self.mail_server.has_room():
+        if self.seen_greeting and not self.mailfrom and not storage.has_room():
             # Below the free-space floor: the sender keeps the mail queued
             # instead of sending data we could not keep (RFC 5321 452).
             self.refuse(NoRoom(), arg or "", [], 0)
@@ -263,7 +262,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
 
     def check_and_add(self, address: str) -> None:
         try:
-            if not self.mail_server.has_room():
+            if not storage.has_room():
                 raise NoRoom()
             mailpolicy.check_recipient(address)
         except DeliveryError as exc:
@@ -485,7 +484,6 @@ class MailServer:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.replies: collections.deque = collections.deque()
         self.running = self.draining = False
-        self.room, self.room_checked = True, -ROOM_MAX_AGE
         wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.wakeup = Wakeup(wake_r, self)
@@ -593,15 +591,6 @@ class MailServer:
                 channel.push("421 4.4.2 Idle timeout, closing connection")
                 channel.close_when_done()
                 self.channels.discard(channel)
-
-    def has_room(self) -> bool:
-        """``storage.has_room()``, asked at most once a second (as that
-        function itself caches): MAIL and RCPT ask for every message, and
-        finding the storage folder built paths each time."""
-        now = time.monotonic()
-        if now >= self.room_checked + ROOM_MAX_AGE:
-            self.room, self.room_checked = storage.has_room(max_age=0), now
-        return self.room
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)

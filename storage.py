@@ -177,7 +177,7 @@ def insert_chunks_many(blobs: Iterable[tuple[str, bytes]]) -> None:
         cursor = database.raw_cursor()
         for start in range(0, len(small), CHUNK_ROWS):
             part = small[start:start + CHUNK_ROWS]
-            params = {f"{name}_{i}": row[name] for i, row in enumerate(part) for name in ("sha256", "seq", "data")}
+            params = database.numbered(part, ("sha256", "seq", "data"))
             database.prepared(upsert_chunk_rows, len(part)).run(cursor, **params)
 
 
@@ -481,20 +481,16 @@ def storage_folder() -> Optional[Path]:
     return None
 
 
-_room_cache: dict = {}
-
-
 def has_room(max_age: float = 1.0) -> bool:
     """False while the storage filesystem has less free space than the floor.
-    Looked up at most once a second per process: the daemon asks on every
-    MAIL and RCPT command."""
-    folder = storage_folder()
-    if folder is None:
-        return True
-    key, now = str(folder), time.monotonic()
-    cached = _room_cache.get(key)
-    if cached is None or now - cached[0] > max_age:
-        folder.mkdir(parents=True, exist_ok=True)
-        cached = (now, shutil.disk_usage(folder).free >= min_free_bytes())
-        _room_cache[key] = cached
+    Looked up at most once every ``max_age`` seconds per app and process: the
+    daemon asks on every MAIL and RCPT command, so a fresh answer is found
+    before any path is built from the configuration."""
+    cached = current_app.extensions.setdefault("tempmail_room", [float("-inf"), True])  # [when, answer]
+    now = time.monotonic()
+    if now - cached[0] > max_age:
+        folder = storage_folder()
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        cached[:] = [now, folder is None or shutil.disk_usage(folder).free >= min_free_bytes()]
     return cached[1]
