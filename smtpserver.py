@@ -61,6 +61,8 @@ SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
 PLAIN_REPLY = re.compile(r"[\x20-\x7e]*(?:\r\n[\x20-\x7e]*)*\Z")
 PR_SET_PDEATHSIG = 1  # prctl(2)
 PR_SET_NAME = 15  # prctl(2)
+M_MMAP_THRESHOLD = -3  # mallopt(3)
+MMAP_THRESHOLD = 1 << 20  # bytes; see fix_mmap_threshold
 SWITCH_INTERVAL = 0.0005  # seconds; see MailServer.start
 PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
@@ -719,6 +721,7 @@ def serve(app: Flask, host: str, port: int, lmtp_socket: Optional[str], reuse_po
     # from a send() or an fsync() waits up to 5 ms for the other one. Set
     # here, where a daemon process starts, not by building a MailServer.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    fix_mmap_threshold()
     server = MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=reuse_port, purge=purge)
     # Webhook events go out from the process that runs the purge timer: one
     # sender per daemon (slot 0 of a Supervisor), woken by each commit.
@@ -819,6 +822,20 @@ def die_with(parent: int) -> None:
         return
     if os.getppid() != parent:  # the supervisor died before the prctl
         os._exit(1)
+
+
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> None:
+    """Make glibc serve every allocation of ``size`` bytes or more by its own
+    mmap, given back to the system when freed. By default the threshold
+    rises to the largest block freed so far (up to 32 MiB), after which a big
+    message's buffers stay in the heap and pile up: the MIME tests' 25 MB
+    bombs peaked at up to +210-223 MiB over the idle daemon in most runs and
+    +160-170 MiB in others; with the threshold fixed, +87 to +160 MiB in
+    every run. Small messages never allocate that much at once."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, size)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def name_os_thread(name: str) -> None:
