@@ -605,9 +605,7 @@ def hot_listing_validator(run, key: tuple) -> tuple | None:
 def hot_listing_admit(_app: Flask, validator: tuple) -> list | None:
     """Reserve the request's unit as ``authenticate`` does; None when the
     quota is spent (Flask then answers the 429)."""
-    user_id, plan = validator[0][0], validator[0][1]
-    limit = limits.plan_quota(plan)
-    used = limits.batcher().reserve(user_id, limits.quota_period(), limit)
+    limit, used = limits.reserve_unit(validator[0][0], validator[0][1])
     return None if used is None else quota_headers(limit, used)
 
 

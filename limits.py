@@ -13,12 +13,12 @@ import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from sqlalchemy import func, select
 
 import clock
-from models import Mailbox, QuotaUsage, RateCounter, User, cfg, db
+from models import Mailbox, QuotaUsage, RateCounter, User, cfg, db, raw_cursor
 
 
 def rate_limit(name: str) -> tuple[int, int]:
@@ -112,6 +112,7 @@ class QuotaReservation:
 class _Ticket:
     """One request's wish for a unit, waiting in ``QuotaBatcher``."""
     key: tuple[int, str, int]  # user id, period, limit
+    conn: Any = field(default=None, repr=False)  # the request's own DBAPI connection; None: its session's
     done: bool = False
     used: Optional[int] = None
     failed: Optional[BaseException] = field(default=None, repr=False)
@@ -140,14 +141,18 @@ class QuotaBatcher:
         self._queue: list[_Ticket] = []
         self._writing = False
 
-    def reserve(self, user_id: int, period: str, limit: int) -> Optional[int]:
-        """Take one unit: the new count, or None when the quota is spent."""
-        # Whoever finds nobody writing writes the batch with its own session,
+    def reserve(self, user_id: int, period: str, limit: int, conn: Any = None) -> Optional[int]:
+        """Take one unit: the new count, or None when the quota is spent.
+        ``conn``: a DBAPI connection the caller holds and gives back (a
+        request answered below Flask has no session); if this request
+        writes the batch, it does so there and commits it."""
+        # Whoever finds nobody writing writes the batch on its own connection,
         # so each request holds its connection before it queues: a writer
         # that first had to check one out could wait for the pool behind the
         # very requests that wait for it (pool timeout, 500s on PostgreSQL).
-        db.session.connection()
-        ticket = _Ticket((user_id, period, limit))
+        if conn is None:
+            db.session.connection()
+        ticket = _Ticket((user_id, period, limit), conn)
         with self._cond:
             self._queue.append(ticket)
             while self._writing and not ticket.done:
@@ -172,11 +177,13 @@ class QuotaBatcher:
         writer gets the error itself and the others a ``QuotaFailed`` caused
         by it (each request then answers 500)."""
         wanted = Counter(t.key for t in batch)
+        conn = mine.conn
         try:
-            got = {key: QuotaUsage.reserve_many(*key, n) for key, n in wanted.items()}
-            db.session.commit()
+            cursor = raw_cursor() if conn is None else conn.cursor()
+            got = {key: QuotaUsage.reserve_many(*key, n, cursor=cursor) for key, n in wanted.items()}
+            (db.session.commit if conn is None else conn.commit)()
         except BaseException as exc:
-            db.session.rollback()
+            (db.session.rollback if conn is None else conn.rollback)()
             for ticket in batch:
                 if ticket is mine:
                     ticket.failed = exc
@@ -202,6 +209,20 @@ def batcher() -> QuotaBatcher:
         if found is None:
             found = _batchers[engine] = QuotaBatcher()
         return found
+
+
+def reserve_unit(user_id: int, plan: str) -> tuple[int, Optional[int]]:
+    """``reserve_quota`` for a request without a session (answered below
+    Flask, hotpath.py): ``(limit, used)``, used None when the quota is spent.
+    The unit is taken in the same batches, on a pooled connection held for
+    the wait and given back: the session's start, connection, commit and
+    removal cost more than the guarded UPDATE (bench/README, session 5)."""
+    limit = plan_quota(plan)
+    conn = db.engine.raw_connection()
+    try:
+        return limit, batcher().reserve(user_id, quota_period(), limit, conn)
+    finally:
+        conn.close()
 
 
 def reserve_quota(user: User) -> tuple[Optional[QuotaReservation], int]:

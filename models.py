@@ -18,7 +18,7 @@ from urllib.parse import quote
 from flask import current_app
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
-                        String, Text, UniqueConstraint, bindparam, delete, func, select, update)
+                        String, Text, UniqueConstraint, bindparam, delete, func, select, text, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, contains_eager, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
@@ -223,15 +223,17 @@ class QuotaUsage(db.Model):
         return used
 
     @staticmethod
-    def reserve_many(user_id: int, period: str, limit: int, count: int) -> list[Optional[int]]:
-        """Take ``count`` units at once in the caller's transaction (not
-        committed): the count each unit brings ``used`` to, in order, then
-        None for each one the quota has no room for. While there is room for
-        all of them this is one guarded UPDATE (``used + count <= limit``),
-        exact under concurrency like ``reserve``'s; near the limit (or for a
-        month's first request) they are taken one by one."""
+    def reserve_many(user_id: int, period: str, limit: int, count: int, cursor=None) -> list[Optional[int]]:
+        """Take ``count`` units at once in the transaction of ``cursor`` (a
+        DBAPI cursor; by default the session's), not committed: the count
+        each unit brings ``used`` to, in order, then None for each one the
+        quota has no room for. While there is room for all of them this is one
+        guarded UPDATE (``used + count <= limit``), exact under concurrency
+        like ``reserve``'s; near the limit (or for a month's first request)
+        they are taken one by one."""
+        cursor = raw_cursor() if cursor is None else cursor
         if count > 1:
-            rows = prepared(_QUOTA_TAKE_MANY).rows(raw_cursor(), quota_user=user_id, quota_period=period,
+            rows = prepared(_QUOTA_TAKE_MANY).rows(cursor, quota_user=user_id, quota_period=period,
                                                    quota_count=count, quota_room=limit - count)
             if rows:
                 used = rows[0][0]
@@ -241,21 +243,20 @@ class QuotaUsage(db.Model):
         # (a new month, or the quota is spent).
         out: list[Optional[int]] = []
         while len(out) < count:
-            used = QuotaUsage._take(user_id, period, limit)
+            used = QuotaUsage._take(cursor, user_id, period, limit)
             if used is None and not out:
-                insert_ignore(QuotaUsage, ["user_id", "period"], user_id=user_id, period=period, used=0)
-                used = QuotaUsage._take(user_id, period, limit)
+                prepared(_QUOTA_MONTH_ROW).run(cursor, quota_user=user_id, quota_period=period)
+                used = QuotaUsage._take(cursor, user_id, period, limit)
             if used is None:  # spent: the rest are refused too
                 return out + [None] * (count - len(out))
             out.append(used)
         return out
 
     @staticmethod
-    def _take(user_id: int, period: str, limit: int) -> Optional[int]:
-        # On the session's raw cursor (one statement of every User API
-        # request): SQLAlchemy's execution path cost more than the UPDATE.
-        rows = prepared(_QUOTA_TAKE).rows(raw_cursor(), quota_user=user_id, quota_period=period,
-                                          quota_limit=limit)
+    def _take(cursor, user_id: int, period: str, limit: int) -> Optional[int]:
+        # On a raw cursor (one statement of every User API request):
+        # SQLAlchemy's execution path cost more than the UPDATE.
+        rows = prepared(_QUOTA_TAKE).rows(cursor, quota_user=user_id, quota_period=period, quota_limit=limit)
         return rows[0][0] if rows else None
 
     @staticmethod
@@ -278,6 +279,11 @@ _QUOTA_TAKE_MANY = (update(_quota).where(_quota.c.user_id == bindparam("quota_us
                                          _quota.c.period == bindparam("quota_period"),
                                          _quota.c.used <= bindparam("quota_room"))
                     .values(used=_quota.c.used + bindparam("quota_count")).returning(_quota.c.used))
+
+# The month's row at 0 unless a concurrent request made it first (as
+# ``insert_ignore``), for a raw cursor: the same SQL on SQLite and PostgreSQL.
+_QUOTA_MONTH_ROW = text("INSERT INTO quota_usage (user_id, period, used) VALUES (:quota_user, :quota_period, 0) "
+                        "ON CONFLICT (user_id, period) DO NOTHING")
 
 
 class RateCounter(db.Model):

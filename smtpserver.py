@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import gc
 import grp
 import logging
 import os
@@ -723,6 +724,10 @@ def serve(app: Flask, host: str, port: int, lmtp_socket: Optional[str], reuse_po
     sys.setswitchinterval(SWITCH_INTERVAL)
     fix_mmap_threshold()
     server = MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=reuse_port, purge=purge)
+    # What the process built to get here lives as long as it does: keep the
+    # garbage collector's full passes off it (deploy/gunicorn.conf.py says
+    # what that cost the web workers).
+    gc.freeze()
     # Webhook events go out from the process that runs the purge timer: one
     # sender per daemon (slot 0 of a Supervisor), woken by each commit.
     sender = webhook_worker.Worker(app).start() if purge else None

@@ -94,6 +94,22 @@ def test_user_api_listing_from_memory_is_flasks_and_still_counted(app, client, u
         assert QuotaUsage.used_in(user_id, limits.quota_period()) == int(cold.headers["X-RateLimit-Used"])
 
 
+def test_a_months_first_unit_answered_from_memory_starts_its_count(app, client, user_key):
+    """The month's row is made on the hot path's own connection, not the session's."""
+    user_id, auth = user_key
+    address = client.post("/api/emails", headers=auth).get_json()["data"]["email"]
+    path = f"/api/messages?email={address}"
+    warm(app, client, path, auth)
+    with app.app_context():  # as at a new month's start: no row yet
+        QuotaUsage.query.filter_by(user_id=user_id).delete()
+        db.session.commit()
+    before = hits(app)
+    hot = client.get(path, headers=auth)
+    assert hits(app) == before + 1 and hot.headers["X-RateLimit-Used"] == "1"
+    with app.app_context():
+        assert QuotaUsage.used_in(user_id, limits.quota_period()) == 1
+
+
 def warm(app, client, path: str, headers: dict | None = None):
     """Ask until the answer comes from memory; that answer."""
     client.get(path, headers=headers or {})
