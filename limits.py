@@ -15,10 +15,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 
 import clock
-from models import Mailbox, QuotaUsage, RateCounter, User, cfg, db, raw_cursor
+from models import Mailbox, QuotaUsage, RateCounter, Stat, User, cfg, db, raw_cursor
 
 
 def rate_limit(name: str) -> tuple[int, int]:
@@ -67,15 +67,31 @@ def take_all(buckets: list[tuple[str, str]]) -> int:
     return 0
 
 
-def mailbox_cap_reached() -> bool:
+def mailbox_cap_reached(connection: Any = None) -> bool:
     """True while ``max_live_mailboxes`` (0 = no cap) live mailboxes exist.
     Every way of creating an address refuses until some expire, so a flood
-    spread over many client addresses still cannot grow the tables without bound."""
+    spread over many client addresses still cannot grow the tables without bound.
+
+    A creator asks in its session's transaction, and first waits its turn
+    for the one stats row's write lock (held until it commits or rolls
+    back): counting and creating are then one step, and creators at the
+    same moment cannot all pass the last free place. With ``connection``
+    (the daemon's RCPT check, read-only) it is a look only, for an early
+    refusal; delivery asks again as a creator."""
     cap = int(cfg("max_live_mailboxes") or 0)
     if cap <= 0:
         return False
-    live = db.session.scalar(select(func.count(Mailbox.id)).where(Mailbox.expires_at > clock.now())) or 0
-    return live >= cap
+    if connection is not None:
+        return (connection.execute(_LIVE_COUNT, {"now": clock.now()}).scalar() or 0) >= cap
+    db.session.execute(_CREATION_TURN)
+    return (db.session.scalar(_LIVE_COUNT, {"now": clock.now()}) or 0) >= cap
+
+
+_LIVE_COUNT = select(func.count(Mailbox.id)).where(Mailbox.expires_at > bindparam("now"))
+# A write that changes nothing, for its lock: PostgreSQL's row lock on the
+# stats row, SQLite's write lock (queued by writelock.py like any write).
+_CREATION_TURN = update(Stat.__table__).where(Stat.__table__.c.id == 1).values(
+    total_addresses=Stat.__table__.c.total_addresses)
 
 
 # --------------------------------------------------------------------------

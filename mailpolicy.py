@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 from flask import current_app
 from sqlalchemy import and_, bindparam, select
@@ -80,6 +80,12 @@ class NoRoom(DeliveryError):
     smtp_code, exit_code, reason = "452 4.3.1", 75, "no_room"
 
 
+class MailboxCap(DeliveryError):
+    """Too many live mailboxes, try again later"""
+    # Temporary: mailboxes expire, so the sender's retry can succeed.
+    smtp_code, exit_code, reason = "452 4.3.1", 75, "mailbox_cap"
+
+
 # --------------------------------------------------------------------------
 # recipients
 
@@ -108,10 +114,12 @@ def parse_recipient(given: str) -> Recipient:
     return Recipient(given, local, domain.lower(), tag[:MAX_TAG] if plus and tag else None)
 
 
-def decide(rcpt: Recipient, domain_known: bool, expires_at: Optional[datetime]) -> str:
+def decide(rcpt: Recipient, domain_known: bool, expires_at: Optional[datetime],
+           cap_reached: Callable[[], bool] = limits.mailbox_cap_reached) -> str:
     """The one decision: ``"live"`` (its mailbox takes the mail) or
     ``"create"`` (catch-all will make it); raises RelayDenied for a domain
-    that is not ours, UnknownRecipient for anyone else."""
+    that is not ours, MailboxCap when a new address would pass the
+    live-mailbox cap (``cap_reached``), UnknownRecipient for anyone else."""
     if not rcpt.local or not domain_known:
         raise RelayDenied(f"<{rcpt.given}>: Relay access denied")
     if expires_at is not None and expires_at > clock.now():
@@ -119,9 +127,15 @@ def decide(rcpt: Recipient, domain_known: bool, expires_at: Optional[datetime]) 
     if cfg("catch_all"):
         try:
             check_username(rcpt.local)
-            return "create"
         except MailboxError:
             pass  # reserved names and what /generate refuses stay unknown
+        else:
+            # The live-mailbox cap holds for catch-all addresses as for
+            # /generate (open_mailbox): else mail to random names at a
+            # catch-all domain would grow the tables past it.
+            if cap_reached():
+                raise MailboxCap(f"<{rcpt.given}>: Too many live mailboxes, try again later")
+            return "create"
     raise UnknownRecipient(f"<{rcpt.given}>: Recipient address rejected: User unknown")
 
 
@@ -145,7 +159,11 @@ def check_recipient(given: str) -> Recipient:
         return rcpt
     with db.engine.connect() as conn:
         row = conn.execute(RCPT_CHECK, {"address": rcpt.address, "domain": rcpt.domain}).first()
-    if decide(rcpt, row is not None, row[1] if row is not None else None) == "live":
+        # Read-only here (the I/O thread must never wait for a write lock):
+        # delivery checks the cap again as a creator, exactly.
+        verdict = decide(rcpt, row is not None, row[1] if row is not None else None,
+                         cap_reached=lambda: limits.mailbox_cap_reached(conn))
+    if verdict == "live":
         if len(live) >= LIVE_RCPT_ENTRIES:
             live.clear()
         live[rcpt.address] = (time.monotonic() + LIVE_RCPT_SECONDS, row[1])
@@ -215,7 +233,8 @@ def mailboxes_for(recipients: Iterable[str], known: Lookups) -> list[tuple[Mailb
     catch-all mailboxes created (added and flushed, committed with the mail).
     A mailbox is a ``BoxRow`` (``look_up``, ``_load_boxes``), or the new
     ``Mailbox`` of a catch-all.
-    Raises UnknownRecipient or RelayDenied when no recipient is accepted."""
+    Raises UnknownRecipient, RelayDenied or MailboxCap when no recipient is
+    accepted."""
     if known.domains is None:
         known.domains, known.boxes = set(Domain.active_names(DELIVERY_TYPES)), {}
     rcpts = [parse_recipient(given) for given in recipients]
@@ -227,7 +246,7 @@ def mailboxes_for(recipients: Iterable[str], known: Lookups) -> list[tuple[Mailb
         try:
             verdict = decide(rcpt, rcpt.domain in known.domains, box.expires_at if box else None)
         except DeliveryError as exc:
-            refusal = refusal if isinstance(refusal, UnknownRecipient) else exc
+            refusal = _worse(refusal, exc)
             continue
         if verdict == "create":
             box = known.boxes[rcpt.address] = catch_all_mailbox(rcpt)
@@ -236,6 +255,17 @@ def mailboxes_for(recipients: Iterable[str], known: Lookups) -> list[tuple[Mailb
     if not found:
         raise refusal or UnknownRecipient("Recipient address rejected: User unknown")
     return list(found.values())
+
+
+def _worse(kept: Optional[DeliveryError], new: DeliveryError) -> DeliveryError:
+    """The refusal a message with no accepted recipient gets: a temporary one
+    first (its sender retries, and the capped recipient may then succeed),
+    else "user unknown" before "relay denied"."""
+    if kept is None:
+        return new
+    if kept.permanent != new.permanent:
+        return kept if not kept.permanent else new
+    return kept if isinstance(kept, UnknownRecipient) else new
 
 
 def _load_boxes(addresses: list[str], known: Lookups) -> None:

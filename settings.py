@@ -221,8 +221,8 @@ SCHEMA: tuple = (
     )),
     Key("catch_all", BOOL, False, "accept mail for any username of a configured domain, creating the mailbox"),
     Key("max_messages_per_mailbox", INT, 0, "a mailbox keeps its newest N messages; 0: no cap", at_least(0)),
-    Key("max_live_mailboxes", INT, 0, "new addresses are refused (503) while N are live; 0: no cap",
-        at_least(0)),
+    Key("max_live_mailboxes", INT, 0,
+        "new addresses are refused (503; catch-all mail 452) while N are live; 0: no cap", at_least(0)),
     Key("dedupe_window_seconds", INT, 3600,
         "the same message to the same mailbox within this time is stored once; 0: off", at_least(0)),
     Named("plans", "User API plans by name; a user on an unknown plan gets `free`", (

@@ -3,6 +3,7 @@
 live mailboxes, and a cap on messages per mailbox enforced at delivery."""
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import func, select
 
 import mailhandler
@@ -84,3 +85,75 @@ def test_messages_per_mailbox_are_capped_at_delivery(app_factory):
         subjects = list(db.session.scalars(select(Message.subject).order_by(Message.id)))
     record("abuse limits", f"max_messages_per_mailbox=5: 12 delivered, {len(subjects)} kept (the newest)")
     assert subjects == [f"cap message {n}" for n in range(7, 12)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_catch_all_addresses_count_against_the_live_mailbox_cap(app_factory):
+    import smtplib
+
+    import mailpolicy
+    import smtpserver
+    app = app_factory({"max_live_mailboxes": 3, "catch_all": True, "rate_limits": {}})
+    with app.app_context():
+        Mailbox.create("alice", Domain.by_name("example.com"), 3600)
+    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False).start()
+    try:
+        codes = []
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as conn:
+            conn.ehlo("client.test")
+            for local in ("fresh1", "fresh2", "fresh3", "alice"):
+                conn.mail("sender@example.org")
+                code, _ = conn.rcpt(f"{local}@example.com")
+                if code == 250:
+                    code = conn.data(f"Subject: cap {local}\r\n\r\nbody\r\n".encode())[0]
+                else:
+                    conn.rset()
+                codes.append(code)
+    finally:
+        server.stop()
+    with app.app_context():
+        try:  # a transport without RCPT (IMAP ingest, flask import) meets the same rule
+            mailhandler.deliver(build_message(1, "fresh4@example.com", tag="cap"), ["fresh4@example.com"])
+            direct = "stored"
+        except mailpolicy.DeliveryError as exc:
+            direct = exc.smtp_reply
+        boxes = sorted(db.session.scalars(select(Mailbox.address)))
+        alice = db.session.scalar(select(func.count(Message.id)).join(Mailbox)
+                                  .where(Mailbox.address == "alice@example.com"))
+    record("abuse limits", f"max_live_mailboxes=3, catch-all: SMTP to 2 new names, a 3rd, an existing "
+           f"mailbox -> {codes}; without RCPT: {direct}")
+    assert codes == [250, 250, 452, 250]
+    assert direct.startswith("452 4.3.1")
+    assert boxes == ["alice@example.com", "fresh1@example.com", "fresh2@example.com"] and alice == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_live_mailbox_cap_is_exact_through_parallel_workers(app_factory, tmp_path):
+    """40 parallel /generate through gunicorn's threaded workers (as ``make
+    run``), 2 places left: exactly 2 mailboxes are made, the rest 503."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import requests
+
+    from .helpers import Gunicorn
+    app = app_factory({"max_live_mailboxes": 5, "rate_limits": {"mailbox_create": {"limit": 0}}})
+    with app.app_context():
+        for name in ("held1", "held2", "held3"):
+            Mailbox.create(name, Domain.by_name("example.com"), 3600)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(app.config["TEMPMAIL"], secret_key=app.config["SECRET_KEY"])))
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
+    server = Gunicorn(config, tmp_path / "gunicorn.log", workers=2, extra=["--config", str(deploy)]).start()
+    try:
+        with ThreadPoolExecutor(max_workers=40) as pool:
+            codes = list(pool.map(lambda _n: requests.get(server.url + "/api.php/generate", timeout=60).status_code,
+                                  range(40)))
+    finally:
+        server.stop()
+    with app.app_context():
+        live = db.session.scalar(select(func.count(Mailbox.id)))
+    record("abuse limits", f"max_live_mailboxes=5 with 3 live: 40 parallel /generate through 2 workers -> "
+           f"{codes.count(200)} made, {codes.count(503)} refused; {live} mailboxes exist")
+    assert codes.count(200) == 2 and codes.count(503) == 38 and live == 5, sorted(codes)
