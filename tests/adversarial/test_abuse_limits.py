@@ -3,13 +3,21 @@
 live mailboxes, and a cap on messages per mailbox enforced at delivery."""
 from __future__ import annotations
 
+import json
+import smtplib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import pytest
+import requests
 from sqlalchemy import func, select
 
 import mailhandler
+import mailpolicy
+import smtpserver
 from models import ApiKey, Domain, Mailbox, Message, User, db
 
-from .helpers import build_message, record
+from .helpers import Gunicorn, build_message, record
 
 LIMITS = {"mailbox_create": {"limit": 3, "window_seconds": 60},
           "api_mailbox_create": {"limit": 2, "window_seconds": 60},
@@ -89,10 +97,6 @@ def test_messages_per_mailbox_are_capped_at_delivery(app_factory):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
 def test_catch_all_addresses_count_against_the_live_mailbox_cap(app_factory):
-    import smtplib
-
-    import mailpolicy
-    import smtpserver
     app = app_factory({"max_live_mailboxes": 3, "catch_all": True, "rate_limits": {}})
     with app.app_context():
         Mailbox.create("alice", Domain.by_name("example.com"), 3600)
@@ -131,13 +135,6 @@ def test_catch_all_addresses_count_against_the_live_mailbox_cap(app_factory):
 def test_live_mailbox_cap_is_exact_through_parallel_workers(app_factory, tmp_path):
     """40 parallel /generate through gunicorn's threaded workers (as ``make
     run``), 2 places left: exactly 2 mailboxes are made, the rest 503."""
-    import json
-    from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
-
-    import requests
-
-    from .helpers import Gunicorn
     app = app_factory({"max_live_mailboxes": 5, "rate_limits": {"mailbox_create": {"limit": 0}}})
     with app.app_context():
         for name in ("held1", "held2", "held3"):
