@@ -384,13 +384,12 @@ def send_attachment(att: Attachment):
 # the same, but each is counted under its own URL rule.
 _HOT_INBOX = re.compile(r"(/api\.php)?/inbox/([^/%]+)")
 _HOT_EMAIL = re.compile(r"(/api\.php)?/email/([^/%]+)")
-# INBOX_BOX and the inbox's fingerprint (INBOX_MARKS) in one statement: the
-# live api.php mailbox and each of its messages' changeable columns.
-HOT_INBOX = (select(_mailboxes.c.id, _mailboxes.c.created_at, _mailboxes.c.expires_at, _messages.c.id,
-                    _messages.c.public_id, _messages.c.is_read, _messages.c.revision)
+# INBOX_BOX and the inbox's fingerprint (INBOX_MARKS) in one statement and
+# one row: the live api.php mailbox and its messages' changeable columns.
+HOT_INBOX = (select(_mailboxes.c.id, _mailboxes.c.created_at, _mailboxes.c.expires_at, hotpath.marks(_messages))
              .select_from(_mailboxes.outerjoin(_messages, _messages.c.mailbox_id == _mailboxes.c.id))
              .where(_mailboxes.c.address == bindparam("address"), *LIVE_LEGACY_BOX)
-             .order_by(_messages.c.id))
+             .group_by(_mailboxes.c.id, _mailboxes.c.created_at, _mailboxes.c.expires_at))
 
 
 def request_shape(environ: dict) -> tuple:

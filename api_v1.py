@@ -571,15 +571,14 @@ _HOT_QUERY = re.compile(r"email=([A-Za-z0-9._%+@-]{1,960})")
 _TOKEN68 = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
 _key, _user = ApiKey.__table__, User.__table__
 # authenticate's key rule, owned_mailbox_row's ownership and life rules and
-# the listing's rows, in one statement.
-HOT_LISTING = (select(_key.c.user_id, _user.c.plan, _box.c.id, _msg.c.id, _msg.c.public_id, _msg.c.is_read,
-                      _msg.c.revision)
+# the listing's rows, in one statement and one row.
+HOT_LISTING = (select(_key.c.user_id, _user.c.plan, _box.c.id, hotpath.marks(_msg))
                .select_from(_key.join(_user, _user.c.id == _key.c.user_id)
                             .join(_box, _box.c.user_id == _key.c.user_id)
                             .outerjoin(_msg, _msg.c.mailbox_id == _box.c.id))
                .where(_key.c.key_hash == bindparam("key_hash"), _key.c.revoked_at.is_(None),
                       _box.c.address == bindparam("address"), LIVE_BOX)
-               .order_by(_msg.c.id.desc()))
+               .group_by(_key.c.user_id, _user.c.plan, _box.c.id))
 
 
 def hot_listing_key(environ: dict) -> tuple | None:
