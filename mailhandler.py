@@ -373,8 +373,6 @@ class DeliveryBatch:
         self.looked_up: set[str] = set()  # the digests ``earlier`` answers for
         self.received = 0
         self.failed = False  # rolled back: whatever was staged is gone
-        self.announce: set[int] = set()  # mailboxes with new mail, told once it is durable
-        self.events = False  # webhook events committed: wake the sender once durable
 
     def look_up_earlier(self, shas: list[str]) -> None:
         """The duplicate filter's look-up for a whole batch in one query: the
@@ -411,14 +409,11 @@ class DeliveryBatch:
         SQLite's write lock, so another receiver process can commit meanwhile."""
         self.pending.sync_files()
 
-    def commit(self, sync_wal: bool = True) -> None:
-        """Commit everything staged, durably; StoreFailed (after a rollback) if it cannot be.
-
-        ``sync_wal=False``: commit without SQLite's WAL fsync; the caller syncs
-        the WAL, then calls ``after_durable`` (the daemon's ``WalSyncer``)."""
+    def commit(self) -> None:
+        """Commit everything staged, durably; StoreFailed (after a rollback) if it cannot be."""
         # Read before the commit, which expires the rows: the mailboxes whose
         # waiters (long polls, streams) are told of new mail (mailevents.py).
-        self.announce = {msg.mailbox_id for msg in self.copies.values()}
+        boxes = {msg.mailbox_id for msg in self.copies.values()}
         try:
             self.stage_files()
             insert_rows([msg for _box, msg in self.stored])
@@ -428,28 +423,19 @@ class DeliveryBatch:
                 self.freed += retention.trim_mailbox(box_id).freed
             if self.received or self.known.created:
                 Stat.bump(total_addresses=self.known.created, total_received=self.received)
-            mailevents.announce(self.announce)  # PostgreSQL: NOTIFY inside this transaction
+            mailevents.announce(boxes)  # PostgreSQL: NOTIFY inside this transaction
             # The webhook events commit with the messages they announce, or not at all.
-            self.events = bool(webhooks.stage_events(self.stored))
-            storage.commit_durably(self.pending, sync_wal=sync_wal)
+            events = webhooks.stage_events(self.stored)
+            storage.commit_durably(self.pending)
         except Exception as exc:
             log.exception("commit of %d stored copies failed", self.received)
             self.rollback()
             raise StoreFailed() from exc
-        self.stored, self.capped = [], []
-        if sync_wal:
-            self.after_durable()
-
-    def after_durable(self) -> None:
-        """Once the commit is durable: tell the waiters, remove the blob files
-        trimming freed (not before: a crash would bring back rows naming
-        them), and wake the webhook sender."""
-        mailevents.delivered(self.announce)  # SQLite: poke the web workers, now that it is visible
+        mailevents.delivered(boxes)  # SQLite: poke the web workers, now that it is visible
         storage.discard(self.freed)
-        self.freed, self.announce = [], set()
-        if self.events:
+        self.freed, self.stored, self.capped = [], [], []
+        if events:
             webhooks.wake()
-            self.events = False
 
     def rollback(self) -> None:
         """Undo everything staged, and forget what was looked up in the undone transaction."""
@@ -457,7 +443,7 @@ class DeliveryBatch:
         self.pending.after_rollback()
         self.known, self.copies, self.freed, self.received = mailpolicy.Lookups(), {}, [], 0
         self.stored, self.earlier, self.looked_up, self.capped = [], {}, set(), []
-        self.announce, self.events, self.failed = set(), False, True
+        self.failed = True
 
 
 def forced_failure() -> None:

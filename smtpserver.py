@@ -69,14 +69,13 @@ PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
 class Job:
     """One received message waiting for the writer thread."""
-    __slots__ = ("raw", "recipients", "mail_from", "peer", "channel", "reply", "queue_id", "log_lines")
+    __slots__ = ("raw", "recipients", "mail_from", "peer", "channel", "reply", "queue_id")
 
     def __init__(self, raw: bytes, recipients: list, mail_from: str, peer: str, channel):
         self.raw, self.recipients, self.mail_from = raw, recipients, mail_from
         self.peer, self.channel = peer, channel
         self.reply: Optional[str] = None
         self.queue_id = secrets.token_hex(6).upper()
-        self.log_lines: list[str] = []  # "accepted" lines, logged once the commit is durable
 
 
 class SMTPChannel(salmon_server.SMTPChannel):
@@ -495,9 +494,6 @@ class MailServer:
         self.port = self.smtp.port
         self.lmtp = LMTPReceiver(self, lmtp_socket) if lmtp_socket else None
         self.threads: list[threading.Thread] = []
-        with app.app_context():
-            # SQLite: the WAL fsync runs beside the writer's next batch (WalSyncer).
-            self.syncer = WalSyncer(self) if storage.sqlite_wal_path() else None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "MailServer":
@@ -506,8 +502,6 @@ class MailServer:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
-        if self.syncer is not None:
-            self.syncer.start()
         log.info("SMTP receiver on %s:%d%s", self.host, self.port,
                  f", LMTP on {self.lmtp.socket_path}" if self.lmtp else "")
         return self
@@ -622,25 +616,15 @@ class MailServer:
                 if batch is PURGE:
                     self.purge()
                     continue
-                delivery = None
                 try:
-                    delivery = store_batch(batch, sync_wal=self.syncer is None)
+                    store_batch(batch)
                 except Exception:  # never leave a client without its answer
                     log.exception("writer failed")
                 for job in batch:
                     job.reply = job.reply or mailhandler.StoreFailed().smtp_reply
-                if self.syncer is not None:
-                    self.syncer.submit(batch, delivery)  # answered after a WAL fsync begun from now
-                else:
-                    self.answer(batch)
-            if self.syncer is not None:
-                self.syncer.stop()  # every committed batch synced and answered before the I/O thread's last round
+                    self.replies.append((job.channel, job.reply))
+                self.poke()
             db.session.remove()
-
-    def answer(self, jobs: list[Job]) -> None:
-        """Hand the final replies of ``jobs`` to the I/O thread."""
-        self.replies.extend((job.channel, job.reply) for job in jobs)
-        self.poke()
 
     def next_batch(self):
         """The next purge request, or up to BATCH_MESSAGES queued messages
@@ -669,98 +653,10 @@ class MailServer:
             log.exception("purge failed")
 
 
-class WalSyncer:
-    """The last step of SQLite's group commit, the WAL fsync, in a thread of
-    its own, so the writer starts its next batch while the disk syncs.
-
-    The writer commits a batch, then ``submit``s it. The syncer takes every
-    batch submitted so far, fsyncs the WAL once, and only then answers them:
-    each was committed before that fsync began, so its rows are on disk when
-    its 250 goes out. If the fsync fails, each of those batches' 250s becomes
-    a 451 (the rows stay committed: the sender's retry meets the duplicate
-    filter and is answered with the stored copy once a later sync succeeds).
-    Blob files are synced before the commit, as before; PostgreSQL, whose
-    commit is durable by itself, has no syncer."""
-
-    def __init__(self, server: "MailServer"):
-        self.server = server
-        self.ready = threading.Condition()
-        self.committed: list[tuple[list[Job], Optional[mailhandler.DeliveryBatch]]] = []
-        self.stopping = False
-        self.thread = threading.Thread(target=self.loop, name="smtpd-sync", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, jobs: list[Job], delivery: Optional[mailhandler.DeliveryBatch]) -> None:
-        """``jobs`` (their ``delivery``, None if stored one by one) are committed: answer them after a sync."""
-        with self.ready:
-            self.committed.append((jobs, delivery))
-            self.ready.notify()
-
-    def stop(self) -> None:
-        """Sync and answer what was submitted, then end the thread."""
-        with self.ready:
-            self.stopping = True
-            self.ready.notify()
-        self.thread.join(timeout=120)
-
-    def take(self) -> list:
-        """Every batch committed so far (waiting for one); [] once stopped and drained."""
-        with self.ready:
-            while not self.committed and not self.stopping:
-                self.ready.wait()
-            taken, self.committed = self.committed, []
-            return taken
-
-    def loop(self) -> None:
-        name_os_thread("smtpd-sync")
-        with self.server.app.app_context():
-            while taken := self.take():
-                self.settle(taken)
-            db.session.remove()
-
-    def settle(self, taken: list) -> None:
-        """One fsync for all of ``taken``, then their replies (451 instead of 250 if it failed)."""
-        try:
-            if storage.fsync_enabled():
-                storage.sync_sqlite_wal()
-            synced = True
-        except Exception:  # an I/O error: nothing committed before it may be called durable
-            log.exception("WAL fsync failed; the messages it covered are answered 451")
-            synced = False
-        for jobs, delivery in taken:
-            if synced:
-                self.after_durable(jobs, delivery)
-            else:
-                for job in jobs:
-                    if job.reply.startswith("250"):
-                        job.reply = mailhandler.StoreFailed().smtp_reply
-            self.server.answer(jobs)
-
-    @staticmethod
-    def after_durable(jobs: list[Job], delivery: Optional[mailhandler.DeliveryBatch]) -> None:
-        """What waits for durability besides the replies: waiters, freed files, webhooks, the log."""
-        if delivery is not None:
-            try:
-                delivery.after_durable()
-            except Exception:  # the mail is stored: a lost wake-up or a left-over file only
-                log.exception("after storing a batch")
-        for job in jobs:
-            if job.reply.startswith("250"):
-                mailhandler.log_accepted(job.log_lines)
-
-
-def store_batch(jobs: list[Job], sync_wal: bool = True) -> Optional[mailhandler.DeliveryBatch]:
+def store_batch(jobs: list[Job]) -> None:
     """Group commit: stage every job in one ``DeliveryBatch`` and commit it
     with one sync pass; if that fails, store them one by one so one bad
     message cannot cost the others. Sets each job's final SMTP reply.
-
-    ``sync_wal=False`` (the daemon on SQLite): the batch is committed but its
-    WAL not yet synced; the caller must sync it before sending any reply,
-    then call ``after_durable()`` of the returned batch and log each job's
-    ``log_lines``. Returns None when the batch fell back to one by one
-    (each of those was committed durably by itself).
 
     Within the batch, earlier copies (the duplicate filter) are looked up
     in one query, the domains and the mailboxes of all recipients in
@@ -780,19 +676,16 @@ def store_batch(jobs: list[Job], sync_wal: bool = True) -> Optional[mailhandler.
                 if batch.failed:
                     raise mailhandler.StoreFailed() from exc  # all staged work is gone: again below
                 job.reply = exc.smtp_reply
-        batch.commit(sync_wal=sync_wal)
+        batch.commit()
     except mailhandler.StoreFailed:
         log.warning("group commit of %d messages failed; storing them one by one", len(jobs))
         store_singly(jobs)
-        return None
+        return
     for job, msgs in staged:
         job.reply = accepted_reply(job)
-        job.log_lines = mailhandler.describe(msgs, job.peer, job.queue_id)
-        if sync_wal:
-            mailhandler.log_accepted(job.log_lines)
+        mailhandler.log_accepted(mailhandler.describe(msgs, job.peer, job.queue_id))
     for job in jobs:
         job.raw = b""
-    return batch
 
 
 def accepted_reply(job: Job) -> str:

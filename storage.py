@@ -35,7 +35,6 @@ No path is ever built from what a sender or client wrote: only hex digests.
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import logging
 import os
@@ -340,58 +339,32 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sqlite_wal_path() -> Optional[str]:
-    """The WAL file a commit of the app's database must be synced through:
-    ``<database file>-wal`` on a SQLite file, None for other databases (a
-    PostgreSQL commit is durable by itself) and for in-memory SQLite."""
-    url = db.engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return url.database + "-wal"
-
-
 def sync_sqlite_wal() -> None:
     """fsync SQLite's WAL file after a commit (no-op for other databases).
     SQLite runs with ``synchronous=NORMAL`` in WAL mode (app.py), which does
     not sync the WAL at commit: this is what ``synchronous=FULL`` would do,
-    once per batch. PostgreSQL's commit is durable by itself. Raises OSError
-    when the sync fails: then no commit before it may be called durable."""
-    path = sqlite_wal_path()
-    if path is None:
+    once per batch. PostgreSQL's commit is durable by itself."""
+    url = db.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(url.database + "-wal", os.O_RDONLY)
     except FileNotFoundError:
         return  # not in WAL mode: the rollback journal syncs at commit
     try:
-        forced_sync_failure()
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def forced_sync_failure() -> None:
-    """Test hook: ``app.config["FAIL_NEXT_WAL_SYNC"] = n`` fails the next n
-    WAL syncs with EIO, as a failing disk's fsync does (the rows stay committed)."""
-    pending = current_app.config.get("FAIL_NEXT_WAL_SYNC") or 0
-    if pending > 0:
-        current_app.config["FAIL_NEXT_WAL_SYNC"] = pending - 1
-        raise OSError(errno.EIO, "WAL fsync failed (forced)")
-
-
-def commit_durably(pending: PendingBlobs, sync_wal: bool = True) -> None:
+def commit_durably(pending: PendingBlobs) -> None:
     """Sync the files, count the references, commit, and make the commit
     itself durable: once this returns, the rows and every blob they name
-    survive a crash of the process and of the machine.
-
-    ``sync_wal=False`` leaves out the last step, the WAL fsync, for a caller
-    that makes it itself before it tells anyone the rows are stored (the mail
-    daemon's ``WalSyncer``: one fsync begun after this returns covers it).
-    The blob files are synced before the commit either way."""
+    survive a crash of the process and of the machine."""
     pending.sync_files()
     pending.reference()
     db.session.commit()
-    if sync_wal and fsync_enabled():
+    if fsync_enabled():
         sync_sqlite_wal()
     pending.after_commit()
 
