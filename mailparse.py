@@ -25,6 +25,7 @@ one by one; the tree is the same as a line-by-line parse gives.
 from __future__ import annotations
 
 import codecs
+import datetime
 import html
 import itertools
 import logging
@@ -213,6 +214,35 @@ def plain_addresses(value: str) -> Optional[list[tuple[str, str]]]:
     return found
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+# RFC 5322's date as ``email.utils.format_datetime`` writes it: two-digit
+# day, four-digit year, seconds, a numeric zone.
+CANONICAL_DATE = re.compile(rf"({'|'.join(_DAYS)}), ([0-9]{{2}}) ({'|'.join(_MONTHS)}) ([0-9]{{4}}) "
+                            r"([0-9]{2}):([0-9]{2}):([0-9]{2}) [+-]([0-9]{2})([0-9]{2})")
+
+
+def canonical_date(value: str) -> bool:
+    """True when ``value`` is a date that ``format_datetime`` would write
+    back unchanged after ``parsedate_to_datetime``: its shape, a real day of
+    that month whose weekday it names, a real time, a zone under 24 hours
+    with minutes under 60, and a year from 100 on (the stdlib reads a year
+    under 100 as 19xx or 20xx)."""
+    match = CANONICAL_DATE.fullmatch(value)
+    if match is None:
+        return False
+    weekday, day, month, year, hour, minute, second, zone_hours, zone_minutes = match.groups()
+    if int(year) < 100 or int(zone_hours) >= 24 or int(zone_minutes) >= 60:
+        return False
+    if int(hour) >= 24 or int(minute) >= 60 or int(second) >= 60:
+        return False
+    try:
+        date = datetime.date(int(year), _MONTHS.index(month) + 1, int(day))
+    except ValueError:  # 31 Feb, day 00
+        return False
+    return _DAYS[date.weekday()] == weekday
+
+
 def plain_value(name: str, value: str) -> Optional[str]:
     """``str()`` of the stdlib's header object for a plain value of header
     ``name`` (lower case), or None when only the stdlib can tell."""
@@ -220,6 +250,8 @@ def plain_value(name: str, value: str) -> Optional[str]:
         found = plain_addresses(value)
         return None if found is None else ", ".join(f"{n} <{a}>" if n else a for n, a in found)
     if name == "date":
+        if canonical_date(value):
+            return value  # already what format_datetime writes (~1 us instead of ~8)
         try:
             return utils.format_datetime(utils.parsedate_to_datetime(value))
         except (TypeError, ValueError, IndexError, OverflowError):
