@@ -104,16 +104,22 @@ def random_username() -> str:
     return secrets.choice(ADJECTIVES) + secrets.choice(NOUNS) + digits
 
 
+# Random bytes below 248 (4 x 62) map onto the alphabet uniformly (byte % 62);
+# the 8 above are dropped: rejection sampling, done in C by bytes.translate.
+_ID_TABLE = bytes(PUBLIC_ID_ALPHABET.encode("ascii")[b % 62] for b in range(248)) + bytes(8)
+_ID_DROP = bytes(range(248, 256))
+_ID_DRAW = 56  # bytes per draw: 46 or more survive with probability 1 - 3e-6
+
+
 def new_public_id() -> str:
-    """An opaque, unguessable message id: 46 random characters of [A-Za-z0-9]."""
-    # One 320-bit draw written in base 62 (46 digits hold 273 bits; the bias
-    # of the reduction is below 2**-46) instead of 46 urandom calls per message.
-    number = int.from_bytes(secrets.token_bytes(40), "big")
-    digits = []
-    for _ in range(PUBLIC_ID_LENGTH):
-        number, digit = divmod(number, 62)
-        digits.append(PUBLIC_ID_ALPHABET[digit])
-    return "".join(digits)
+    """An opaque, unguessable message id: 46 random characters of [A-Za-z0-9],
+    each uniform and independent (5.9 bits of entropy each, 273 in all)."""
+    # One urandom call and two C passes per id, ~0.6 us: the base-62 digits of
+    # a 320-bit number took 46 Python divmods (~5 us, once per stored message).
+    kept = b""
+    while len(kept) < PUBLIC_ID_LENGTH:
+        kept += secrets.token_bytes(_ID_DRAW).translate(_ID_TABLE, _ID_DROP)
+    return kept[:PUBLIC_ID_LENGTH].decode("ascii")
 
 
 def _round_keys(purpose: str) -> list[bytes]:

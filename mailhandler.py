@@ -34,6 +34,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import configure_mappers, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 import database
 import idgen
@@ -527,7 +528,10 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     # Assigned, not extended: an extended collection of a new object is not
     # marked loaded, and reading it later (the log line) cost one SELECT.
     # Not added to the session: the batch INSERTs its rows (insert_rows).
-    msg.attachments = attachment_rows(parts, batch.pending)
+    if parts:
+        msg.attachments = attachment_rows(parts, batch.pending)  # also sets each one's .message
+    else:  # nothing to point back: loaded as empty without the events (~4 us of ~9)
+        set_committed_value(msg, "attachments", [])
     batch.received += 1
     batch.copies[(box.id, tag, sha, envelope_from)] = msg
     batch.stored.append((box, msg))
