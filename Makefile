@@ -12,8 +12,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # for the node driver that Playwright's wheel bundles (a bare Debian lacks
 # it), Dovecot for IMAP ingest, swaks for manual checks, Postfix as the front
 # end tests/test_postfix_front.py runs (its own instance, never the system's),
-# Node.js and PHP to run the webhook receivers /docs shows, openssl for its
-# cURL sample and an HTTPS receiver's certificate (tests/test_webhooks*.py),
+# Node.js and PHP to run the webhook receivers /docs shows, openssl and curl
+# for its cURL sample, openssl for an HTTPS receiver's certificate
+# (tests/test_webhooks*.py),
 # iproute2's `ip` for the network namespaces of the cluster test (tests/cluster/).
 # Add a line here for anything new a test starts.
 TEST_DEBS := /usr/lib/postgresql/*/bin/initdb:postgresql \
@@ -25,6 +26,7 @@ TEST_DEBS := /usr/lib/postgresql/*/bin/initdb:postgresql \
              node:nodejs \
              php:php-cli \
              openssl:openssl \
+             curl:curl \
              /bin/ip:iproute2
 
 .PHONY: run test venv system-deps init-db clean bench messages compile-messages

@@ -57,6 +57,10 @@ EOF
 
 MOUNTED=()
 mount_all() {
+    # The root a mount point of its own, as on a real machine: `ip netns`
+    # (the cluster tests) makes / a slave mount first, which fails on a
+    # plain directory ("mount --make-rslave /" failed: Invalid argument).
+    mount --bind "$ROOTFS" "$ROOTFS"; MOUNTED+=("$ROOTFS")
     mount -t proc proc "$ROOTFS/proc"; MOUNTED+=("$ROOTFS/proc")
     for fs in sys dev; do
         # rslave: unmounting the copy later must not unmount the host's /dev/pts, /dev/shm ...
