@@ -148,29 +148,32 @@ def migrate_process(config: Path, target: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def copied_so_far(url: str, target: str, uploads: Path) -> int:
+def copied_so_far(engine, target: str, uploads: Path) -> int:
     """Blobs the target holds, seen from outside the migrating process."""
     if target == "filesystem":
         return sum(1 for p in (uploads / "blobs").rglob("*") if p.is_file() and storage.is_blob_name(p.name))
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.scalar(text("SELECT count(DISTINCT sha256) FROM blob_chunks"))
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        return conn.scalar(text("SELECT count(DISTINCT sha256) FROM blob_chunks"))
 
 
 def kill_mid_way(proc: subprocess.Popen, url: str, target: str, uploads: Path, total: int) -> int:
     """SIGKILL the migration once a tenth of the blobs are copied; returns how
-    many the target held at the kill."""
+    many the target held at the kill. The process is stopped (SIGSTOP) while
+    it is counted, so it cannot finish between the count and the kill."""
+    engine = create_engine(url)  # one for every count: a new one per poll let a fast run finish unseen
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = copied_so_far(url, target, uploads)
-        if done >= total // 10:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            return done
-        time.sleep(0.005)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            done = copied_so_far(engine, target, uploads)
+            if done >= total // 10:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+                return done
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.002)
+    finally:
+        engine.dispose()
     raise AssertionError(f"the migration ended before it could be interrupted: {proc.communicate()}")
 
 
