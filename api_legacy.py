@@ -392,20 +392,13 @@ HOT_INBOX = (select(_mailboxes.c.id, _mailboxes.c.created_at, _mailboxes.c.expir
              .group_by(_mailboxes.c.id, _mailboxes.c.created_at, _mailboxes.c.expires_at))
 
 
-def request_shape(environ: dict) -> tuple:
-    """What of a request, besides its path, can change a 200 answer's
-    headers or links: the CORS origin and the site's address as seen."""
-    return (environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), environ.get("wsgi.url_scheme"),
-            environ.get("SCRIPT_NAME"))
-
-
 def hot_inbox_key(environ: dict) -> tuple | None:
     """A plain ``GET /inbox/{email}`` (no paging, waiting or percent sign)."""
     found = None if environ.get("QUERY_STRING") else _HOT_INBOX.fullmatch(environ.get("PATH_INFO", ""))
     address = found.group(2).strip().lower() if found is not None else ""
     if not (address.isascii() and models.plausible(address, 320)):
         return None
-    return (address, found.group(1)) + request_shape(environ)
+    return (address, found.group(1)) + hotpath.request_shape(environ)
 
 
 def hot_inbox_validator(run, key: tuple) -> tuple | None:
@@ -416,7 +409,7 @@ def hot_email_key(environ: dict) -> tuple | None:
     """A plain ``GET /email/{id}`` of a plausible api.php id."""
     found = None if environ.get("QUERY_STRING") else _HOT_EMAIL.fullmatch(environ.get("PATH_INFO", ""))
     row_id = idgen.row_id_of(found.group(2), "messages") if found is not None else None
-    return None if row_id is None else (row_id, found.group(1)) + request_shape(environ)
+    return None if row_id is None else (row_id, found.group(1)) + hotpath.request_shape(environ)
 
 
 def hot_email_validator(run, key: tuple) -> tuple | None:

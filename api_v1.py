@@ -592,9 +592,7 @@ def hot_listing_key(environ: dict) -> tuple | None:
     address = unquote_plus(query.group(1)).strip().lower()
     if not (address.isascii() and models.plausible(address, 320)):
         return None
-    return (ApiKey.hash(token.group(1)), address) + (
-        environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), environ.get("wsgi.url_scheme"),
-        environ.get("SCRIPT_NAME"))
+    return (ApiKey.hash(token.group(1)), address) + hotpath.request_shape(environ)
 
 
 def hot_listing_validator(run, key: tuple) -> tuple | None:

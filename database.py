@@ -73,14 +73,25 @@ def upsert_add_many(model, key: str, column: str, rows: list[dict]) -> dict:
     ``{key value: new column value}``. Rows are sent sorted by key, so two
     writers lock rows in the same order (no deadlock on PostgreSQL)."""
     dialect = db.session.get_bind().dialect.name
-    rows, out = sorted(rows, key=lambda r: r[key]), {}
-    names = list(rows[0]) if rows else []
-    for start in range(0, len(rows), UPSERT_ROWS):
-        part = rows[start:start + UPSERT_ROWS]
-        stmt = _upsert_statement(dialect, model.__table__, key, column, tuple(names), len(part))
-        params = numbered(part, names)
-        for key_value, value in prepared(stmt).rows(raw_cursor(), **params):  # no SQLAlchemy path
-            out[key_value] = value
+    rows = sorted(rows, key=lambda r: r[key])
+    names = tuple(rows[0]) if rows else ()
+    return dict(run_in_parts(rows, names, UPSERT_ROWS,
+                             _upsert_statement, dialect, model.__table__, key, column, names))
+
+
+def run_in_parts(rows: list, names, per_statement: int, build: Any, *shape: Any) -> list[tuple]:
+    """Run a multi-row statement over ``rows`` (mappings holding ``names``),
+    ``per_statement`` rows at a time, in the session's transaction on its raw
+    cursor (no SQLAlchemy execution path): ``build(*shape, count)`` with
+    parameters ``<name>_<i>``, compiled once per count (``prepared``).
+    Returns the result rows of every part (none for a statement without
+    RETURNING)."""
+    cursor, out = raw_cursor(), []
+    for start in range(0, len(rows), per_statement):
+        part = rows[start:start + per_statement]
+        prepared(build, *shape, len(part)).run(cursor, **numbered(part, names))
+        if cursor.description is not None:
+            out.extend(cursor.fetchall())
     return out
 
 

@@ -35,15 +35,22 @@ from typing import Any, Callable, Iterable, Optional
 from flask import Flask
 from sqlalchemy import String, cast, func
 
-import listingcache
 import metrics
-from database import Prepared  # noqa: F401  (moved there: the mail writer uses it too)
+from database import db, prepared
 
 log = logging.getLogger(__name__)
 ENVIRON_KEY = "tempmail.hot_offer"  # the request's Offer, for the view to accept
 # Request headers that change an answer in ways a key does not hold: such
 # requests always go to Flask.
 UNKEYED = ("HTTP_COOKIE", "HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE")
+
+
+def request_shape(environ: dict) -> tuple:
+    """What of a request, besides its path, can change a 200 answer's
+    headers or links: the CORS origin and the site's address as seen. Part
+    of every hot route's key."""
+    return (environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), environ.get("wsgi.url_scheme"),
+            environ.get("SCRIPT_NAME"))
 
 
 def marks(messages) -> Any:
@@ -110,7 +117,6 @@ class HotPath:
 
     def __init__(self, app: Flask, inner: Callable) -> None:
         self.app, self.inner = app, inner
-        self._prepared: dict = {}
         self.hits = 0  # answers sent from memory (tests check the path is taken)
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -135,7 +141,7 @@ class HotPath:
         else:
             return None
         try:
-            validator = route.validate(self._runner(), key)
+            validator = route.validate(_run, key)
         except Exception:  # the database's trouble: Flask answers it in the API's shape
             log.debug("validation failed; Flask answers", exc_info=True)
             return None
@@ -146,15 +152,6 @@ class HotPath:
         if sent is None:
             environ[ENVIRON_KEY] = Offer(route, key, validator)
         return sent
-
-    def _runner(self) -> Callable:
-        """``run(statement, **params)``: a statement's rows, each run on a raw
-        pooled connection given back at once."""
-        engine = self.app.extensions["sqlalchemy"].engine
-        prepared = self._prepared.get(engine)
-        if prepared is None:
-            prepared = self._prepared[engine] = {}
-        return _Runner(engine, prepared)
 
     def _replay(self, route: HotRoute, entry, validator: tuple, start_response):
         status, headers, body, rule = entry
@@ -198,23 +195,16 @@ class HotPath:
         return [body]
 
 
-class _Runner:
-    """Runs prepared statements, each on a raw pooled connection taken for it
-    and given back at once (the pool rolls back what the read began)."""
-
-    def __init__(self, engine, prepared: dict) -> None:
-        self.engine, self.prepared = engine, prepared
-
-    def __call__(self, statement, **params: Any) -> list[tuple]:
-        stmt = self.prepared.get(statement)
-        if stmt is None:
-            stmt = self.prepared[statement] = Prepared(statement, self.engine.dialect)
-        conn = self.engine.raw_connection()
+def _run(statement, **params: Any) -> list[tuple]:
+    """A validator's statement, compiled once per dialect (``database.prepared``)
+    and run on a raw pooled connection taken for it and given back at once
+    (the pool rolls back what the read began)."""
+    conn = db.engine.raw_connection()
+    try:
+        cursor = conn.cursor()
         try:
-            cursor = conn.cursor()
-            try:
-                return stmt.rows(cursor, **params)
-            finally:
-                cursor.close()
+            return prepared(statement).rows(cursor, **params)
         finally:
-            conn.close()
+            cursor.close()
+    finally:
+        conn.close()

@@ -568,12 +568,8 @@ def insert_rows(msgs: list[Message]) -> None:
         return
     # On the raw connection, compiled once per row count: SQLAlchemy's
     # execution path cost more than the INSERT itself.
-    ids = {}
-    for start in range(0, len(msgs), INSERT_ROWS):
-        part = msgs[start:start + INSERT_ROWS]
-        params = database.numbered([msg.__dict__ for msg in part], _MESSAGE_COLUMNS)
-        ids.update((public_id, msg_id) for msg_id, public_id in
-                   database.prepared(insert_messages, len(part)).rows(database.raw_cursor(), **params))
+    ids = {public_id: msg_id for msg_id, public_id in database.run_in_parts(
+        [msg.__dict__ for msg in msgs], _MESSAGE_COLUMNS, INSERT_ROWS, insert_messages)}
     atts = []
     for msg in msgs:
         msg.__dict__["id"] = msg_id = ids[msg.public_id]  # as loaded: no history to clear
@@ -664,8 +660,7 @@ def insert_messages(count: int):
     """The multi-row INSERT of ``count`` messages (parameters ``<column>_<i>``),
     RETURNING each row's id with its ``public_id`` (unique), which matches
     the two: the order of RETURNING rows is not promised."""
-    columns = [column for column in _msg.columns if column.key != "id"]
-    rows = [{column.key: bindparam(f"{column.key}_{i}", type_=column.type) for column in columns}
+    rows = [{key: bindparam(f"{key}_{i}", type_=_msg.c[key].type) for key in _MESSAGE_COLUMNS}
             for i in range(count)]
     return insert(_msg).values(rows).returning(_msg.c.id, _msg.c.public_id)
 

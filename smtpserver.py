@@ -817,14 +817,22 @@ class Supervisor:
             os.waitpid(pid, 0)
 
 
+def libc(function: str, *args) -> bool:
+    """Call the C library's ``function`` (prctl, mallopt); False where this
+    system's C library has no such function."""
+    try:
+        getattr(ctypes.CDLL(None), function)(*args)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def die_with(parent: int) -> None:
     """End this receiver when its supervisor ends, however it ends (a
     SIGKILL included): a receiver left behind would go on taking mail on
     the shared port, unsupervised, beside a restarted daemon."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM still stops it
-        return
+    if not libc("prctl", PR_SET_PDEATHSIG, signal.SIGKILL):
+        return  # not Linux: the supervisor's SIGTERM still stops it
     if os.getppid() != parent:  # the supervisor died before the prctl
         os._exit(1)
 
@@ -837,19 +845,13 @@ def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> None:
     bombs peaked at up to +210-223 MiB over the idle daemon in most runs and
     +160-170 MiB in others; with the threshold fixed, +87 to +160 MiB in
     every run. Small messages never allocate that much at once."""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, size)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc("mallopt", M_MMAP_THRESHOLD, size)  # not glibc: nothing to fix
 
 
 def name_os_thread(name: str) -> None:
     """Give the calling thread ``name`` in the kernel too, so ``top -H``, ``ps
     -L`` and /proc/PID/task/*/comm tell the I/O thread from the writer."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15])
-    except (OSError, AttributeError):  # not Linux
-        pass
+    libc("prctl", PR_SET_NAME, name.encode()[:15])  # not Linux: unnamed
 
 
 def receiver_count(wanted: Optional[int], port: int) -> int:

@@ -174,11 +174,7 @@ def insert_chunks_many(blobs: Iterable[tuple[str, bytes]]) -> None:
         # Left-over rows under these names (see insert_chunks) hold the same
         # bytes: an upsert replaces them in the same statement, so a batch of
         # small messages costs one statement here, not a DELETE and an INSERT.
-        cursor = database.raw_cursor()
-        for start in range(0, len(small), CHUNK_ROWS):
-            part = small[start:start + CHUNK_ROWS]
-            params = database.numbered(part, ("sha256", "seq", "data"))
-            database.prepared(upsert_chunk_rows, len(part)).run(cursor, **params)
+        database.run_in_parts(small, ("sha256", "seq", "data"), CHUNK_ROWS, upsert_chunk_rows)
 
 
 # The daemon runs it for every batch. The same SQL on SQLite (3.24+) and PostgreSQL.
