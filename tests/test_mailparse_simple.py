@@ -5,13 +5,11 @@ line through the stdlib's feed parser): wherever it answers, the same tree
 fields; and it declines every shape the feed parser reads otherwise."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mailparse
-from test_mailparse_cut import fields, sample_messages, serialized, tree  # tests/test_mailparse_cut.py
+from test_mailparse_cut import fields, fixed_sample, sample_messages, serialized, tree  # tests/test_mailparse_cut.py
 
 NAMES = ["From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "X-Mailer", "MIME-Version",
          "subject", "FROM", "Received", "X-Odd_Name!~", "Content-Type", "Content-Transfer-Encoding",
@@ -71,12 +69,13 @@ def test_generated_messages_parse_the_same(raw):
 
 
 def test_the_simple_path_is_taken_by_plain_messages():
-    """Not a path that silently never answers: most generated messages with
-    plain header lines and a text type take it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # .example(): here a sample, not a search
-        taken = [assert_same(messages().example()) for _ in range(200)]
-    assert sum(taken) >= 40, sum(taken)
+    """Not a path that silently never answers: generated messages with plain
+    header lines and a text type take it (89 of this sample's 300). The
+    sample is derandomized (hypothesis's fixed seed), so the count is the
+    same on every run: the earlier random sample of 200 took it about 20 %
+    of the time and its floor of 40 failed one CI run with 38."""
+    taken = fixed_sample(messages(), 300, assert_same)
+    assert sum(taken) >= 75, sum(taken)
     bench = (b"From: <sender@source.test>\r\nTo: <writer@example.com>\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n"
              b"Message-Id: <1.2@source.test>\r\n\r\n" + b"X" * 78 + b"\r\n")
     assert assert_same(bench)  # what smtp-source sends
