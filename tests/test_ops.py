@@ -135,3 +135,15 @@ def test_metrics_count_messages_by_outcome(app, client):
             mailhandler.deliver(b"Subject: hi\r\n\r\nbody\r\n", ["ghost@example.com"], "a@example.org")
         assert sample("tempmail_messages_total", outcome="accepted", reason="") == accepted + 1
         assert sample("tempmail_messages_total", outcome="rejected", reason="user_unknown") == unknown + 1
+
+
+def test_metrics_methods_clients_make_up_share_one_series(client):
+    """A client may send any token as its method: counted as "other", so a
+    stream of made-up methods cannot add series (and memory) to /metrics."""
+    for method in ("BREWCOFFEE", "PROPFIND", "X123"):
+        client.open("/generate", method=method)
+    client.open("/generate", method="DELETE")
+    body = client.get("/metrics").get_data(as_text=True)
+    assert 'method="other",route="unmatched",status="405"' in body
+    assert 'method="DELETE",route="unmatched",status="405"' in body  # a 405 matches no rule
+    assert "BREWCOFFEE" not in body and "PROPFIND" not in body and "X123" not in body
