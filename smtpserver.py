@@ -47,6 +47,7 @@ import mailparse
 import mailpolicy
 import retention
 import storage
+import walsync
 import webhook_worker
 from mailpolicy import DeliveryError, NoRoom, TooLarge
 from models import db
@@ -678,7 +679,14 @@ def store_batch(jobs: list[Job]) -> None:
                     raise mailhandler.StoreFailed() from exc  # all staged work is gone: again below
                 job.reply = exc.smtp_reply
         batch.commit()
-    except mailhandler.StoreFailed:
+    except mailhandler.StoreFailed as exc:
+        if isinstance(exc.__cause__, walsync.NotDurable):
+            # Committed, not durable: one by one each would be found by the
+            # duplicate filter and wait for the same checkpoint (walsync.py).
+            for job in jobs:
+                if job.reply is None or job.reply.startswith("250"):  # a refusal stands
+                    job.reply = mailhandler.StoreFailed().smtp_reply
+            return
         log.warning("group commit of %d messages failed; storing them one by one", len(jobs))
         store_singly(jobs)
         return

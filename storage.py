@@ -17,7 +17,7 @@ backend syncs its files before the commit that names them; the database
 backend INSERTs a blob's chunks in the very transaction that commits the
 rows naming it, so one durable COMMIT covers both (PostgreSQL with its
 default ``synchronous_commit=on``; SQLite's WAL is fsynced after the commit,
-``sync_sqlite_wal``). A rollback takes the chunks with it.
+``walsync.sync``, which also says what a failed sync means). A rollback takes the chunks with it.
 
 Why ``bytea`` chunks and not PostgreSQL large objects: rows in an ordinary
 table are deleted with their blob row in the same transaction (a large
@@ -49,6 +49,7 @@ from flask import Response, current_app, send_file
 from sqlalchemy import LargeBinary, bindparam, select, text
 
 import database
+import walsync
 from models import Blob, BlobChunk, db
 
 log = logging.getLogger("tempmail.storage")
@@ -335,24 +336,6 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sync_sqlite_wal() -> None:
-    """fsync SQLite's WAL file after a commit (no-op for other databases).
-    SQLite runs with ``synchronous=NORMAL`` in WAL mode (app.py), which does
-    not sync the WAL at commit: this is what ``synchronous=FULL`` would do,
-    once per batch. PostgreSQL's commit is durable by itself."""
-    url = db.engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return
-    try:
-        fd = os.open(url.database + "-wal", os.O_RDONLY)
-    except FileNotFoundError:
-        return  # not in WAL mode: the rollback journal syncs at commit
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit_durably(pending: PendingBlobs) -> None:
     """Sync the files, count the references, commit, and make the commit
     itself durable: once this returns, the rows and every blob they name
@@ -361,7 +344,7 @@ def commit_durably(pending: PendingBlobs) -> None:
     pending.reference()
     db.session.commit()
     if fsync_enabled():
-        sync_sqlite_wal()
+        walsync.sync()  # NotDurable: the rows are committed, their files stay (discard keeps them)
     pending.after_commit()
 
 

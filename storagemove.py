@@ -32,6 +32,7 @@ from flask.cli import AppGroup
 from sqlalchemy import bindparam, delete, func, select, update
 
 import storage
+import walsync
 from models import Blob, BlobChunk, db
 
 BACKENDS = ("database", "filesystem")
@@ -134,7 +135,7 @@ def copy_to_database(sha: str) -> str:
         return "corrupt"
     db.session.commit()
     if storage.fsync_enabled():
-        storage.sync_sqlite_wal()
+        walsync.sync()
     return "copied"
 
 

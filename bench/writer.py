@@ -48,7 +48,7 @@ STEPS = [("smtpserver", "store_batch"), ("mailhandler", "DeliveryBatch.look_up_e
          ("mailhandler", "parse_message"), ("mailhandler", "store_copy"), ("mailhandler", "DeliveryBatch.commit"),
          ("mailhandler", "insert_rows"), ("storage", "PendingBlobs.reference"), ("models", "Stat.bump"),
          ("storage", "commit_durably"), ("writelock", "QueuedWriterConnection.commit"),
-         ("storage", "sync_sqlite_wal"), ("mailevents", "delivered"), ("mailhandler", "log_accepted")]
+         ("walsync", "sync"), ("mailevents", "delivered"), ("mailhandler", "log_accepted")]
 
 
 def time_steps(spent: collections.Counter) -> None:
