@@ -213,7 +213,8 @@ SCHEMA: tuple = (
         Key("host", STR, "127.0.0.1", "address it listens on"),
         Key("port", INT, 2525, "port it listens on", between(0, 65535)),
         Key("processes", nullable(INT), None,
-            "receiver processes sharing the port (SO_REUSEPORT); null: one per core (one on port 0)",
+            "receiver processes sharing the port (SO_REUSEPORT), plus one writer process storing their "
+            "mail when more than one; null: one per core (one on port 0)",
             at_least(1)),
         Key("max_connections", INT, 500, "connections beyond this get `421 4.7.0` and are closed", at_least(1)),
         Key("idle_timeout", NUMBER, 300, "seconds of client silence before `421 4.4.2` and close", at_least(0)),

@@ -20,6 +20,7 @@ processes can share the port with SO_REUSEPORT (``smtp.processes``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import gc
 import grp
@@ -49,6 +50,7 @@ import retention
 import storage
 import walsync
 import webhook_worker
+import writerlink
 from mailpolicy import DeliveryError, NoRoom, TooLarge
 from models import db
 
@@ -474,7 +476,8 @@ class MailServer:
     bound port is ``.port``."""
 
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0,
-                 lmtp_socket: Optional[str] = None, reuse_port: bool = False, purge: bool = True):
+                 lmtp_socket: Optional[str] = None, reuse_port: bool = False, purge: bool = True,
+                 writer_address: Optional[str] = None):
         conf = app.config["TEMPMAIL"]
         smtp_conf = conf["smtp"]
         self.app, self.host = app, host
@@ -496,11 +499,19 @@ class MailServer:
         self.port = self.smtp.port
         self.lmtp = LMTPReceiver(self, lmtp_socket) if lmtp_socket else None
         self.threads: list[threading.Thread] = []
+        # With a writer process (writerlink.py) this receiver only forwards.
+        self.link = (writerlink.WriterLink(writer_address, mailhandler.StoreFailed().smtp_reply, self.answer)
+                     if writer_address else None)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "MailServer":
         self.running = True
-        for target, name in ((self.io_loop, "smtpd-io"), (self.writer_loop, "smtpd-writer")):
+        loops = [(self.io_loop, "smtpd-io")]
+        if self.link is None:
+            loops.append((self.writer_loop, "smtpd-writer"))
+        else:
+            loops += [(self.forward_loop, "smtpd-forward"), (self.link.read_replies, "smtpd-replies")]
+        for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -511,12 +522,14 @@ class MailServer:
     def stop(self) -> None:
         """Stop accepting, store and answer the messages already received,
         then close every connection."""
-        io_thread, writer = self.threads or (None, None)
+        io_thread, writer = (self.threads or [None, None])[:2]
         self.draining = True
         self.poke()
         self.jobs.put(None)
         if writer is not None:
             writer.join(timeout=120)
+        for thread in self.threads[2:]:  # the writer link's reply reader
+            thread.join(timeout=5)
         self.running = False
         self.poke()
         if io_thread is not None:
@@ -599,6 +612,11 @@ class MailServer:
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
+    def answer(self, job: Job) -> None:
+        """Queue ``job``'s final reply for the I/O thread (from any thread)."""
+        self.replies.append((job.channel, job.reply))
+        self.poke()
+
     def send_replies(self) -> None:
         while self.replies:
             channel, reply = self.replies.popleft()
@@ -616,17 +634,28 @@ class MailServer:
                 if batch is None:
                     break
                 if batch is PURGE:
-                    self.purge()
+                    purge_expired()
                     continue
-                try:
-                    store_batch(batch)
-                except Exception:  # never leave a client without its answer
-                    log.exception("writer failed")
+                settle(batch)
                 for job in batch:
-                    job.reply = job.reply or mailhandler.StoreFailed().smtp_reply
-                    self.replies.append((job.channel, job.reply))
-                self.poke()
+                    self.answer(job)
             db.session.remove()
+
+    def forward_loop(self) -> None:
+        """With a writer process: hand each batch of received messages over
+        the link (``read_replies`` answers them); at a stop, wait for the
+        replies still due."""
+        name_os_thread("smtpd-forward")
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                break
+            if batch is PURGE:
+                continue  # the writer process runs the purge timer
+            for job in self.link.send(batch):
+                job.reply = self.link.failed
+                self.answer(job)
+        self.link.close()
 
     def next_batch(self):
         """The next purge request, or up to BATCH_MESSAGES queued messages
@@ -647,12 +676,25 @@ class MailServer:
             size += len(job.raw)
         return batch
 
-    def purge(self) -> None:
-        try:
-            retention.run_purge(orphans=False, trim=False)
-        except Exception:
-            db.session.rollback()
-            log.exception("purge failed")
+
+
+def purge_expired() -> None:
+    """The purge timer's pass (the daemon's writer, thread or process)."""
+    try:
+        retention.run_purge(orphans=False, trim=False)
+    except Exception:
+        db.session.rollback()
+        log.exception("purge failed")
+
+
+def settle(jobs: list[Job]) -> None:
+    """Store ``jobs`` and give each its final reply, whatever happens."""
+    try:
+        store_batch(jobs)
+    except Exception:  # never leave a client without its answer
+        log.exception("writer failed")
+    for job in jobs:
+        job.reply = job.reply or mailhandler.StoreFailed().smtp_reply
 
 
 def store_batch(jobs: list[Job]) -> None:
@@ -723,45 +765,75 @@ def store_singly(jobs: list[Job]) -> None:
 # flask smtpd
 
 def serve(app: Flask, host: str, port: int, lmtp_socket: Optional[str], reuse_port: bool,
-          purge: bool = True) -> None:
-    """Run one receiver process until SIGINT or SIGTERM."""
+          purge: bool = True, writer_address: Optional[str] = None) -> None:
+    """Run one receiver process until SIGINT or SIGTERM (its own writer
+    thread, or handing mail to the writer process at ``writer_address``)."""
     # The I/O and writer threads hand the GIL to each other around every
     # syscall; with the default 5 ms switch interval a thread coming back
     # from a send() or an fsync() waits up to 5 ms for the other one. Set
     # here, where a daemon process starts, not by building a MailServer.
     sys.setswitchinterval(SWITCH_INTERVAL)
     fix_mmap_threshold()
-    server = MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=reuse_port, purge=purge)
+    server = MailServer(app, host, port, lmtp_socket=lmtp_socket, reuse_port=reuse_port, purge=purge,
+                        writer_address=writer_address)
     # What the process built to get here lives as long as it does: keep the
     # garbage collector's full passes off it (deploy/gunicorn.conf.py says
     # what that cost the web workers).
     gc.freeze()
-    # Webhook events go out from the process that runs the purge timer: one
-    # sender per daemon (slot 0 of a Supervisor), woken by each commit.
-    sender = webhook_worker.Worker(app).start() if purge else None
-    try:
+    with webhook_sender(app, purge):
         server.serve_forever()
+
+
+@contextlib.contextmanager
+def webhook_sender(app: Flask, wanted: bool):
+    """Webhook events go out from the process that commits mail and runs the
+    purge timer: one sender per daemon, woken by each commit."""
+    sender = webhook_worker.Worker(app).start() if wanted else None
+    try:
+        yield
     finally:
         if sender is not None:
             sender.stop()
 
 
+def run_writer(app: Flask, listener: socket.socket) -> None:
+    """Run the writer process of a ``Supervisor`` (writerlink.py) until
+    SIGINT or SIGTERM and every receiver has handed over its last mail."""
+    name_os_thread("smtpd-writer")  # the one thread that stores, as in a receiver of its own
+    fix_mmap_threshold()
+    service = writerlink.WriterService(
+        listener, Job, settle, BATCH_MESSAGES, BATCH_BYTES, purge_expired,
+        float(app.config["TEMPMAIL"]["smtp"]["purge_interval"]))
+    gc.freeze()
+    with webhook_sender(app, True):
+        service.run()
+
+
 class Supervisor:
-    """``smtp.processes`` > 1: the parent serves nothing itself; it forks the
-    receivers (sharing the port with SO_REUSEPORT; the first one also runs
-    LMTP and the purge timer), restarts any that dies with an exponential
-    back-off, logs why it died, and stops them all on SIGINT/SIGTERM. Having
-    no threads of its own, the parent can fork safely at any time."""
+    """``smtp.processes`` > 1: the parent serves nothing itself. It forks one
+    writer process (writerlink.py: stores the mail of every receiver, runs
+    the purge timer and the webhook sender) and the receivers (sharing the
+    port with SO_REUSEPORT; the first one also runs LMTP), restarts any that
+    dies with an exponential back-off, logs why it died, and stops them all
+    on SIGINT/SIGTERM. The writer's socket is made here, before any fork, so
+    a restarted writer serves the same address. Having no threads of its
+    own, the parent can fork safely at any time."""
 
     MIN_BACKOFF, MAX_BACKOFF, STABLE = 1.0, 60.0, 60.0
 
     def __init__(self, app: Flask, host: str, port: int, count: int, lmtp_socket: Optional[str]):
         self.app, self.host, self.port, self.count, self.lmtp_socket = app, host, port, count, lmtp_socket
+        self.writer_slot = count  # receivers are slots 0 .. count - 1
+        self.address = writerlink.new_address()
+        self.listener = writerlink.listen(self.address)
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}
-        self.backoff = {slot: self.MIN_BACKOFF for slot in range(count)}
+        self.backoff = {slot: self.MIN_BACKOFF for slot in range(count + 1)}
         self.due: dict[int, float] = {}  # slot -> when to restart it
         self.stopping = False
+
+    def name(self, slot: int) -> str:
+        return "writer process" if slot == self.writer_slot else f"receiver process {slot}"
 
     def spawn(self, slot: int) -> None:
         db.engine.dispose()  # no connection shared with a child
@@ -774,17 +846,24 @@ class Supervisor:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 with self.app.app_context():
-                    serve(self.app, self.host, self.port, self.lmtp_socket if slot == 0 else None,
-                          True, purge=slot == 0)
+                    self.child(slot)
             except BaseException:
-                log.exception("receiver process %d failed", slot)
+                log.exception("%s failed", self.name(slot))
                 code = 1
             finally:
                 os._exit(code)
         self.pids[pid], self.started[slot] = slot, time.monotonic()
 
+    def child(self, slot: int) -> None:
+        if slot == self.writer_slot:
+            run_writer(self.app, self.listener)
+            return
+        self.listener.close()  # a receiver connects to it; only the writer accepts
+        serve(self.app, self.host, self.port, self.lmtp_socket if slot == 0 else None, True,
+              purge=False, writer_address=self.address)
+
     def reaped(self, pid: int, status: int) -> None:
-        """A receiver ended: log why and schedule its restart."""
+        """A child ended: log why and schedule its restart."""
         slot = self.pids.pop(pid)
         why = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exited with status {os.waitstatus_to_exitcode(status)}")
@@ -793,13 +872,13 @@ class Supervisor:
         delay = self.backoff[slot]
         self.backoff[slot] = min(self.MAX_BACKOFF, delay * 2)
         self.due[slot] = time.monotonic() + delay
-        log.error("receiver process %d (pid %d) %s; restarting it in %.0f s", slot, pid, why, delay)
+        log.error("%s (pid %d) %s; restarting it in %.0f s", self.name(slot), pid, why, delay)
 
     def run(self) -> None:
-        """Supervise until SIGINT/SIGTERM, then stop every receiver gracefully."""
+        """Supervise until SIGINT/SIGTERM, then stop every child gracefully."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: setattr(self, "stopping", True))
-        for slot in range(self.count):
+        for slot in range(self.count + 1):
             self.spawn(slot)
         while not self.stopping:
             self.reap_and_restart()
@@ -819,10 +898,13 @@ class Supervisor:
                 self.spawn(slot)
 
     def stop_all(self) -> None:
+        """SIGTERM to every child; the writer answers what the receivers
+        hand over while they stop, then ends when the last one has gone."""
         for pid in list(self.pids):
             os.kill(pid, signal.SIGTERM)
         for pid in list(self.pids):
             os.waitpid(pid, 0)
+        self.listener.close()
 
 
 def libc(function: str, *args) -> bool:

@@ -1,0 +1,352 @@
+"""One writer process per host, fed by the receiver processes.
+
+With ``smtp.processes`` > 1 the receivers only speak SMTP and LMTP: each
+message they take is handed over a Unix socket to one writer process, which
+stores whatever has arrived from all of them in one group commit and sends
+each receiver the final replies of its messages. Against a writer thread in
+every receiver (bench/README "Session 6: SMTP"): bigger batches (a batch
+costs ~0.55 ms of CPU whatever its size, then ~0.25 ms a message), no queue
+between receivers for SQLite's write lock, and no GIL shared between a
+receiver's network I/O and the writer's parsing and SQL.
+
+The socket is made by the supervisor before it forks anything and lives as
+long as it does, so a writer that dies is restarted on the same address and
+the receivers' new connections wait in its backlog. Its name is random, in
+Linux's abstract namespace (no file to leave behind), and the writer takes
+connections only from processes of its own user (``SO_PEERCRED``).
+
+Nothing lost: a receiver answers 250 only on the writer's reply, which it
+sends after the durable commit (``store_batch``). A message whose reply
+never comes, because the link broke or the writer died, is answered 451, so
+its sender retries; a retry of a message that was committed after all is
+found by the duplicate filter.
+
+Frames, both ways: a fixed header (``struct``) and the fields' bytes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import threading
+import time
+from typing import Callable, Iterator, Optional
+
+log = logging.getLogger("tempmail.smtpd")
+
+# job id, queue id, then the lengths of: envelope sender, peer, recipients, message
+JOB = struct.Struct("!Q12sHHII")
+REPLY = struct.Struct("!QH")  # job id, length of the reply line(s)
+JOIN_BELOW = 64 * 1024  # a smaller message goes out in one send with its header
+READ_SIZE = 256 * 1024
+STOP_WAIT_SECONDS = 120.0  # at a stop: for the receivers to hand over and hear back
+CONNECT_TIMEOUT = 2.0
+RECONNECT_SECONDS = 0.5
+
+
+def new_address() -> str:
+    """A fresh abstract-namespace address (Linux) for one daemon's writer."""
+    return f"\0tempmail-writer-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def listen(address: str) -> socket.socket:
+    """The writer's listening socket, made by the supervisor before it forks."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(address)
+    sock.listen(64)
+    return sock
+
+
+def _text(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+def encode_job(job_id: int, job) -> list[bytes]:
+    """A job's frame, as one piece or (a big message) as header and message."""
+    sender, peer, recipients = _text(job.mail_from), _text(job.peer), _text("\n".join(job.recipients))
+    head = JOB.pack(job_id, job.queue_id.encode("ascii"), len(sender), len(peer), len(recipients),
+                    len(job.raw)) + sender + peer + recipients
+    if len(job.raw) < JOIN_BELOW:
+        return [head + job.raw]
+    return [head, job.raw]
+
+
+def coalesce(frames: list[bytes]) -> Iterator[bytes]:
+    """Consecutive small pieces joined into one send; a big message alone
+    (never copied into a joined buffer)."""
+    small: list[bytes] = []
+    for piece in frames:
+        if len(piece) < JOIN_BELOW:
+            small.append(piece)
+            continue
+        if small:
+            yield b"".join(small)
+            small = []
+        yield piece
+    if small:
+        yield b"".join(small)
+
+
+def encode_reply(job_id: int, reply: str) -> bytes:
+    data = reply.encode("utf-8", "replace")[:65535]
+    return REPLY.pack(job_id, len(data)) + data
+
+
+class Frames:
+    """Bytes in, whole frames out (``jobs()`` on the writer's side,
+    ``replies()`` on a receiver's)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def replies(self) -> Iterator[tuple[int, str]]:
+        buf, start = self.buf, 0
+        while len(buf) - start >= REPLY.size:
+            job_id, size = REPLY.unpack_from(buf, start)
+            end = start + REPLY.size + size
+            if end > len(buf):
+                break
+            yield job_id, buf[start + REPLY.size:end].decode("utf-8", "replace")
+            start = end
+        del buf[:start]
+
+    def jobs(self) -> Iterator[tuple[int, str, str, str, list, bytearray]]:
+        """(job id, queue id, sender, peer, recipients, message) per whole frame."""
+        while len(self.buf) >= JOB.size:
+            job_id, queue_id, n_from, n_peer, n_rcpt, n_raw = JOB.unpack_from(self.buf)
+            fields = JOB.size + n_from + n_peer + n_rcpt
+            if len(self.buf) < fields + n_raw:
+                return
+            head = bytes(self.buf[JOB.size:fields])
+            if len(self.buf) == fields + n_raw:  # the usual case for a big message: no copy
+                raw, self.buf = self.buf, bytearray()
+                del raw[:fields]
+            else:
+                raw = self.buf[fields:fields + n_raw]
+                del self.buf[:fields + n_raw]
+            text = head.decode("utf-8", "surrogateescape")
+            sender, peer, rcpts = text[:n_from], text[n_from:n_from + n_peer], text[n_from + n_peer:]
+            yield job_id, queue_id.decode("ascii"), sender, peer, rcpts.split("\n") if rcpts else [], raw
+
+
+# --------------------------------------------------------------------------
+# the receiver's side
+
+class WriterLink:
+    """A receiver's connection to the writer process. ``send`` hands jobs
+    over (from the receiver's forwarding thread); ``read_replies`` runs in a
+    thread of its own and answers each job exactly once: with the writer's
+    reply, or with ``failed`` when the link breaks before it comes."""
+
+    def __init__(self, address: str, failed: str, answer: Callable) -> None:
+        self.address, self.failed, self.answer = address, failed, answer
+        self.lock = threading.Condition()
+        self.sock: Optional[socket.socket] = None
+        self.inflight: dict[int, object] = {}
+        self.next_id = 0
+        self.closed = False
+
+    def send(self, jobs: list) -> list:
+        """Hand ``jobs`` to the writer; returns those that could not be
+        (no writer to connect to), for the caller to answer."""
+        with self.lock:
+            if self.sock is None and not self._connect():
+                return jobs
+            sock, frames = self.sock, []
+            for job in jobs:
+                self.next_id += 1
+                self.inflight[self.next_id] = job
+                frames.extend(encode_job(self.next_id, job))
+        try:
+            for piece in coalesce(frames):
+                sock.sendall(piece)
+        except OSError as exc:
+            log.error("the link to the writer process broke while sending: %s", exc)
+            self._broken(sock)
+        return []
+
+    def _connect(self) -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(self.address)
+        except OSError as exc:
+            log.error("cannot reach the writer process: %s", exc)
+            sock.close()
+            return False
+        sock.settimeout(None)
+        self.sock = sock
+        self.lock.notify_all()
+        return True
+
+    def read_replies(self) -> None:
+        """Answer jobs as their replies come, for as long as the link is used.
+        Connects at once, and again whenever the link broke: a receiver is
+        connected before its first message, so a writer told to stop waits
+        for every receiver to hand over its last one."""
+        while True:
+            with self.lock:
+                while self.sock is None and not self.closed and not self._connect():
+                    self.lock.wait(RECONNECT_SECONDS)
+                if self.sock is None:
+                    return
+                sock = self.sock
+            frames = Frames()
+            try:
+                while data := sock.recv(READ_SIZE):
+                    frames.feed(data)
+                    for job_id, reply in frames.replies():
+                        with self.lock:
+                            job = self.inflight.pop(job_id, None)
+                        if job is not None:
+                            job.reply = reply
+                            self.answer(job)
+            except OSError:
+                pass
+            self._broken(sock)
+
+    def _broken(self, sock: socket.socket) -> None:
+        """The link ended: every job still waiting on it is answered ``failed``."""
+        with self.lock:
+            if self.sock is not sock:
+                return
+            self.sock, lost, self.inflight = None, self.inflight, {}
+            self.lock.notify_all()
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if lost and not self.closed:
+            log.error("the link to the writer process broke; %d messages answered 451", len(lost))
+        for job in lost.values():
+            job.reply = self.failed
+            self.answer(job)
+
+    def close(self, timeout: float = STOP_WAIT_SECONDS) -> None:
+        """At a stop: wait for the replies still due, then end the link."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.inflight and self.sock is not None and time.monotonic() < deadline:
+                self.lock.wait(0.05)
+            self.closed, sock = True, self.sock
+            self.lock.notify_all()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._broken(sock)
+
+
+# --------------------------------------------------------------------------
+# the writer process
+
+class WriterService:
+    """The writer process: takes jobs from every receiver, stores what has
+    arrived in batches (``store(jobs)`` sets each job's reply), answers each
+    receiver, and runs the purge timer. Single-threaded: while a batch is
+    stored the next jobs wait in the sockets, and become the next batch."""
+
+    def __init__(self, listener: socket.socket, make_job: Callable, store: Callable,
+                 batch_messages: int, batch_bytes: int, purge: Callable, purge_interval: float) -> None:
+        self.listener, self.make_job, self.store = listener, make_job, store
+        self.batch_messages, self.batch_bytes = batch_messages, batch_bytes
+        self.purge, self.purge_interval = purge, purge_interval
+        self.selector = selectors.DefaultSelector()
+        self.frames: dict[socket.socket, Frames] = {}
+        self.stopping = False
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT and every receiver has gone."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        next_purge = time.monotonic() + self.purge_interval if self.purge_interval else None
+        stop_by = None
+        while True:
+            if self.stopping and stop_by is None:
+                stop_by = time.monotonic() + STOP_WAIT_SECONDS
+                self.selector.unregister(self.listener)
+            if stop_by is not None and (not self.frames or time.monotonic() > stop_by):
+                return
+            self.store_all(self.read_ready(0.5))
+            if next_purge is not None and time.monotonic() >= next_purge:
+                self.purge()
+                next_purge = time.monotonic() + self.purge_interval
+
+    def read_ready(self, timeout: float) -> list:
+        """Accept new receivers and read every whole job that has arrived."""
+        jobs = []
+        for key, _events in self.selector.select(timeout):
+            if key.fileobj is self.listener:
+                self.accept()
+                continue
+            conn = key.fileobj
+            try:
+                data = conn.recv(READ_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.drop(conn)
+                continue
+            frames = self.frames[conn]
+            frames.feed(data)
+            for job_id, queue_id, sender, peer, recipients, raw in frames.jobs():
+                job = self.make_job(raw, recipients, sender, peer, (conn, job_id))
+                job.queue_id = queue_id
+                jobs.append(job)
+        return jobs
+
+    def accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            log.error("refused a connection to the writer from uid %d", uid)
+            conn.close()
+            return
+        conn.setblocking(True)  # sends block (replies are small); reads use MSG_DONTWAIT
+        self.frames[conn] = Frames()
+        self.selector.register(conn, selectors.EVENT_READ)
+
+    def drop(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        self.frames.pop(conn, None)
+        conn.close()
+
+    def store_all(self, jobs: list) -> None:
+        """Store ``jobs`` in batches and send every reply to its receiver."""
+        while jobs:
+            batch, size = [], 0
+            while jobs and len(batch) < self.batch_messages and (not batch or size < self.batch_bytes):
+                batch.append(jobs.pop(0))
+                size += len(batch[-1].raw)
+            self.store(batch)
+            self.answer(batch)
+
+    def answer(self, batch: list) -> None:
+        out: dict[socket.socket, list[bytes]] = {}
+        for job in batch:
+            conn, job_id = job.channel
+            out.setdefault(conn, []).append(encode_reply(job_id, job.reply))
+        for conn, frames in out.items():
+            if conn not in self.frames:
+                continue  # that receiver went away: its senders retry
+            try:
+                conn.sendall(b"".join(frames))
+            except OSError as exc:
+                log.error("could not answer a receiver: %s", exc)
+                self.drop(conn)
