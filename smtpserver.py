@@ -68,6 +68,7 @@ PR_SET_NAME = 15  # prctl(2)
 M_MMAP_THRESHOLD = -3  # mallopt(3)
 MMAP_THRESHOLD = 1 << 20  # bytes; see fix_mmap_threshold
 SWITCH_INTERVAL = 0.0005  # seconds; see MailServer.start
+STOP_WAIT_SECONDS = 120.0  # at a stop, for the messages received to be stored and answered
 PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
 
@@ -499,9 +500,10 @@ class MailServer:
         self.port = self.smtp.port
         self.lmtp = LMTPReceiver(self, lmtp_socket) if lmtp_socket else None
         self.threads: list[threading.Thread] = []
-        # With a writer process (writerlink.py) this receiver only forwards.
-        self.link = (writerlink.WriterLink(writer_address, mailhandler.StoreFailed().smtp_reply, self.answer)
-                     if writer_address else None)
+        # With a writer process (writerlink.py) this receiver has no writer
+        # thread: the I/O thread hands each message over and reads the replies.
+        self.link = (writerlink.WriterLink(writer_address, mailhandler.StoreFailed().smtp_reply, self.map,
+                                           self.resume, self.answer) if writer_address else None)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "MailServer":
@@ -509,8 +511,6 @@ class MailServer:
         loops = [(self.io_loop, "smtpd-io")]
         if self.link is None:
             loops.append((self.writer_loop, "smtpd-writer"))
-        else:
-            loops += [(self.forward_loop, "smtpd-forward"), (self.link.read_replies, "smtpd-replies")]
         for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -522,14 +522,16 @@ class MailServer:
     def stop(self) -> None:
         """Stop accepting, store and answer the messages already received,
         then close every connection."""
-        io_thread, writer = (self.threads or [None, None])[:2]
+        io_thread, writer = (self.threads + [None, None])[:2]
         self.draining = True
         self.poke()
         self.jobs.put(None)
         if writer is not None:
-            writer.join(timeout=120)
-        for thread in self.threads[2:]:  # the writer link's reply reader
-            thread.join(timeout=5)
+            writer.join(timeout=STOP_WAIT_SECONDS)
+        if self.link is not None and io_thread is not None:
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            while self.link.inflight and time.monotonic() < deadline:
+                time.sleep(0.01)  # the writer process answers what was handed over
         self.running = False
         self.poke()
         if io_thread is not None:
@@ -563,6 +565,8 @@ class MailServer:
     def io_loop(self) -> None:
         name_os_thread("smtpd-io")
         with self.app.app_context():
+            if self.link is not None:
+                self.link.connect()  # before any mail: a stopping writer waits for this receiver
             next_tick = time.monotonic() + 1
             next_purge = time.monotonic() + self.purge_interval
             while self.running:
@@ -572,6 +576,8 @@ class MailServer:
                 now = time.monotonic()
                 if now >= next_tick:
                     self.close_idle(now)
+                    if self.link is not None:
+                        self.link.connect()  # a link that could not be made again at once
                     next_tick = now + 1
                 if self.purge_interval and now >= next_purge:
                     self.jobs.put(PURGE)
@@ -610,12 +616,22 @@ class MailServer:
                 self.channels.discard(channel)
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        if self.link is not None:
+            self.link.send(job)
+        else:
+            self.jobs.put(job)
 
     def answer(self, job: Job) -> None:
         """Queue ``job``'s final reply for the I/O thread (from any thread)."""
         self.replies.append((job.channel, job.reply))
         self.poke()
+
+    def resume(self, job: Job) -> None:
+        """Give ``job``'s client its final reply now (on the I/O thread)."""
+        try:
+            job.channel.resume(job.reply)
+        except Exception:  # that client's trouble closes that client
+            job.channel.handle_error()
 
     def send_replies(self) -> None:
         while self.replies:
@@ -640,22 +656,6 @@ class MailServer:
                 for job in batch:
                     self.answer(job)
             db.session.remove()
-
-    def forward_loop(self) -> None:
-        """With a writer process: hand each batch of received messages over
-        the link (``read_replies`` answers them); at a stop, wait for the
-        replies still due."""
-        name_os_thread("smtpd-forward")
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                break
-            if batch is PURGE:
-                continue  # the writer process runs the purge timer
-            for job in self.link.send(batch):
-                job.reply = self.link.failed
-                self.answer(job)
-        self.link.close()
 
     def next_batch(self):
         """The next purge request, or up to BATCH_MESSAGES queued messages

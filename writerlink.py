@@ -32,9 +32,10 @@ import selectors
 import signal
 import socket
 import struct
-import threading
 import time
 from typing import Callable, Iterator, Optional
+
+from salmon._vendor import asynchat
 
 log = logging.getLogger("tempmail.smtpd")
 
@@ -45,7 +46,6 @@ JOIN_BELOW = 64 * 1024  # a smaller message goes out in one send with its header
 READ_SIZE = 256 * 1024
 STOP_WAIT_SECONDS = 120.0  # at a stop: for the receivers to hand over and hear back
 CONNECT_TIMEOUT = 2.0
-RECONNECT_SECONDS = 0.5
 
 
 def new_address() -> str:
@@ -140,39 +140,25 @@ class Frames:
 # the receiver's side
 
 class WriterLink:
-    """A receiver's connection to the writer process. ``send`` hands jobs
-    over (from the receiver's forwarding thread); ``read_replies`` runs in a
-    thread of its own and answers each job exactly once: with the writer's
-    reply, or with ``failed`` when the link breaks before it comes."""
+    """A receiver's link to the writer process, run by the receiver's I/O
+    thread like its SMTP connections (no thread of its own, so no GIL to
+    hand over): ``send`` pushes a message's frame from ``end_of_data``; the
+    writer's replies are read by the same loop and resume each client.
+    Every message handed over gets exactly one reply: the writer's, or
+    ``failed`` when the link breaks before it comes."""
 
-    def __init__(self, address: str, failed: str, answer: Callable) -> None:
-        self.address, self.failed, self.answer = address, failed, answer
-        self.lock = threading.Condition()
-        self.sock: Optional[socket.socket] = None
+    def __init__(self, address: str, failed: str, sock_map: dict, resume: Callable, later: Callable) -> None:
+        self.address, self.failed, self.map = address, failed, sock_map
+        self.resume, self.later = resume, later  # reply now (I/O thread), reply on the next loop
+        self.channel: Optional[WriterChannel] = None
         self.inflight: dict[int, object] = {}
         self.next_id = 0
-        self.closed = False
 
-    def send(self, jobs: list) -> list:
-        """Hand ``jobs`` to the writer; returns those that could not be
-        (no writer to connect to), for the caller to answer."""
-        with self.lock:
-            if self.sock is None and not self._connect():
-                return jobs
-            sock, frames = self.sock, []
-            for job in jobs:
-                self.next_id += 1
-                self.inflight[self.next_id] = job
-                frames.extend(encode_job(self.next_id, job))
-        try:
-            for piece in coalesce(frames):
-                sock.sendall(piece)
-        except OSError as exc:
-            log.error("the link to the writer process broke while sending: %s", exc)
-            self._broken(sock)
-        return []
-
-    def _connect(self) -> bool:
+    def connect(self) -> bool:
+        """Connect now (at start, and again after a break; the socket's
+        backlog takes us even while a new writer is starting)."""
+        if self.channel is not None:
+            return True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
         try:
@@ -181,68 +167,70 @@ class WriterLink:
             log.error("cannot reach the writer process: %s", exc)
             sock.close()
             return False
-        sock.settimeout(None)
-        self.sock = sock
-        self.lock.notify_all()
+        sock.setblocking(False)
+        self.channel = WriterChannel(self, sock, self.map)
         return True
 
-    def read_replies(self) -> None:
-        """Answer jobs as their replies come, for as long as the link is used.
-        Connects at once, and again whenever the link broke: a receiver is
-        connected before its first message, so a writer told to stop waits
-        for every receiver to hand over its last one."""
-        while True:
-            with self.lock:
-                while self.sock is None and not self.closed and not self._connect():
-                    self.lock.wait(RECONNECT_SECONDS)
-                if self.sock is None:
-                    return
-                sock = self.sock
-            frames = Frames()
-            try:
-                while data := sock.recv(READ_SIZE):
-                    frames.feed(data)
-                    for job_id, reply in frames.replies():
-                        with self.lock:
-                            job = self.inflight.pop(job_id, None)
-                        if job is not None:
-                            job.reply = reply
-                            self.answer(job)
-            except OSError:
-                pass
-            self._broken(sock)
+    def send(self, job) -> None:
+        """Hand ``job`` over; without a writer to connect to, answer it 451
+        (through ``later``: the client's own handler is still running)."""
+        if not self.connect():
+            job.reply = self.failed
+            self.later(job)
+            return
+        self.next_id += 1
+        self.inflight[self.next_id] = job
+        for piece in encode_job(self.next_id, job):
+            self.channel.push(memoryview(piece))
 
-    def _broken(self, sock: socket.socket) -> None:
-        """The link ended: every job still waiting on it is answered ``failed``."""
-        with self.lock:
-            if self.sock is not sock:
-                return
-            self.sock, lost, self.inflight = None, self.inflight, {}
-            self.lock.notify_all()
-        try:
-            sock.close()
-        except OSError:
-            pass
-        if lost and not self.closed:
+    def replied(self, job_id: int, reply: str) -> None:
+        job = self.inflight.pop(job_id, None)
+        if job is not None:
+            job.reply = reply
+            self.resume(job)
+
+    def broken(self, channel: "WriterChannel") -> None:
+        """The link ended: every message still waiting on it is answered
+        ``failed``, and a new link is made for the next ones."""
+        if channel is not self.channel:
+            return
+        self.channel, lost, self.inflight = None, self.inflight, {}
+        if lost:
             log.error("the link to the writer process broke; %d messages answered 451", len(lost))
         for job in lost.values():
             job.reply = self.failed
-            self.answer(job)
+            self.resume(job)
+        self.connect()
 
-    def close(self, timeout: float = STOP_WAIT_SECONDS) -> None:
-        """At a stop: wait for the replies still due, then end the link."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while self.inflight and self.sock is not None and time.monotonic() < deadline:
-                self.lock.wait(0.05)
-            self.closed, sock = True, self.sock
-            self.lock.notify_all()
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._broken(sock)
+    def close(self) -> None:
+        if self.channel is not None:
+            channel, self.channel = self.channel, None
+            channel.close()
+
+
+class WriterChannel(asynchat.async_chat):
+    """The link's socket on the receiver's asyncore map: frames out through
+    asynchat's queue (a big message in 64 KiB views, never copied), replies
+    in through ``Frames``."""
+
+    def __init__(self, link: WriterLink, sock: socket.socket, sock_map: dict) -> None:
+        super().__init__(sock, map=sock_map)
+        self.link, self.frames = link, Frames()
+
+    def handle_read(self) -> None:
+        data = self.recv(READ_SIZE)  # b"" and handle_close when the writer has gone
+        if data:
+            self.frames.feed(data)
+            for job_id, reply in self.frames.replies():
+                self.link.replied(job_id, reply)
+
+    def handle_close(self) -> None:
+        self.close()
+        self.link.broken(self)
+
+    def handle_error(self) -> None:
+        log.exception("the link to the writer process failed")
+        self.handle_close()
 
 
 # --------------------------------------------------------------------------
