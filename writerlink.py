@@ -46,6 +46,7 @@ JOIN_BELOW = 64 * 1024  # a smaller message goes out in one send with its header
 READ_SIZE = 256 * 1024
 STOP_WAIT_SECONDS = 120.0  # at a stop: for the receivers to hand over and hear back
 CONNECT_TIMEOUT = 2.0
+SEND_TIMEOUT = 30.0
 
 
 def new_address() -> str:
@@ -131,8 +132,9 @@ class Frames:
             else:
                 raw = self.buf[fields:fields + n_raw]
                 del self.buf[:fields + n_raw]
-            text = head.decode("utf-8", "surrogateescape")
-            sender, peer, rcpts = text[:n_from], text[n_from:n_from + n_peer], text[n_from + n_peer:]
+            # the lengths are of bytes: cut, then decode
+            sender, peer, rcpts = (part.decode("utf-8", "surrogateescape") for part in (
+                head[:n_from], head[n_from:n_from + n_peer], head[n_from + n_peer:]))
             yield job_id, queue_id.decode("ascii"), sender, peer, rcpts.split("\n") if rcpts else [], raw
 
 
@@ -197,9 +199,9 @@ class WriterLink:
         self.channel, lost, self.inflight = None, self.inflight, {}
         if lost:
             log.error("the link to the writer process broke; %d messages answered 451", len(lost))
-        for job in lost.values():
+        for job in lost.values():  # maybe from within a client's own handler: on the next loop
             job.reply = self.failed
-            self.resume(job)
+            self.later(job)
         self.connect()
 
     def close(self) -> None:
@@ -306,7 +308,10 @@ class WriterService:
             log.error("refused a connection to the writer from uid %d", uid)
             conn.close()
             return
-        conn.setblocking(True)  # sends block (replies are small); reads use MSG_DONTWAIT
+        # Sends wait (replies are small) but not forever: a receiver that
+        # stopped reading is dropped, not allowed to stall every other one.
+        # Reads use MSG_DONTWAIT.
+        conn.settimeout(SEND_TIMEOUT)
         self.frames[conn] = Frames()
         self.selector.register(conn, selectors.EVENT_READ)
 
