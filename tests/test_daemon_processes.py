@@ -160,3 +160,15 @@ def test_receivers_end_with_a_killed_supervisor_and_default_to_one_per_core(app,
             proc.kill()
     assert smtpserver.receiver_count(None, port) == cores and smtpserver.receiver_count(None, 0) == 1
     assert smtpserver.receiver_count(3, 0) == 3
+
+
+def test_smtputf8_envelopes_reach_the_writer_whole(app, config_file, tmp_path):
+    """An SMTPUTF8 envelope (RFC 6531) crosses the receiver-writer link as it
+    was given: the stored envelope sender is the very address."""
+    with two_receivers(app, config_file, tmp_path) as (proc, port, _log):
+        whole_family(proc)
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as conn:
+            conn.sendmail("\u00e9t\u00e9@b\u00fccher.example", ["keeper@example.com"],
+                          "Subject: utf8\r\n\r\nx\r\n".encode(), mail_options=["SMTPUTF8"])
+    with app.app_context():
+        assert db.session.scalars(db.select(Message.envelope_from)).all() == ["\u00e9t\u00e9@b\u00fccher.example"]
