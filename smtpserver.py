@@ -974,7 +974,7 @@ def smtpd_command(host: Optional[str], port: Optional[int], processes: Optional[
         raise click.BadParameter("several processes need a fixed port", param_hint="--port")
     click.echo(f"TempMail mail daemon: SMTP on {host}:{port}"
                + (f", LMTP on {lmtp_socket}" if lmtp_socket else "")
-               + (f", {processes} processes" if processes > 1 else ""))
+               + (f", {processes} receiver processes and one writer process" if processes > 1 else ""))
     if processes > 1:
         Supervisor(app, host, port, processes, lmtp_socket).run()
     else:
