@@ -141,6 +141,8 @@ def test_hostile_html_runs_nothing_and_loads_nothing_remote(page, live_server, s
     page.wait_for_selector("#message-list li.msg", timeout=WAIT_MS).query_selector("a").click()
     page.wait_for_selector("#reader .notice:has-text('remote image')")
     frame = page.frame_locator("#reader iframe.mail-frame")
+    # As above: wait for the frame's own document (its blank body once read '').
+    frame.locator("body:has-text('Account update')").wait_for(timeout=WAIT_MS)
     body = frame.locator("body")
     assert "Account update" in body.inner_text()
     assert frame.locator("body :is(script, form, input, button, iframe, svg, style)").count() == 0
