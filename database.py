@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event, text
@@ -57,6 +57,13 @@ def upsert_add(model, key: dict, column: str, amount: int, **extra) -> int:
 
 
 UPSERT_ROWS = 500  # rows per statement: 1,500 parameters, far below SQLite's limit
+
+
+def sqlite_file(url) -> Optional[str]:
+    """The file of a SQLite engine URL; None for another database or one in memory."""
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return url.database
 
 
 def numbered(rows: list, names) -> dict:

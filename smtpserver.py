@@ -68,7 +68,6 @@ PR_SET_NAME = 15  # prctl(2)
 M_MMAP_THRESHOLD = -3  # mallopt(3)
 MMAP_THRESHOLD = 1 << 20  # bytes; see fix_mmap_threshold
 SWITCH_INTERVAL = 0.0005  # seconds; see MailServer.start
-STOP_WAIT_SECONDS = 120.0  # at a stop, for the messages received to be stored and answered
 PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
 
@@ -527,9 +526,9 @@ class MailServer:
         self.poke()
         self.jobs.put(None)
         if writer is not None:
-            writer.join(timeout=STOP_WAIT_SECONDS)
+            writer.join(timeout=writerlink.STOP_WAIT_SECONDS)
         if self.link is not None and io_thread is not None:
-            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            deadline = time.monotonic() + writerlink.STOP_WAIT_SECONDS
             while self.link.inflight and time.monotonic() < deadline:
                 time.sleep(0.01)  # the writer process answers what was handed over
         self.running = False
@@ -623,23 +622,19 @@ class MailServer:
 
     def answer(self, job: Job) -> None:
         """Queue ``job``'s final reply for the I/O thread (from any thread)."""
-        self.replies.append((job.channel, job.reply))
+        self.replies.append(job)
         self.poke()
 
     def resume(self, job: Job) -> None:
         """Give ``job``'s client its final reply now (on the I/O thread)."""
         try:
             job.channel.resume(job.reply)
-        except Exception:  # that client's trouble closes that client
+        except Exception:  # that client's trouble closes that client, not the loop or the wake-up pipe
             job.channel.handle_error()
 
     def send_replies(self) -> None:
         while self.replies:
-            channel, reply = self.replies.popleft()
-            try:
-                channel.resume(reply)
-            except Exception:  # that client's trouble closes that client, not the wake-up pipe
-                channel.handle_error()
+            self.resume(self.replies.popleft())
 
     # -- writer thread -----------------------------------------------------
     def writer_loop(self) -> None:
@@ -675,7 +670,6 @@ class MailServer:
             batch.append(job)
             size += len(job.raw)
         return batch
-
 
 
 def purge_expired() -> None:
@@ -725,9 +719,8 @@ def store_batch(jobs: list[Job]) -> None:
         if isinstance(exc.__cause__, walsync.NotDurable):
             # Committed, not durable: one by one each would be found by the
             # duplicate filter and wait for the same checkpoint (walsync.py).
-            for job in jobs:
-                if job.reply is None or job.reply.startswith("250"):  # a refusal stands
-                    job.reply = mailhandler.StoreFailed().smtp_reply
+            for job in jobs:  # a refusal stands
+                job.reply = job.reply or mailhandler.StoreFailed().smtp_reply
             return
         log.warning("group commit of %d messages failed; storing them one by one", len(jobs))
         store_singly(jobs)

@@ -454,10 +454,8 @@ def storage_folder() -> Optional[Path]:
     that is another host's (the database backend on a server database)."""
     if backend_name() == "filesystem":
         return uploads_dir()
-    url = db.engine.url
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        return Path(url.database).parent
-    return None
+    path = database.sqlite_file(db.engine.url)
+    return Path(path).parent if path else None
 
 
 def has_room(max_age: float = 1.0) -> bool:

@@ -35,6 +35,7 @@ import os
 import sqlite3
 from typing import Optional
 
+import database
 from models import db
 
 log = logging.getLogger("tempmail.walsync")
@@ -53,10 +54,7 @@ _lost_in_this_process = False
 
 def database_path() -> Optional[str]:
     """The SQLite file of the app's engine; None for PostgreSQL or in memory."""
-    url = db.engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return url.database
+    return database.sqlite_file(db.engine.url)
 
 
 def sync() -> None:

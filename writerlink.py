@@ -76,22 +76,6 @@ def encode_job(job_id: int, job) -> list[bytes]:
     return [head, job.raw]
 
 
-def coalesce(frames: list[bytes]) -> Iterator[bytes]:
-    """Consecutive small pieces joined into one send; a big message alone
-    (never copied into a joined buffer)."""
-    small: list[bytes] = []
-    for piece in frames:
-        if len(piece) < JOIN_BELOW:
-            small.append(piece)
-            continue
-        if small:
-            yield b"".join(small)
-            small = []
-        yield piece
-    if small:
-        yield b"".join(small)
-
-
 def encode_reply(job_id: int, reply: str) -> bytes:
     data = reply.encode("utf-8", "replace")[:65535]
     return REPLY.pack(job_id, len(data)) + data

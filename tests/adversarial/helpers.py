@@ -4,6 +4,7 @@ process group), SMTP clients, and the summary every test adds its figures to.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import smtplib
@@ -16,6 +17,7 @@ from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 
 from conftest import free_port, kill_process, stop_process, wait_for_port  # tests/conftest.py (this package has its own name)
+import smtpserver
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -133,6 +135,17 @@ def smtp_session(port: int, timeout: float = 30) -> smtplib.SMTP:
     conn = smtplib.SMTP("127.0.0.1", port, timeout=timeout)
     conn.ehlo("client.test")
     return conn
+
+
+@contextlib.contextmanager
+def in_process_session(app, timeout: float = 20):
+    """An EHLO'd SMTP session with an in-process daemon of ``app`` (stopped after)."""
+    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False).start()
+    try:
+        with smtp_session(server.port, timeout) as conn:
+            yield conn
+    finally:
+        server.stop()
 
 
 def send_one(port: int, rcpt: str, data: bytes, mail_from: str = "probe@peer.test",

@@ -4,7 +4,6 @@ live mailboxes, and a cap on messages per mailbox enforced at delivery."""
 from __future__ import annotations
 
 import json
-import smtplib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,10 +13,9 @@ from sqlalchemy import func, select
 
 import mailhandler
 import mailpolicy
-import smtpserver
 from models import ApiKey, Domain, Mailbox, Message, User, db
 
-from .helpers import Gunicorn, build_message, record
+from .helpers import Gunicorn, build_message, in_process_session, record
 
 LIMITS = {"mailbox_create": {"limit": 3, "window_seconds": 60},
           "api_mailbox_create": {"limit": 2, "window_seconds": 60},
@@ -100,21 +98,16 @@ def test_catch_all_addresses_count_against_the_live_mailbox_cap(app_factory):
     app = app_factory({"max_live_mailboxes": 3, "catch_all": True, "rate_limits": {}})
     with app.app_context():
         Mailbox.create("alice", Domain.by_name("example.com"), 3600)
-    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False).start()
-    try:
-        codes = []
-        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as conn:
-            conn.ehlo("client.test")
-            for local in ("fresh1", "fresh2", "fresh3", "alice"):
-                conn.mail("sender@example.org")
-                code, _ = conn.rcpt(f"{local}@example.com")
-                if code == 250:
-                    code = conn.data(f"Subject: cap {local}\r\n\r\nbody\r\n".encode())[0]
-                else:
-                    conn.rset()
-                codes.append(code)
-    finally:
-        server.stop()
+    codes = []
+    with in_process_session(app) as conn:
+        for local in ("fresh1", "fresh2", "fresh3", "alice"):
+            conn.mail("sender@example.org")
+            code, _ = conn.rcpt(f"{local}@example.com")
+            if code == 250:
+                code = conn.data(f"Subject: cap {local}\r\n\r\nbody\r\n".encode())[0]
+            else:
+                conn.rset()
+            codes.append(code)
     with app.app_context():
         try:  # a transport without RCPT (IMAP ingest, flask import) meets the same rule
             mailhandler.deliver(build_message(1, "fresh4@example.com", tag="cap"), ["fresh4@example.com"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import smtplib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,11 +24,10 @@ from sqlalchemy import update
 import idgen
 import limits
 import mailhandler
-import smtpserver
 import storage
 from models import ApiKey, Blob, Domain, Mailbox, Message, QuotaUsage, User, db
 
-from .helpers import build_message, record
+from .helpers import build_message, in_process_session, record
 
 
 def keyed_user(app, email: str, password: str | None = None) -> str:
@@ -112,17 +110,12 @@ def test_legacy_ids_are_unpredictable_never_reused_and_below_2_53(app):
 def test_smtp_reply_names_a_queue_id(app):
     with app.app_context():
         Mailbox.create("queued", Domain.by_name("example.com"), 3600)
-    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False).start()
-    try:
-        replies = []
-        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as conn:
-            conn.ehlo("client.test")
-            for n in range(3):
-                conn.mail("s@peer.test")
-                conn.rcpt("queued@example.com")
-                replies.append(conn.data(build_message(n, "queued@example.com"))[1].decode())
-    finally:
-        server.stop()
+    replies = []
+    with in_process_session(app) as conn:
+        for n in range(3):
+            conn.mail("s@peer.test")
+            conn.rcpt("queued@example.com")
+            replies.append(conn.data(build_message(n, "queued@example.com"))[1].decode())
     ids = [re.fullmatch(r"2\.0\.0 Ok: queued as ([0-9A-F]{12})", r).group(1) for r in replies]
     assert len(set(ids)) == 3
     record("trust", f"SMTP 250 names a random queue id ({ids[0]}), never a message id")
@@ -142,17 +135,12 @@ def test_random_usernames_carry_36_bits(app):
 
 def test_catch_all_refuses_reserved_names(app_factory):
     app = app_factory({"catch_all": True})
-    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False).start()
     refused = []
-    try:
-        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as conn:
-            conn.ehlo("client.test")
-            conn.mail("ca@peer.test")
-            for name in ("admin", "postmaster", "hostmaster", "webmaster", "abuse", "root"):
-                code, _ = conn.rcpt(f"{name}@example.com")
-                refused.append((name, code))
-    finally:
-        server.stop()
+    with in_process_session(app) as conn:
+        conn.mail("ca@peer.test")
+        for name in ("admin", "postmaster", "hostmaster", "webmaster", "abuse", "root"):
+            code, _ = conn.rcpt(f"{name}@example.com")
+            refused.append((name, code))
     assert all(code == 550 for _, code in refused)
     with app.app_context():
         assert db.session.query(Mailbox).count() == 0
@@ -196,13 +184,8 @@ def test_full_disk_leaves_no_tmp_and_is_reported(app_factory, monkeypatch):
     assert health.status_code == 503 and health.get_json()["uploads"] == "full"
     with app.app_context():
         Mailbox.create("fullbox", Domain.by_name("example.com"), 3600)
-    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False).start()
-    try:
-        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as conn:
-            conn.ehlo("client.test")
-            mail_code, mail_text = conn.mail("s@peer.test")
-    finally:
-        server.stop()
+    with in_process_session(app) as conn:
+        mail_code, mail_text = conn.mail("s@peer.test")
     assert mail_code == 452 and mail_text.startswith(b"4.3.1")
 
     app = app_factory()
