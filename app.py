@@ -100,7 +100,13 @@ def engine_options(url: str, conf: dict) -> dict:
     size = conf.get("database_pool_size")
     if size is None and url.startswith("sqlite") and ":memory:" not in url:
         size = 32
-    return {"pool_size": size} if size else {}
+    options = {"pool_size": size} if size else {}
+    # Last in, first out: a process reuses the connection it used last, whose
+    # SQLite page cache is warm (each connection has its own; the writer's
+    # alternated between two and read its pages again, bench/README "Session 7").
+    if ":memory:" not in url:  # an in-memory SQLite has no pool (one shared connection)
+        options["pool_use_lifo"] = True
+    return options
 
 
 def create_app(test_config: dict | None = None) -> Flask:

@@ -797,6 +797,7 @@ def run_writer(app: Flask, listener: socket.socket) -> None:
     service = writerlink.WriterService(
         listener, Job, settle, BATCH_MESSAGES, BATCH_BYTES, purge_expired,
         float(app.config["TEMPMAIL"]["smtp"]["purge_interval"]))
+    walsync.checkpoint_in_background(db.engine)
     gc.freeze()
     with webhook_sender(app, True):
         service.run()

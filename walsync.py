@@ -33,9 +33,15 @@ import errno
 import logging
 import os
 import sqlite3
+import threading
+import time
 from typing import Optional
 
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
 import database
+import writelock
 from models import db
 
 log = logging.getLogger("tempmail.walsync")
@@ -43,6 +49,8 @@ log = logging.getLogger("tempmail.walsync")
 MARKER_SUFFIX = "-unsynced"
 CHECKPOINT_WAIT_SECONDS = 5.0  # for writers and older readers to finish, per attempt
 CHECKPOINT_ATTEMPTS = 2  # the second one also gets past a sync error reported once
+BACKGROUND_PAUSE_SECONDS = 0.05  # between two checkpoints of the writer's checkpointer
+RESTART_FRAMES = 4000  # WAL frames (16 MiB of 4 KiB pages) before it makes the WAL start over
 
 
 class NotDurable(OSError):
@@ -123,3 +131,65 @@ def checkpoint(path: str) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------
+# the writer process's checkpoints
+
+def checkpoint_in_background(engine: Engine) -> Optional[threading.Thread]:
+    """Move the writer process's WAL checkpoints out of its commits.
+
+    By default SQLite checkpoints inside the commit that takes the WAL past
+    1,000 pages: reading those pages back, writing them into the database
+    file and syncing it, ~8 % of the writer's time under load, while every
+    session waits for that commit (bench/README "Session 7"). Here the
+    engine's connections no longer checkpoint, and a thread of their process
+    does, with a connection of its own, every ``BACKGROUND_PAUSE_SECONDS``:
+    SQLite's PASSIVE checkpoint waits for nobody, and runs without the GIL,
+    beside the writer. Other processes on the database (web workers) keep
+    SQLite's automatic checkpoints. Returns the thread (None for
+    PostgreSQL or a database in memory)."""
+    path = database.sqlite_file(engine.url)
+    if path is None:
+        return None
+    event.listen(engine, "connect", _no_automatic_checkpoints)
+    engine.dispose()  # connections made before would still checkpoint
+    thread = threading.Thread(target=_checkpoint_forever, args=(path,), name="smtpd-checkpoint", daemon=True)
+    thread.start()
+    return thread
+
+
+def _no_automatic_checkpoints(dbapi_conn, _record) -> None:
+    dbapi_conn.execute("PRAGMA wal_autocheckpoint=0")
+
+
+def _checkpoint_forever(path: str) -> None:
+    conn = sqlite3.connect(path, timeout=CHECKPOINT_WAIT_SECONDS, isolation_level=None,
+                           factory=writelock.QueuedWriterConnection)
+    conn.use_lock(writelock.lock_path_for(path))
+    failing = False
+    while True:
+        time.sleep(BACKGROUND_PAUSE_SECONDS)
+        try:
+            checkpoint_step(conn)
+            failing = False
+        except sqlite3.Error as exc:
+            # The writer's commits are unaffected (their sync does not rely on
+            # a checkpoint), and the WAL only grows until the next one works.
+            if not failing:
+                log.warning("background checkpoint of the SQLite WAL failed: %s", exc)
+            failing = True
+
+
+def checkpoint_step(conn: writelock.QueuedWriterConnection) -> None:
+    """One PASSIVE checkpoint; a RESTART one when the WAL holds more than
+    ``RESTART_FRAMES`` frames. SQLite writes the WAL from its start again only
+    when a transaction begins after *every* frame was checkpointed, which a
+    checkpoint beside a busy writer never sees: RESTART, taken in the
+    writers' queue (writelock.py), copies what is left while the writers
+    wait and lets the next one start over, so the WAL stays bounded (as
+    the automatic checkpoint, run by the committing writer, keeps it)."""
+    _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if frames > RESTART_FRAMES:
+        with conn.holding():
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()

@@ -26,12 +26,13 @@ applies there, as before.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 WAIT_SECONDS = 30.0  # as SQLite's busy_timeout: past it, go on and let SQLite decide
@@ -135,6 +136,17 @@ class QueuedWriterConnection(sqlite3.Connection):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             _process_lock(self.lock_path).release()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold the writer lock outside a transaction: for a checkpoint that
+        must wait in the writers' queue, not behind it in SQLite's busy
+        handler, where a busy writer would keep it waiting for good."""
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
 
     def commit(self) -> None:
         try:
