@@ -101,9 +101,10 @@ def engine_options(url: str, conf: dict) -> dict:
     if size is None and url.startswith("sqlite") and ":memory:" not in url:
         size = 32
     options = {"pool_size": size} if size else {}
-    # Last in, first out: a process reuses the connection it used last, whose
-    # SQLite page cache is warm (each connection has its own; the writer's
-    # alternated between two and read its pages again, bench/README "Session 7").
+    # Last in, first out: a thread gets the connection used last, whose SQLite
+    # page cache is warm. First in, first out handed out the one idle longest,
+    # whose cache any commit by another connection since had voided (WAL), so
+    # the writer read its index pages again (bench/README "Session 7").
     if ":memory:" not in url:  # an in-memory SQLite has no pool (one shared connection)
         options["pool_use_lifo"] = True
     return options
