@@ -457,7 +457,8 @@ def forced_failure() -> None:
 
 
 def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = "",
-            batch: Optional[DeliveryBatch] = None, dedupe: bool = True, sha: Optional[str] = None) -> list[Message]:
+            batch: Optional[DeliveryBatch] = None, dedupe: bool = True, sha: Optional[str] = None,
+            fields: Optional[dict] = None) -> list[Message]:
     """Store ``raw`` once per accepted (mailbox, tag) among ``recipients``: the
     one entry point of every receiver. Raises UnknownRecipient, RelayDenied,
     TooLarge or StoreFailed, whether or not a ``batch`` is given.
@@ -468,7 +469,8 @@ def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = 
     A sender's retry of a message already stored is answered with the stored
     copy (``earlier_copy``); ``dedupe=False`` (an operator's deliberate
     ``flask import``) always stores. ``sha``: the SHA-256 of ``raw`` when
-    the caller computed it already."""
+    the caller computed it already; ``fields``: ``parse_message(raw)``, when
+    the caller parsed it already (the daemon's receiver processes)."""
     own = batch is None
     batch = batch or DeliveryBatch()
     try:
@@ -479,7 +481,7 @@ def deliver(raw: bytes, recipients: list[str], mail_from: str = "", peer: str = 
         log_rejected(exc, mail_from, recipients, len(raw), peer)
         raise
     try:
-        msgs = stage(raw, targets, clean(mail_from)[:998], batch, dedupe, sha)
+        msgs = stage(raw, targets, clean(mail_from)[:998], batch, dedupe, sha, fields)
         if own:
             batch.commit()
     except Exception as exc:
@@ -504,10 +506,10 @@ def accept(raw: bytes, recipients: list[str], batch: DeliveryBatch) -> list[tupl
 
 
 def stage(raw: bytes, targets: list, envelope_from: str, batch: DeliveryBatch, dedupe: bool,
-          sha: Optional[str] = None) -> list[Message]:
-    """Add one copy per target to the batch (or find the copy stored earlier)."""
+          sha: Optional[str] = None, fields: Optional[dict] = None) -> list[Message]:
+    """Add one copy per target to the batch (or find the copy stored earlier);
+    ``fields``: ``parse_message(raw)`` if made already, else made here if needed."""
     sha = sha or storage.digest(raw)  # once per message, for the blob and the duplicate check
-    fields: Optional[dict] = None
     msgs = []
     for box, tag in targets:
         earlier = earlier_copy(box, tag, sha, envelope_from, batch) if dedupe else None

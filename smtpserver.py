@@ -60,6 +60,7 @@ BACKLOG = 128
 MAX_RECIPIENTS = 100
 BATCH_MESSAGES = 64
 BATCH_BYTES = 4 << 20
+PARSE_IN_RECEIVER_BELOW = 1 << 20  # bytes: a bigger message is parsed by the writer (see submit)
 SIZE_PARAM = re.compile(r"\bSIZE=(\d+)", re.IGNORECASE)
 # Reply lines of printable ASCII joined by CRLF: what SMTPChannel.push can send as they are.
 PLAIN_REPLY = re.compile(r"[\x20-\x7e]*(?:\r\n[\x20-\x7e]*)*\Z")
@@ -72,14 +73,16 @@ PURGE = object()  # a writer-queue item asking for a purge of expired mailboxes
 
 
 class Job:
-    """One received message waiting for the writer thread."""
-    __slots__ = ("raw", "recipients", "mail_from", "peer", "channel", "reply", "queue_id")
+    """One received message waiting for the writer thread. ``fields``: what
+    ``mailhandler.parse_message`` made of it, when the receiver parsed it."""
+    __slots__ = ("raw", "recipients", "mail_from", "peer", "channel", "reply", "queue_id", "fields")
 
     def __init__(self, raw: bytes, recipients: list, mail_from: str, peer: str, channel):
         self.raw, self.recipients, self.mail_from = raw, recipients, mail_from
         self.peer, self.channel = peer, channel
         self.reply: Optional[str] = None
         self.queue_id = secrets.token_hex(6).upper()
+        self.fields: Optional[dict] = None
 
 
 class SMTPChannel(salmon_server.SMTPChannel):
@@ -616,6 +619,13 @@ class MailServer:
 
     def submit(self, job: Job) -> None:
         if self.link is not None:
+            # Parsed here, where the receivers' cores have room, not in the
+            # one writer process every receiver waits on: a 2 KB message's
+            # parse was ~11 % of the writer's time (bench/README "Session 7").
+            # A big one goes as it came: parsed twice over (tree, then marshal)
+            # it would cost the receiver more memory than the writer's parse.
+            if len(job.raw) <= PARSE_IN_RECEIVER_BELOW:
+                job.fields = mailhandler.parse_message(job.raw)
             self.link.send(job)
         else:
             self.jobs.put(job)
@@ -709,7 +719,7 @@ def store_batch(jobs: list[Job]) -> None:
         for job, sha in zip(jobs, shas):
             try:
                 staged.append((job, mailhandler.deliver(job.raw, job.recipients, job.mail_from,
-                                                        job.peer, batch=batch, sha=sha)))
+                                                        job.peer, batch=batch, sha=sha, fields=job.fields)))
             except DeliveryError as exc:
                 if batch.failed:
                     raise mailhandler.StoreFailed() from exc  # all staged work is gone: again below

@@ -26,6 +26,7 @@ Frames, both ways: a fixed header (``struct``) and the fields' bytes.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import secrets
 import selectors
@@ -39,8 +40,9 @@ from salmon._vendor import asynchat
 
 log = logging.getLogger("tempmail.smtpd")
 
-# job id, queue id, then the lengths of: envelope sender, peer, recipients, message
-JOB = struct.Struct("!Q12sHHII")
+# job id, queue id, then the lengths of: envelope sender, peer, recipients,
+# the receiver's parse of the message (``Job.fields``, marshalled; 0: none), message
+JOB = struct.Struct("!Q12sHHIII")
 REPLY = struct.Struct("!QH")  # job id, length of the reply line(s)
 JOIN_BELOW = 64 * 1024  # a smaller message goes out in one send with its header
 READ_SIZE = 256 * 1024
@@ -69,8 +71,12 @@ def _text(value: str) -> bytes:
 def encode_job(job_id: int, job) -> list[bytes]:
     """A job's frame, as one piece or (a big message) as header and message."""
     sender, peer, recipients = _text(job.mail_from), _text(job.peer), _text("\n".join(job.recipients))
+    # marshal: a dict of str, bytes, bool, None and lists, made by our own
+    # receiver from the parsed message, read only by the writer it forked
+    # beside (SO_PEERCRED): never data from the network as it came.
+    fields = marshal.dumps(job.fields) if job.fields is not None else b""
     head = JOB.pack(job_id, job.queue_id.encode("ascii"), len(sender), len(peer), len(recipients),
-                    len(job.raw)) + sender + peer + recipients
+                    len(fields), len(job.raw)) + sender + peer + recipients + fields
     if len(job.raw) < JOIN_BELOW:
         return [head + job.raw]
     return [head, job.raw]
@@ -102,24 +108,27 @@ class Frames:
             start = end
         del buf[:start]
 
-    def jobs(self) -> Iterator[tuple[int, str, str, str, list, bytearray]]:
-        """(job id, queue id, sender, peer, recipients, message) per whole frame."""
+    def jobs(self) -> Iterator[tuple[int, str, str, str, list, Optional[dict], bytearray]]:
+        """(job id, queue id, sender, peer, recipients, parsed fields or None,
+        message) per whole frame."""
         while len(self.buf) >= JOB.size:
-            job_id, queue_id, n_from, n_peer, n_rcpt, n_raw = JOB.unpack_from(self.buf)
-            fields = JOB.size + n_from + n_peer + n_rcpt
-            if len(self.buf) < fields + n_raw:
+            job_id, queue_id, n_from, n_peer, n_rcpt, n_fields, n_raw = JOB.unpack_from(self.buf)
+            start = JOB.size + n_from + n_peer + n_rcpt + n_fields
+            if len(self.buf) < start + n_raw:
                 return
-            head = bytes(self.buf[JOB.size:fields])
-            if len(self.buf) == fields + n_raw:  # the usual case for a big message: no copy
+            head = bytes(self.buf[JOB.size:start])
+            if len(self.buf) == start + n_raw:  # the usual case for a big message: no copy
                 raw, self.buf = self.buf, bytearray()
-                del raw[:fields]
+                del raw[:start]
             else:
-                raw = self.buf[fields:fields + n_raw]
-                del self.buf[:fields + n_raw]
+                raw = self.buf[start:start + n_raw]
+                del self.buf[:start + n_raw]
             # the lengths are of bytes: cut, then decode
-            sender, peer, rcpts = (part.decode("utf-8", "surrogateescape") for part in (
-                head[:n_from], head[n_from:n_from + n_peer], head[n_from + n_peer:]))
-            yield job_id, queue_id.decode("ascii"), sender, peer, rcpts.split("\n") if rcpts else [], raw
+            cuts = (0, n_from, n_from + n_peer, n_from + n_peer + n_rcpt)
+            sender, peer, rcpts = (head[a:b].decode("utf-8", "surrogateescape") for a, b in zip(cuts, cuts[1:]))
+            fields = marshal.loads(head[cuts[-1]:]) if n_fields else None
+            yield (job_id, queue_id.decode("ascii"), sender, peer, rcpts.split("\n") if rcpts else [],
+                   fields, raw)
 
 
 # --------------------------------------------------------------------------
@@ -275,9 +284,9 @@ class WriterService:
                 continue
             frames = self.frames[conn]
             frames.feed(data)
-            for job_id, queue_id, sender, peer, recipients, raw in frames.jobs():
+            for job_id, queue_id, sender, peer, recipients, fields, raw in frames.jobs():
                 job = self.make_job(raw, recipients, sender, peer, (conn, job_id))
-                job.queue_id = queue_id
+                job.queue_id, job.fields = queue_id, fields
                 jobs.append(job)
         return jobs
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, free_port, wait_for_port
+import mailhandler
 import smtpserver
 from models import Domain, Mailbox, Message, db
 
@@ -172,3 +173,30 @@ def test_smtputf8_envelopes_reach_the_writer_whole(app, config_file, tmp_path):
                           "Subject: utf8\r\n\r\nx\r\n".encode(), mail_options=["SMTPUTF8"])
     with app.app_context():
         assert db.session.scalars(db.select(Message.envelope_from)).all() == ["\u00e9t\u00e9@b\u00fccher.example"]
+
+
+COLUMNS = ("from_email", "from_name", "to", "cc", "subject", "date", "message_id", "body_text", "body_html")
+
+
+def test_a_message_parsed_by_its_receiver_is_stored_as_the_writer_would_parse_it(app, config_file, tmp_path):
+    """With a writer process, each receiver parses the mail it takes and
+    hands the result over with it (``Job.fields``): every sample message
+    (plain, HTML only, quoted-printable, base64, attachments, 8-bit and
+    encoded headers) is stored with the columns and attachments that
+    ``parse_message`` gives in the writer's own process."""
+    samples = {path.name: path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+               for path in sorted((Path(__file__).parent / "data" / "extract").glob("*.eml"))}
+    with two_receivers(app, config_file, tmp_path) as (proc, port, _log):
+        whole_family(proc)
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as conn:
+            for name, raw in samples.items():
+                conn.sendmail("s@example.org", [f"keeper+{name[:2]}@example.com"], raw)
+    with app.app_context():
+        stored = {msg.tag: msg for msg in db.session.scalars(db.select(Message))}
+        assert len(stored) == len(samples)
+        for name, raw in samples.items():
+            want, msg = mailhandler.parse_message(raw), stored[name[:2]]
+            assert {c: getattr(msg, c) for c in COLUMNS} == {c: want[c] for c in COLUMNS}, name
+            assert [(a.filename, a.content_type, a.size, a.content_id, a.inline) for a in msg.attachments] == \
+                [(a["filename"], a["content_type"], len(a["data"]), a["content_id"], a["inline"])
+                 for a in want["attachments"]], name

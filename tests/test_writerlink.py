@@ -22,6 +22,11 @@ def test_jobs_come_out_whole_however_the_bytes_are_cut():
             job(bytes(rng.getrandbits(8) for _ in range(300_000)), ["\u00fcn\u00efcode@b\u00fccher.example"],
                 sender="\u00e9t\u00e9@example.org"),
             job(b"x" * 70_000, ["d@example.com"])]
+    # what a receiver sends with a message it parsed: every type parse_message gives
+    jobs[0].fields = {"subject": "small \u00e9", "date": None, "body_text": "body", "attachments": [
+        {"filename": "a.bin", "data": bytes(range(256)), "content_type": "application/octet-stream",
+         "content_id": None, "inline": False}]}
+    jobs[3].fields = {"subject": "", "attachments": []}
     wire = b"".join(piece for n, one in enumerate(jobs) for piece in writerlink.encode_job(n + 1, one))
     frames, out = writerlink.Frames(), []
     start = 0
@@ -31,9 +36,9 @@ def test_jobs_come_out_whole_however_the_bytes_are_cut():
         out.extend(frames.jobs())
         start = end
     assert [o[0] for o in out] == [1, 2, 3, 4]
-    for (_id, queue_id, sender, peer, recipients, raw), one in zip(out, jobs):
-        assert (queue_id, sender, peer, recipients, bytes(raw)) == \
-            (one.queue_id, one.mail_from, one.peer, one.recipients, bytes(one.raw))
+    for (_id, queue_id, sender, peer, recipients, fields, raw), one in zip(out, jobs):
+        assert (queue_id, sender, peer, recipients, fields, bytes(raw)) == \
+            (one.queue_id, one.mail_from, one.peer, one.recipients, one.fields, bytes(one.raw))
     assert not frames.buf
 
 
