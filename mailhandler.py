@@ -46,17 +46,18 @@ import retention
 import storage
 import webhooks
 from clock import now
-from mailparse import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, PARSE_POLICY, BoundedMessage,  # noqa: F401
-                       html_to_text, line_extent, parse_bytes, plain_addresses, plain_value, safe_codec,
-                       unfold)
+from htmltext import html_to_text
+from mailparse import PARSE_POLICY, BoundedMessage, line_extent, parse_bytes
 from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
                         UnknownRecipient)
+from mimeheaders import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, plain_addresses, plain_value, safe_codec,
+                         unfold)
 from models import Attachment, Domain, Mailbox, Message, Stat, db
 
 log = logging.getLogger("tempmail.mail")
 
 MAX_ATTACHMENTS = 1000  # parts stored as files; the rest stay in the raw .eml
-# MAX_DEPTH and MAX_HEADER_CHARS (mailparse): every header is read from its
+# MAX_DEPTH and MAX_HEADER_CHARS (mimeheaders): every header is read from its
 # first 16 KiB, once per message part; the stdlib's header parser takes
 # quadratic time and gigabytes on a megabyte-long one (measured: 7 MB
 # Subject, 226 s, 3.4 GiB).

@@ -44,8 +44,8 @@ from salmon._vendor import asynchat, asyncore, smtpd
 
 import logsafe
 import mailhandler
-import mailparse
 import mailpolicy
+import mimeheaders
 import retention
 import storage
 import walsync
@@ -222,7 +222,7 @@ class SMTPChannel(salmon_server.SMTPChannel):
         ``<user@example.com>`` is read by a pattern that gives what the stock
         parser gives (tests/test_smtp_protocol.py compares them); the rest
         goes through the stdlib's address parser, once per command."""
-        match = mailparse.PLAIN_ENVELOPE.match(arg or "")
+        match = mimeheaders.PLAIN_ENVELOPE.match(arg or "")
         rest = arg[match.end():].lstrip(" \t") if match is not None else ""
         if match is not None and not rest.startswith("("):  # a comment: the stock parser drops it
             return match.group(1), rest

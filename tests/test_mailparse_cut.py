@@ -7,6 +7,7 @@ cut has to get right, and over every sample message in the test data."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 from pathlib import Path
 from unittest import mock
@@ -14,8 +15,10 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
+import bodycuts
 import mailhandler
 import mailparse
+import mimeheaders
 
 DATA = Path(__file__).parent / "data"
 SKIPPED = ("_key", "_cache", "_count", "_payload", "defects", "policy")
@@ -52,7 +55,7 @@ def cut_parse(raw: bytes):
     """The parse with bodies cut out, or None where ``parse_bytes`` would go
     line by line (nothing to cut, a folded line, or a marker not accepted)."""
     end = mailparse.parse_extent(raw)
-    cuts = mailparse.BodyCuts(raw, end)
+    cuts = bodycuts.BodyCuts(raw, end)
     if mailparse.fold_points(raw, end) or not cuts.plan():
         return None
     try:
@@ -164,9 +167,13 @@ def mime_messages(draw, clean: bool = False) -> bytes:
     return raw
 
 
+@contextlib.contextmanager
 def cut_everything():
-    """Every body cut out, however short, in a message of any size."""
-    return mock.patch.multiple(mailparse, CUT_MIN_LINES=0, CUT_MIN_MESSAGE=0)
+    """Every body cut out, however short, in a message of any size (the walk
+    reads both bounds, ``parse_simple`` the message size too)."""
+    with (mock.patch.multiple(bodycuts, CUT_MIN_LINES=0, CUT_MIN_MESSAGE=0),
+          mock.patch.object(mailparse, "CUT_MIN_MESSAGE", 0)):
+        yield
 
 
 @pytest.fixture(params=["every body cut", "as shipped"])
@@ -190,7 +197,7 @@ def test_generated_mime_with_long_bodies_parses_the_same(raw, padding):
     """The same shapes with every base64 line repeated: bodies past the
     shipped CUT_MIN_LINES, in messages of any size."""
     raw = raw.replace(BASE64_LINE.encode(), (BASE64_LINE + "\r\n").encode() * padding + BASE64_LINE.encode())
-    with mock.patch.object(mailparse, "CUT_MIN_MESSAGE", 0):
+    with mock.patch.object(bodycuts, "CUT_MIN_MESSAGE", 0), mock.patch.object(mailparse, "CUT_MIN_MESSAGE", 0):
         assert_same(raw)
 
 
@@ -199,8 +206,9 @@ def test_the_generated_corpus_takes_the_cut(monkeypatch):
     most generated messages whose header blocks end at an empty line take
     it (about half; the others are refused by ``restore``, or only have
     bodies that begin with "--" lines)."""
-    monkeypatch.setattr(mailparse, "CUT_MIN_LINES", 0)
-    monkeypatch.setattr(mailparse, "CUT_MIN_MESSAGE", 0)
+    monkeypatch.setattr(bodycuts, "CUT_MIN_LINES", 0)
+    monkeypatch.setattr(bodycuts, "CUT_MIN_MESSAGE", 0)
+    monkeypatch.setattr(mailparse, "CUT_MIN_MESSAGE", 0)  # read by parse_simple too
     taken = fixed_sample(mime_messages(clean=True), 60, assert_same)
     assert sum(taken) >= 25, sum(taken)  # 34 of this fixed sample
 
@@ -286,9 +294,11 @@ def test_cut_stops_at_the_part_and_line_bounds(monkeypatch):
     part = b"--p\r\nContent-Type: application/octet-stream\r\n\r\n" + b"QUJD\r\n" * 300
     raw = b"Content-Type: multipart/mixed; boundary=p\r\n\r\n" + part * 12 + b"--p--\r\n"
     monkeypatch.setattr(mailparse, "MAX_PARSE_PARTS", 5)
+    monkeypatch.setattr(bodycuts, "MAX_PARSE_PARTS", 5)  # where the walk stops too
     assert assert_same(raw)
     assert len(mailparse.parse_bytes(raw).get_payload()) == 5
     monkeypatch.setattr(mailparse, "MAX_PARSE_PARTS", 2000)
+    monkeypatch.setattr(bodycuts, "MAX_PARSE_PARTS", 2000)
     monkeypatch.setattr(mailparse, "MAX_PARSE_LINES", 3100)  # ~19 KB of it
     assert assert_same(raw)
 
@@ -301,7 +311,7 @@ def test_hostile_shapes_parse_the_same():
         "deep": b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n" + deep + b"--b60\r\n\r\n" + b"x\r\n" * 500,
         "deep rfc822": b"Content-Type: message/rfc822\r\n\r\n" * 60 + b"Subject: bottom\r\n\r\n" + b"y\r\n" * 500,
         "2,500 parts": b"Content-Type: multipart/mixed; boundary=p\r\n\r\n" + many + b"--p--\r\n",
-        "one long line": b"Subject: l\r\n\r\n" + b"w" * (mailparse.MAX_LINE * 2),
+        "one long line": b"Subject: l\r\n\r\n" + b"w" * (mimeheaders.MAX_LINE * 2),
         "hyphens": b"Subject: h\r\n\r\n" + (b"-" * 100 + b"\r\n") * 200 + (b"a-" * 50 + b"\r\n") * 200,
         "no empty line": b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\nX-A: 1\r\n" + b"Q" * 2000
         + b"\r\n" + b"QUJD\r\n" * 400 + b"--q--\r\n",
@@ -321,7 +331,7 @@ def leaf_everywhere(self, head, depth, digest):
 
 
 def header_ends_early(self, pos):
-    found = mailparse.LINE_END.search(self.raw, pos, self.end)
+    found = mimeheaders.LINE_END.search(self.raw, pos, self.end)
     return found.end() if found else None  # the first header line taken for the empty line
 
 
@@ -330,7 +340,7 @@ def header_ends_early(self, pos):
 @given(raw=mime_messages(clean=True))
 def test_a_wrong_walk_still_parses_the_same(liar, raw):
     method = "content_type" if liar is leaf_everywhere else "header_end"
-    with cut_everything(), mock.patch.object(mailparse.BodyCuts, method, liar):
+    with cut_everything(), mock.patch.object(bodycuts.BodyCuts, method, liar):
         assert_same(raw)
 
 
@@ -370,7 +380,7 @@ def test_the_walk_does_not_cut_what_restore_would_refuse(head):
     parsed twice (once cut, then line by line)."""
     body = b"QUJD\r\n" * 4000
     raw = b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n" + head + b"\r\n" + body + b"--B--\r\n"
-    assert not mailparse.BodyCuts(raw, len(raw)).plan()
+    assert not bodycuts.BodyCuts(raw, len(raw)).plan()
     good = raw.replace(head, b"X-A: 1\r\n")
-    assert mailparse.BodyCuts(good, len(good)).plan()
+    assert bodycuts.BodyCuts(good, len(good)).plan()
     assert_same(raw)

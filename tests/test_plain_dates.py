@@ -1,4 +1,4 @@
-"""``mailparse.canonical_date``: a Date header already in ``format_datetime``'s
+"""``mimeheaders.canonical_date``: a Date header already in ``format_datetime``'s
 form is taken as it is, and only where the stdlib's header object gives
 exactly that string back (generated dates, valid and not)."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ from email import utils
 from hypothesis import given, settings, strategies as st
 
 import mailparse
+import mimeheaders
 
 
 def stdlib_value(value: str) -> str:
@@ -24,7 +25,7 @@ def two(n: int) -> str:
 DATES = st.builds(
     lambda wd, d, m, y, hh, mm, ss, sign, zh, zm: f"{wd}, {two(d)} {m} {y:04d} {two(hh)}:{two(mm)}:{two(ss)} "
                                                   f"{sign}{two(zh)}{two(zm)}",
-    st.sampled_from(mailparse._DAYS), st.integers(0, 32), st.sampled_from(mailparse._MONTHS),
+    st.sampled_from(mimeheaders._DAYS), st.integers(0, 32), st.sampled_from(mimeheaders._MONTHS),
     st.one_of(st.integers(1990, 2040), st.integers(0, 9999)), st.integers(0, 25), st.integers(0, 61),
     st.integers(0, 61), st.sampled_from("+-"), st.one_of(st.integers(0, 14), st.integers(0, 30)),
     st.sampled_from([0, 30, 45, 59, 60, 75]))
@@ -33,22 +34,22 @@ DATES = st.builds(
 @settings(max_examples=1500, deadline=None)
 @given(DATES)
 def test_a_canonical_date_is_what_the_stdlib_writes_back(value):
-    if mailparse.canonical_date(value):
+    if mimeheaders.canonical_date(value):
         assert stdlib_value(value) == value
-        assert mailparse.plain_value("date", value) == value
-    plain = mailparse.plain_value("date", value)
+        assert mimeheaders.plain_value("date", value) == value
+    plain = mimeheaders.plain_value("date", value)
     if plain is not None:
         assert plain == stdlib_value(value)
 
 
 def test_canonical_dates_take_the_short_path_and_others_do_not():
     now = utils.format_datetime(utils.localtime())
-    assert mailparse.canonical_date(now) and mailparse.canonical_date("Mon, 30 Nov 2026 10:00:00 -0000")
+    assert mimeheaders.canonical_date(now) and mimeheaders.canonical_date("Mon, 30 Nov 2026 10:00:00 -0000")
     for value in ["Tue, 30 Nov 2026 10:00:00 +0000",  # Monday named Tuesday: the stdlib writes "Mon"
                   "Mon, 30 Nov 2026 10:00:00 +0060", "Mon, 30 Nov 2026 10:00:00 +2400",
                   "Sat, 31 Feb 2026 10:00:00 +0000", "Mon, 30 Nov 0026 10:00:00 +0000",
                   "Mon, 30 Nov 2026 10:00:60 +0000", "Mon, 30 Nov 2026 10:00 +0000", "Mon, 3 Nov 2026 10:00:00 +0000",
                   "Mon, 30 Nov 2026 10:00:00 GMT", "Mon, 30 Nov 2026 10:00:00 +0000 (UTC)"]:
-        assert not mailparse.canonical_date(value), value
-        plain = mailparse.plain_value("date", value)
+        assert not mimeheaders.canonical_date(value), value
+        plain = mimeheaders.plain_value("date", value)
         assert plain is None or plain == stdlib_value(value)

@@ -10,8 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import func, select
 
+import bodycuts
+import htmltext
 import mailhandler
 import mailparse
+import mimeheaders
 import models
 from models import Attachment, Domain, Mailbox, Message, db
 import storage  # noqa: E402
@@ -79,13 +82,13 @@ def test_html_to_text_on_hostile_markup():
     """Shapes that are quadratic for html.parser / BeautifulSoup (tags that
     never close) and for html5ever (deep nesting); over the bound only the
     first MAX_HTML_TEXT_CHARS characters are converted."""
-    assert mailhandler.html_to_text("<a " * 200_000 + "<p>end") == "end"
-    assert mailhandler.html_to_text("<div>" * 80_000 + "deep" + "</div>" * 80_000) == "deep"
-    assert mailhandler.html_to_text("<!--" + "x" * 1000) == ""
-    assert mailhandler.html_to_text("a <b c") == "a"
-    big = mailhandler.html_to_text("<p>word</p>" * 1_000_000)
+    assert htmltext.html_to_text("<a " * 200_000 + "<p>end") == "end"
+    assert htmltext.html_to_text("<div>" * 80_000 + "deep" + "</div>" * 80_000) == "deep"
+    assert htmltext.html_to_text("<!--" + "x" * 1000) == ""
+    assert htmltext.html_to_text("a <b c") == "a"
+    big = htmltext.html_to_text("<p>word</p>" * 1_000_000)
     assert big.startswith("word\n\nword") and big.endswith("[\u2026]")
-    assert big.count("word") == mailparse.MAX_HTML_TEXT_CHARS // len("<p>word</p>")
+    assert big.count("word") == htmltext.MAX_HTML_TEXT_CHARS // len("<p>word</p>")
 
 
 def huge_header_message() -> bytes:
@@ -109,7 +112,7 @@ def test_every_header_goes_through_one_bounded_reading():
     msg = mailparse.parse_bytes(huge_header_message())
     text, second, attachment = msg.get_payload()
     assert text.get_params()[0] == ("text/plain", "") and text.get_content_charset() is None
-    assert mailparse.MAX_HEADER_CHARS * 3 // 4 < len(text.raw_value("content-type")) <= mailparse.MAX_HEADER_CHARS
+    assert mimeheaders.MAX_HEADER_CHARS * 3 // 4 < len(text.raw_value("content-type")) <= mimeheaders.MAX_HEADER_CHARS
     assert second.get_content_type() == "text/plain"
     # Read once: the same parsed objects on every call.
     assert attachment.mime("content-disposition") is attachment.mime("content-disposition")
@@ -139,10 +142,12 @@ def test_parse_stops_at_its_part_and_line_bounds(monkeypatch):
     parts = b"".join(b"--p\r\nContent-Type: text/plain\r\n\r\npart %d\r\n" % i for i in range(10))
     raw = b"Subject: many\r\nContent-Type: multipart/mixed; boundary=p\r\n\r\n" + parts + b"--p--\r\n"
     monkeypatch.setattr(mailparse, "MAX_PARSE_PARTS", 5)
+    monkeypatch.setattr(bodycuts, "MAX_PARSE_PARTS", 5)  # where the walk stops too
     fields = mailhandler.parse_message(raw)
     assert fields["subject"] == "many"
     assert fields["body_text"].split("\n") == [f"part {i}" for i in range(5)]
     monkeypatch.setattr(mailparse, "MAX_PARSE_PARTS", 2000)
+    monkeypatch.setattr(bodycuts, "MAX_PARSE_PARTS", 2000)
     monkeypatch.setattr(mailparse, "MAX_PARSE_LINES", 12)
     text = mailhandler.parse_message(b"Subject: lines\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(100)))
     # 12 lines: the Subject, the blank line, then the first ten of the body.
@@ -171,7 +176,7 @@ def test_long_lines_are_folded_for_the_parser_and_base64_is_unchanged():
            + base64.b64encode(data) + b"\r\n--B--\r\n")
     fields = mailhandler.parse_message(raw)
     assert fields["attachments"][0]["data"] == data  # one 204,800-character line
-    assert fields["body_text"] == "w" * mailparse.MAX_LINE + "\n " + "w" * (70_000 - mailparse.MAX_LINE)
+    assert fields["body_text"] == "w" * mimeheaders.MAX_LINE + "\n " + "w" * (70_000 - mimeheaders.MAX_LINE)
 
 
 def test_slow_codecs_are_not_body_charsets():
@@ -179,14 +184,14 @@ def test_slow_codecs_are_not_body_charsets():
     body = b"-" + b"9" * 60_000
     raw = b"Subject: p\r\nContent-Type: text/plain; charset=punycode\r\n\r\n" + body
     assert mailhandler.parse_message(raw)["body_text"] == body.decode()
-    assert mailparse.safe_codec("punycode") is None and mailparse.safe_codec("IDNA") is None
-    assert mailparse.safe_codec("latin1") == "iso8859-1" and mailparse.safe_codec("base64") is None
+    assert mimeheaders.safe_codec("punycode") is None and mimeheaders.safe_codec("IDNA") is None
+    assert mimeheaders.safe_codec("latin1") == "iso8859-1" and mimeheaders.safe_codec("base64") is None
 
 
 def test_pipe_headers_are_bounded_too():
     raw = b"".join(b"Delivered-To: u%d@example.com\r\n" % i for i in range(1000)) + b"Subject: x\r\n\r\nx"
     values = mailhandler.headers_only(raw).get_all("delivered-to")
-    assert len(values) == mailparse.MAX_SAME_HEADERS and str(values[0]) == "u0@example.com"
+    assert len(values) == mimeheaders.MAX_SAME_HEADERS and str(values[0]) == "u0@example.com"
 
 
 @pytest.mark.parametrize("charset", list(CHARSET_SAMPLES))
@@ -384,23 +389,23 @@ def addresses():
               .flatmap(lambda ws: st.sampled_from(SEPARATORS).map(lambda sep: sep.join(ws)))),
 ))
 def test_plain_header_values_are_what_the_stdlib_says(item):
-    """``mailparse.plain_value`` answers only where it gives exactly the
+    """``mimeheaders.plain_value`` answers only where it gives exactly the
     stdlib's string; everything else it leaves to the stdlib (None)."""
     name, value = item
-    plain = mailparse.plain_value(name, value)
+    plain = mimeheaders.plain_value(name, value)
     if plain is not None:
         assert plain == stdlib_value(name, value)
-    if name in ("from", "to") and (found := mailparse.plain_addresses(value)):
+    if name in ("from", "to") and (found := mimeheaders.plain_addresses(value)):
         parsed = mailparse.PARSE_POLICY.header_fetch_parse(name, value).addresses
         assert found == [(a.display_name, a.addr_spec) for a in parsed]
 
 
 def test_plain_header_values_cover_the_usual_forms():
     """The forms most mail uses do take the plain path."""
-    assert mailparse.plain_value("from", "John Doe <john@example.com>") == "John Doe <john@example.com>"
-    assert mailparse.plain_value("to", "<a@b.example>, c@d.example") == "a@b.example, c@d.example"
-    assert mailparse.plain_value("date", "Mon, 30 Nov 2026 10:00:00 +0000") == "Mon, 30 Nov 2026 10:00:00 +0000"
-    assert mailparse.plain_value("message-id", "<1.2@host.example>") == "<1.2@host.example>"
-    assert mailparse.plain_value("subject", "Your code: 123456") == "Your code: 123456"
-    assert mailparse.plain_value("subject", "=?utf-8?q?caf=C3=A9?=") is None
-    assert mailparse.plain_value("from", '"Doe, John" <j@example.com>') is None
+    assert mimeheaders.plain_value("from", "John Doe <john@example.com>") == "John Doe <john@example.com>"
+    assert mimeheaders.plain_value("to", "<a@b.example>, c@d.example") == "a@b.example, c@d.example"
+    assert mimeheaders.plain_value("date", "Mon, 30 Nov 2026 10:00:00 +0000") == "Mon, 30 Nov 2026 10:00:00 +0000"
+    assert mimeheaders.plain_value("message-id", "<1.2@host.example>") == "<1.2@host.example>"
+    assert mimeheaders.plain_value("subject", "Your code: 123456") == "Your code: 123456"
+    assert mimeheaders.plain_value("subject", "=?utf-8?q?caf=C3=A9?=") is None
+    assert mimeheaders.plain_value("from", '"Doe, John" <j@example.com>') is None
