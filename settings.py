@@ -216,6 +216,9 @@ SCHEMA: tuple = (
             "receiver processes sharing the port (SO_REUSEPORT), plus one writer process storing their "
             "mail when more than one; null: one per core (one on port 0)",
             at_least(1)),
+        Key("receiver_parse", one_of("auto", "always", "never"), "auto",
+            "with a writer process: a receiver parses each message under 1 MiB before handing it over "
+            "(always), never, or (auto) when two or more of its messages already wait for the writer"),
         Key("max_connections", INT, 500, "connections beyond this get `421 4.7.0` and are closed", at_least(1)),
         Key("idle_timeout", NUMBER, 300, "seconds of client silence before `421 4.4.2` and close", at_least(0)),
         Key("purge_interval", NUMBER, 60, "seconds between purges of expired mailboxes; 0: no purge timer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import smtplib
@@ -179,13 +180,17 @@ COLUMNS = ("from_email", "from_name", "to", "cc", "subject", "date", "message_id
 
 
 def test_a_message_parsed_by_its_receiver_is_stored_as_the_writer_would_parse_it(app, config_file, tmp_path):
-    """With a writer process, each receiver parses the mail it takes and
-    hands the result over with it (``Job.fields``): every sample message
-    (plain, HTML only, quoted-printable, base64, attachments, 8-bit and
-    encoded headers) is stored with the columns and attachments that
+    """With a writer process, a receiver may parse the mail it takes and
+    hand the result over with it (``Job.fields``; ``smtp.receiver_parse``
+    "always" here, "auto" does it while the writer is behind): every sample
+    message (plain, HTML only, quoted-printable, base64, attachments, 8-bit
+    and encoded headers) is stored with the columns and attachments that
     ``parse_message`` gives in the writer's own process."""
     samples = {path.name: path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
                for path in sorted((Path(__file__).parent / "data" / "extract").glob("*.eml"))}
+    config = json.loads(config_file.read_text())
+    config["smtp"]["receiver_parse"] = "always"
+    config_file.write_text(json.dumps(config))
     with two_receivers(app, config_file, tmp_path) as (proc, port, _log):
         whole_family(proc)
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as conn:

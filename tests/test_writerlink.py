@@ -62,3 +62,24 @@ def test_replies_come_out_whole():
         out.extend(frames.replies())
     assert out == [(1, "250 2.0.0 Ok: queued as ABC"),
                    (2, "451 4.3.0 Temporary failure storing the message, try again later"), (3, "250 caf\u00e9")]
+
+
+def test_a_receiver_parses_for_the_writer_as_smtp_receiver_parse_says(app):
+    """``smtp.receiver_parse``: "always", "never", or "auto": only while two
+    or more of the receiver's messages wait for the writer; never a message
+    over 1 MiB, which goes as it came (the daemon tests store what a
+    receiver parsed, test_daemon_processes.py)."""
+    server = smtpserver.MailServer(app, "127.0.0.1", 0, purge=False, writer_address="\0tempmail-test-none")
+    try:
+        small = job(b"Subject: small\r\n\r\nbody\r\n", ["a@example.com"])
+        big = job(b"x" * (smtpserver.PARSE_IN_RECEIVER_BELOW + 1), ["a@example.com"])
+        for mode, waiting, parses in [("auto", 0, False), ("auto", 1, False), ("auto", 2, True),
+                                      ("auto", 5, True), ("always", 0, True), ("never", 5, False)]:
+            server.receiver_parse = mode
+            server.link.inflight = dict.fromkeys(range(waiting))
+            assert server.parses_here(small) is parses, (mode, waiting)
+            assert server.parses_here(big) is False
+    finally:
+        server.link.inflight = {}
+        server.stop()
+    assert app.config["TEMPMAIL"]["smtp"]["receiver_parse"] == "auto"  # as shipped
