@@ -34,7 +34,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from typing import Optional
 
 from sqlalchemy import event
@@ -136,7 +135,7 @@ def checkpoint(path: str) -> Optional[str]:
 # --------------------------------------------------------------------------
 # the writer process's checkpoints
 
-def checkpoint_in_background(engine: Engine) -> Optional[threading.Thread]:
+def checkpoint_in_background(engine: Engine, stop: Optional[threading.Event] = None) -> Optional[threading.Thread]:
     """Move the writer process's WAL checkpoints out of its commits.
 
     By default SQLite checkpoints inside the commit that takes the WAL past
@@ -148,13 +147,15 @@ def checkpoint_in_background(engine: Engine) -> Optional[threading.Thread]:
     SQLite's PASSIVE checkpoint waits for nobody, and runs without the GIL,
     beside the writer. Other processes on the database (web workers) keep
     SQLite's automatic checkpoints. Returns the thread (None for
-    PostgreSQL or a database in memory)."""
+    PostgreSQL or a database in memory), which runs until ``stop`` is set
+    (the daemon's: as long as its process)."""
     path = database.sqlite_file(engine.url)
     if path is None:
         return None
     event.listen(engine, "connect", _no_automatic_checkpoints)
     engine.dispose()  # connections made before would still checkpoint
-    thread = threading.Thread(target=_checkpoint_forever, args=(path,), name="smtpd-checkpoint", daemon=True)
+    thread = threading.Thread(target=_checkpoint_until, args=(path, stop or threading.Event()),
+                              name="smtpd-checkpoint", daemon=True)
     thread.start()
     return thread
 
@@ -163,22 +164,24 @@ def _no_automatic_checkpoints(dbapi_conn, _record) -> None:
     dbapi_conn.execute("PRAGMA wal_autocheckpoint=0")
 
 
-def _checkpoint_forever(path: str) -> None:
-    conn = sqlite3.connect(path, timeout=CHECKPOINT_WAIT_SECONDS, isolation_level=None,
-                           factory=writelock.QueuedWriterConnection)
-    conn.use_lock(writelock.lock_path_for(path))
-    failing = False
-    while True:
-        time.sleep(BACKGROUND_PAUSE_SECONDS)
+def _checkpoint_until(path: str, stop: threading.Event) -> None:
+    conn, failing = None, False
+    while not stop.wait(BACKGROUND_PAUSE_SECONDS):
         try:
+            if conn is None:
+                conn = sqlite3.connect(path, timeout=CHECKPOINT_WAIT_SECONDS, isolation_level=None,
+                                       factory=writelock.QueuedWriterConnection)
+                conn.use_lock(writelock.lock_path_for(path))
             checkpoint_step(conn)
             failing = False
-        except sqlite3.Error as exc:
+        except Exception as exc:  # never let the thread end: nothing else checkpoints here
             # The writer's commits are unaffected (their sync does not rely on
             # a checkpoint), and the WAL only grows until the next one works.
             if not failing:
                 log.warning("background checkpoint of the SQLite WAL failed: %s", exc)
             failing = True
+    if conn is not None:
+        conn.close()
 
 
 def checkpoint_step(conn: writelock.QueuedWriterConnection) -> None:

@@ -5,6 +5,7 @@ without any commit paying for it."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -28,6 +29,14 @@ def database_pages_after(engine, path: str, wait: float) -> int:
 
 
 @pytest.fixture
+def stop():
+    """Ends the test's checkpoint thread (the daemon's runs as long as its process)."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
 def engine(tmp_path):
     path = tmp_path / "wal.db"
     # As app.py makes them: writers queue for the host's writer lock.
@@ -39,9 +48,9 @@ def engine(tmp_path):
     engine.dispose()
 
 
-def test_commits_do_not_checkpoint_and_a_thread_does(engine):
+def test_commits_do_not_checkpoint_and_a_thread_does(engine, stop):
     engine, path = engine
-    thread = walsync.checkpoint_in_background(engine)
+    thread = walsync.checkpoint_in_background(engine, stop)
     assert thread is not None and thread.is_alive() and thread.daemon
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
@@ -50,12 +59,12 @@ def test_commits_do_not_checkpoint_and_a_thread_does(engine):
     assert database_pages_after(engine, path, wait=10) >= 2 * 1024 * 1024
 
 
-def test_without_the_thread_nothing_reaches_the_file(engine, monkeypatch):
+def test_without_the_thread_nothing_reaches_the_file(engine, stop, monkeypatch):
     """The measure above is sound: with automatic checkpoints off and no
     thread, the pages stay in the WAL."""
     engine, path = engine
     monkeypatch.setattr(walsync.threading.Thread, "start", lambda self: None)
-    walsync.checkpoint_in_background(engine)
+    walsync.checkpoint_in_background(engine, stop)
     assert database_pages_after(engine, path, wait=0.5) < 1024 * 1024
 
 
@@ -64,7 +73,7 @@ def test_postgresql_and_memory_need_none():
     assert walsync.checkpoint_in_background(create_engine("postgresql+psycopg://u@localhost/db")) is None
 
 
-def test_the_wal_starts_over_under_steady_commits(engine, monkeypatch):
+def test_the_wal_starts_over_under_steady_commits(engine, stop, monkeypatch):
     """A writer that commits without pause never begins a transaction
     right after a complete PASSIVE checkpoint; RESTART makes the WAL start
     over anyway, so it stays bounded instead of growing for as long as mail
@@ -72,7 +81,7 @@ def test_the_wal_starts_over_under_steady_commits(engine, monkeypatch):
     engine, path = engine
     monkeypatch.setattr(walsync, "RESTART_FRAMES", 300)
     monkeypatch.setattr(walsync, "BACKGROUND_PAUSE_SECONDS", 0.01)
-    walsync.checkpoint_in_background(engine)
+    walsync.checkpoint_in_background(engine, stop)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB)"))
     deadline = time.monotonic() + 3
@@ -82,3 +91,26 @@ def test_the_wal_starts_over_under_steady_commits(engine, monkeypatch):
     frames = os.path.getsize(path + "-wal") // 4096
     assert engine.connect().exec_driver_sql("SELECT count(*) FROM t").scalar() > 3000  # ~9,000 pages written
     assert frames < 1500, f"the WAL grew to {frames} frames"
+
+
+def test_the_thread_outlives_a_failing_checkpoint(engine, stop, monkeypatch, caplog):
+    """A checkpoint that fails (here: the lock file cannot be opened) is
+    logged once and tried again; the thread goes on, since nothing else
+    checkpoints the writer's WAL."""
+    engine, path = engine
+    calls = []
+
+    def failing_step(conn):
+        calls.append(1)
+        raise OSError("no lock file")
+    monkeypatch.setattr(walsync, "checkpoint_step", failing_step)
+    monkeypatch.setattr(walsync, "BACKGROUND_PAUSE_SECONDS", 0.01)
+    thread = walsync.checkpoint_in_background(engine, stop)
+    deadline = time.monotonic() + 10
+    while len(calls) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) >= 5 and thread.is_alive()
+    assert caplog.text.count("background checkpoint of the SQLite WAL failed: no lock file") == 1
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
