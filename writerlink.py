@@ -41,7 +41,8 @@ from salmon._vendor import asynchat
 log = logging.getLogger("tempmail.smtpd")
 
 # job id, queue id, then the lengths of: envelope sender, peer, recipients,
-# the receiver's parse of the message (``Job.fields``, marshalled; 0: none), message
+# the receiver's parse and digest of the message (``Job.fields`` and
+# ``Job.sha``, marshalled; 0: none), message
 JOB = struct.Struct("!Q12sHHIII")
 REPLY = struct.Struct("!QH")  # job id, length of the reply line(s)
 JOIN_BELOW = 64 * 1024  # a smaller message goes out in one send with its header
@@ -71,10 +72,10 @@ def _text(value: str) -> bytes:
 def encode_job(job_id: int, job) -> list[bytes]:
     """A job's frame, as one piece or (a big message) as header and message."""
     sender, peer, recipients = _text(job.mail_from), _text(job.peer), _text("\n".join(job.recipients))
-    # marshal: a dict of str, bytes, bool, None and lists, made by our own
-    # receiver from the parsed message, read only by the writer it forked
-    # beside (SO_PEERCRED): never data from the network as it came.
-    fields = marshal.dumps(job.fields) if job.fields is not None else b""
+    # marshal: a dict of str, bytes, bool, None and lists and a str, made by
+    # our own receiver from the parsed message, read only by the writer it
+    # forked beside (SO_PEERCRED): never data from the network as it came.
+    fields = marshal.dumps((job.fields, job.sha)) if job.fields is not None else b""
     head = JOB.pack(job_id, job.queue_id.encode("ascii"), len(sender), len(peer), len(recipients),
                     len(fields), len(job.raw)) + sender + peer + recipients + fields
     if len(job.raw) < JOIN_BELOW:
@@ -108,9 +109,9 @@ class Frames:
             start = end
         del buf[:start]
 
-    def jobs(self) -> Iterator[tuple[int, str, str, str, list, Optional[dict], bytearray]]:
-        """(job id, queue id, sender, peer, recipients, parsed fields or None,
-        message) per whole frame."""
+    def jobs(self) -> Iterator[tuple[int, str, str, str, list, tuple, bytearray]]:
+        """(job id, queue id, sender, peer, recipients, (parsed fields, digest)
+        or (None, None), message) per whole frame."""
         while len(self.buf) >= JOB.size:
             job_id, queue_id, n_from, n_peer, n_rcpt, n_fields, n_raw = JOB.unpack_from(self.buf)
             start = JOB.size + n_from + n_peer + n_rcpt + n_fields
@@ -126,7 +127,7 @@ class Frames:
             # the lengths are of bytes: cut, then decode
             cuts = (0, n_from, n_from + n_peer, n_from + n_peer + n_rcpt)
             sender, peer, rcpts = (head[a:b].decode("utf-8", "surrogateescape") for a, b in zip(cuts, cuts[1:]))
-            fields = marshal.loads(head[cuts[-1]:]) if n_fields else None
+            fields = marshal.loads(head[cuts[-1]:]) if n_fields else (None, None)
             yield (job_id, queue_id.decode("ascii"), sender, peer, rcpts.split("\n") if rcpts else [],
                    fields, raw)
 
@@ -284,9 +285,9 @@ class WriterService:
                 continue
             frames = self.frames[conn]
             frames.feed(data)
-            for job_id, queue_id, sender, peer, recipients, fields, raw in frames.jobs():
+            for job_id, queue_id, sender, peer, recipients, (fields, sha), raw in frames.jobs():
                 job = self.make_job(raw, recipients, sender, peer, (conn, job_id))
-                job.queue_id, job.fields = queue_id, fields
+                job.queue_id, job.fields, job.sha = queue_id, fields, sha
                 jobs.append(job)
         return jobs
 

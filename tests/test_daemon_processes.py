@@ -16,6 +16,7 @@ from pathlib import Path
 from conftest import ROOT, free_port, wait_for_port
 import mailhandler
 import smtpserver
+import storage
 from models import Domain, Mailbox, Message, db
 
 
@@ -201,6 +202,8 @@ def test_a_message_parsed_by_its_receiver_is_stored_as_the_writer_would_parse_it
         assert len(stored) == len(samples)
         for name, raw in samples.items():
             want, msg = mailhandler.parse_message(raw), stored[name[:2]]
+            # named by the digest the receiver made, which is its stored bytes'
+            assert msg.raw_sha256 == storage.digest(storage.read(msg.raw_sha256)), name
             assert {c: getattr(msg, c) for c in COLUMNS} == {c: want[c] for c in COLUMNS}, name
             assert [(a.filename, a.content_type, a.size, a.content_id, a.inline) for a in msg.attachments] == \
                 [(a["filename"], a["content_type"], len(a["data"]), a["content_id"], a["inline"])

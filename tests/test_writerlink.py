@@ -27,6 +27,7 @@ def test_jobs_come_out_whole_however_the_bytes_are_cut():
         {"filename": "a.bin", "data": bytes(range(256)), "content_type": "application/octet-stream",
          "content_id": None, "inline": False}]}
     jobs[3].fields = {"subject": "", "attachments": []}
+    jobs[0].sha, jobs[3].sha = "ab" * 32, "cd" * 32
     wire = b"".join(piece for n, one in enumerate(jobs) for piece in writerlink.encode_job(n + 1, one))
     frames, out = writerlink.Frames(), []
     start = 0
@@ -36,9 +37,9 @@ def test_jobs_come_out_whole_however_the_bytes_are_cut():
         out.extend(frames.jobs())
         start = end
     assert [o[0] for o in out] == [1, 2, 3, 4]
-    for (_id, queue_id, sender, peer, recipients, fields, raw), one in zip(out, jobs):
-        assert (queue_id, sender, peer, recipients, fields, bytes(raw)) == \
-            (one.queue_id, one.mail_from, one.peer, one.recipients, one.fields, bytes(one.raw))
+    for (_id, queue_id, sender, peer, recipients, (fields, sha), raw), one in zip(out, jobs):
+        assert (queue_id, sender, peer, recipients, fields, sha, bytes(raw)) == \
+            (one.queue_id, one.mail_from, one.peer, one.recipients, one.fields, one.sha, bytes(one.raw))
     assert not frames.buf
 
 
