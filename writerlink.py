@@ -286,9 +286,7 @@ class WriterService:
             frames = self.frames[conn]
             frames.feed(data)
             for job_id, queue_id, sender, peer, recipients, (fields, sha), raw in frames.jobs():
-                job = self.make_job(raw, recipients, sender, peer, (conn, job_id))
-                job.queue_id, job.fields, job.sha = queue_id, fields, sha
-                jobs.append(job)
+                jobs.append(self.make_job(raw, recipients, sender, peer, (conn, job_id), queue_id, fields, sha))
         return jobs
 
     def accept(self) -> None:

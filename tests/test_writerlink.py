@@ -5,7 +5,13 @@ to what went in, big messages included; the daemon's own tests
 link itself between real processes."""
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
+import sys
+
+import pytest
 
 import smtpserver
 import writerlink
@@ -84,3 +90,40 @@ def test_a_receiver_parses_for_the_writer_as_smtp_receiver_parse_says(app):
         server.link.inflight = {}
         server.stop()
     assert app.config["TEMPMAIL"]["smtp"]["receiver_parse"] == "auto"  # as shipped
+
+
+NOBODY_CONNECTS = """
+import os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect("\\0" + sys.argv[1])  # abstract namespace: no file to guard it
+sock.settimeout(20)
+print("closed" if sock.recv(1) == b"" else "open")
+"""
+
+
+def test_the_writer_takes_connections_only_from_its_own_user(caplog):
+    """The writer's socket is in the abstract namespace, where any local
+    user could connect: a process of another user (here ``nobody``) is
+    refused and closed at once (``SO_PEERCRED``); one of our own is taken."""
+    if os.geteuid() != 0:
+        pytest.fail("this test changes to another user (nobody) and must run as root")
+    address = writerlink.new_address()
+    listener = writerlink.listen(address)
+    service = writerlink.WriterService(listener, smtpserver.Job, lambda jobs: None, 64, 1 << 20, lambda: None, 0)
+    try:
+        stranger = subprocess.Popen([sys.executable, "-c", NOBODY_CONNECTS, address[1:]], stdout=subprocess.PIPE,
+                                    text=True)
+        service.accept()  # blocks until it connects
+        assert stranger.communicate(timeout=30)[0].strip() == "closed"
+        assert "refused a connection to the writer from uid 65534" in caplog.text and not service.frames
+        ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.connect(address)
+        service.accept()
+        assert len(service.frames) == 1
+        ours.close()
+    finally:
+        for conn in list(service.frames):
+            service.drop(conn)
+        listener.close()
