@@ -415,12 +415,23 @@ class SocketListener:
                 self.hub.ring_all()
 
     def drain(self) -> None:
-        """Swallow the pokes already queued: one catch-up answers them all."""
-        while True:
+        """Swallow the pokes already queued: one catch-up answers them all.
+
+        Non-blocking through the socket's mode, not ``MSG_DONTWAIT``: in a
+        gevent web worker (fairaccept.py) a blocking socket's ``recv`` waits
+        out EAGAIN whatever the flags, and this drain never ended."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    self.sock.recv(64)
+                except OSError:
+                    return
+        finally:
             try:
-                self.sock.recv(64, socket.MSG_DONTWAIT)
+                self.sock.setblocking(True)
             except OSError:
-                return
+                pass  # closed at exit meanwhile: run() ends at its next recv
 
     def catch_up(self) -> None:
         """Ring the mailboxes that got messages above the highest id seen."""

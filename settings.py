@@ -190,8 +190,8 @@ SCHEMA: tuple = (
     Key("database_url", STR, "sqlite:///instance/tempmail.db",
         "SQLAlchemy URL: SQLite (WAL, busy timeout, foreign keys on) or PostgreSQL", env="DATABASE_URL"),
     Key("database_pool_size", nullable(INT), None,
-        "database connections each web worker keeps open; null: 32 on SQLite (a thread waiting for a "
-        "pooled connection costs every other thread a wake-up), SQLAlchemy's 5 elsewhere (mind "
+        "database connections each web worker keeps open; null: 32 on SQLite (a request waiting for a "
+        "pooled connection costs the others a wake-up), SQLAlchemy's 5 elsewhere (mind "
         "PostgreSQL's `max_connections`); up to 10 more are opened while busy", at_least(1)),
     Key("listing_cache_bytes", INT, 16 * 1024 * 1024,
         "memory each web worker may keep of mailbox listings and whole hot answers it gave, sent again "
@@ -284,7 +284,7 @@ SCHEMA: tuple = (
     Section("live", "held requests: `?wait=` long polls and the Server-Sent Events streams", (
         Key("max_held_per_process", INT, 1000,
             "held requests (waits and streams) one web worker process keeps open; more get 503 with "
-            "Retry-After (keep it below gunicorn's threads: deploy/gunicorn.conf.py)", at_least(1)),
+            "Retry-After (keep it below gunicorn's connections per worker: deploy/gunicorn.conf.py)", at_least(1)),
         Key("heartbeat_seconds", NUMBER, 15, "seconds between a stream's heartbeats (a comment line; `ping` events on the web page)",
             at_least(0.05)),
         Key("stream_max_seconds", INT, 3600,

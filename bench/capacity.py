@@ -1,7 +1,7 @@
 """Capacity: do held requests starve ordinary ones?
 
 ``make run``'s deployment (the gunicorn line of deploy/run.sh: ``--config
-deploy/gunicorn.conf.py``, two workers per core; the mail daemon beside it; SQLite) serves ordinary API
+deploy/gunicorn.conf.py``, one gevent worker per core; the mail daemon beside it; SQLite) serves ordinary API
 requests with wrk, first with nothing held, then while N connections are
 held open (default 1,000: half ``GET /api.php/inbox/{email}?wait=30`` long
 polls, re-sent as each one ends, half ``GET /api/messages/stream`` Server-
@@ -14,7 +14,7 @@ At the end, while everything is still held, one message goes to a
 long-polled mailbox and one to a streamed mailbox: the time from the 250
 to the answer shows the held clients are still served.
 
-    .venv/bin/python bench/capacity.py [--held 1000] [--rounds 3] [--seconds 8] [--threads N] [--quick]
+    .venv/bin/python bench/capacity.py [--held 1000] [--rounds 3] [--seconds 8] [--connections N] [--quick]
 """
 from __future__ import annotations
 
@@ -152,16 +152,16 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start(box: common.Sandbox, threads: int | None) -> int:
+def start(box: common.Sandbox, connections: int | None) -> int:
     """The daemon and gunicorn exactly as ``make run`` starts them (the
-    gunicorn line read from deploy/run.sh); ``threads`` overrides the
-    config's thread count, for comparison. Returns the web port."""
+    gunicorn line read from deploy/run.sh); ``connections`` overrides the
+    config's connections per worker, for comparison. Returns the web port."""
     box.init_db()
     box.start_smtpd()
     port = common.free_port()
     env = box.env()
-    if threads:
-        env["TEMPMAIL_THREADS"] = str(threads)
+    if connections:
+        env["TEMPMAIL_CONNECTIONS"] = str(connections)
     box.start("gunicorn", common.make_run_gunicorn(port), port, env=env)
     return port
 
@@ -219,14 +219,15 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--threads", type=int, help="gunicorn threads per worker (TEMPMAIL_THREADS)")
+    parser.add_argument("--connections", type=int,
+                        help="gunicorn connections per worker (TEMPMAIL_CONNECTIONS)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5 s")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 2, 5.0
     raise_fd_limit()
     with common.Sandbox("capacity") as box:
-        port = start(box, args.threads)
+        port = start(box, args.connections)
         base = f"http://127.0.0.1:{port}"
         key = box.api_key()
         polls = [http_json(f"{base}/api.php/generate")["email"] for _ in range(BOXES)]

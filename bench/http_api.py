@@ -15,7 +15,7 @@ alternate round after round so noise hits all of them alike:
   50 messages: the peers.
 
 ``--compare DIR`` and ``--variant NAME:ENV=VALUE`` add more ``make run``s
-(another checkout, or this one with e.g. ``TEMPMAIL_THREADS=4``) loaded in
+(another checkout, or this one with e.g. ``TEMPMAIL_WORKERS=4``) loaded in
 the same rounds: A/B comparisons under the same noise.
 
 Run: ``.venv/bin/python bench/http_api.py`` (``--quick`` for a smoke run).
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare", help="another checkout whose make run is loaded alternately (A/B)")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:ENV=VALUE,...: one more make run of this tree with these environment "
-                             "variables (e.g. 'threads4:TEMPMAIL_THREADS=4', "
+                             "variables (e.g. 'workers4:TEMPMAIL_WORKERS=4', "
                              "'reuseport:GUNICORN_CMD_ARGS=--reuse-port'); repeatable")
     parser.add_argument("--json", help="write the medians to this file (run_all.py reads it)")
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s runs")

@@ -14,28 +14,20 @@ import resource
 import signal
 
 bind = "127.0.0.1:8000"
-# Two worker processes per core: each worker's threads share one GIL, and a
-# worker waiting for its GIL hand-offs (gthread's main loop, SQLite calls,
-# socket writes) leaves its core idle; with two per core the other one runs.
-# Measured with bench/http_api.py on 2 cores (bench/README, session 3): 4
-# workers served the api.php inbox 15-28 % faster than 2, the User API
-# listing up to 29 %.
-workers = int(os.environ.get("TEMPMAIL_WORKERS") or 2 * (os.cpu_count() or 1))
+# One gevent worker per core (fairaccept.py): each serves its connections
+# one request after another in one thread, taking turns fairly. Measured
+# with bench/http_api.py on 2 cores (bench/README, "Session 8: HTTP"),
+# against the threaded workers it replaced (two per core, 1,100 threads
+# each, whose GIL hand-offs around every SQLite call and socket write were
+# waits): 20-34 % more requests per second, p99 a third as long.
+workers = int(os.environ.get("TEMPMAIL_WORKERS") or os.cpu_count() or 1)
+worker_class = "fairaccept.FairGeventWorker"
 # Held requests (?wait= long polls, Server-Sent Events streams) each keep a
-# thread asleep, without a database connection, until mail or their time
-# comes: a threaded worker with many threads holds a thousand of them per
-# worker while the other threads go on serving (bench/capacity.py measures
-# it; gevent was not needed, so nothing is monkey-patched under SQLite and
-# psycopg). The thread pool grows on demand, so idle threads cost nothing.
-# live.max_held_per_process (1000 by default) stays below `threads`, so at
-# least TEMPMAIL_THREADS - 1000 threads of each worker are always left for
-# ordinary requests.
-threads = int(os.environ.get("TEMPMAIL_THREADS", "1100"))
-worker_connections = threads + 200  # room for kept-alive connections beyond the busy ones
-# gthread that leaves part of a burst of new connections to its sibling
-# workers (fairaccept.py): with stock gthread one worker often took all of a
-# client's 50 keep-alive connections and served them on one core.
-worker_class = "fairaccept.FairThreadWorker"
+# greenlet asleep, without a database connection, until mail or their time
+# comes. live.max_held_per_process (1000 by default) stays below this, so at
+# least TEMPMAIL_CONNECTIONS - 1000 connections of each worker are always
+# left for ordinary requests (bench/capacity.py measures it).
+worker_connections = int(os.environ.get("TEMPMAIL_CONNECTIONS", "1300"))
 
 
 def raise_open_files(wanted: int = 8192) -> None:

@@ -1,12 +1,13 @@
-"""The web workers share a burst of new connections (fairaccept.FairThreadWorker).
+"""The web workers share a burst of new connections (fairaccept.FairGeventWorker).
 
 gunicorn runs with deploy/gunicorn.conf.py (the worker class ``make run``
 uses) and 2 workers; 200 keep-alive connections open at once, as a client's
 connection pool does, while the second worker is briefly stopped (as a
 loaded machine delays it), and each sends one request. Which worker holds each
 connection is read from the kernel (/proc/net/tcp and each worker's open
-sockets), not from the app. With stock gthread one worker often accepted
-them all (bench/README.md, "profile findings"); here both must hold some.
+sockets), not from the app. With stock gthread (the worker class before
+session 8) one worker often accepted them all (bench/README.md, "profile
+findings"), and so does stock gevent's; here both must hold some.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def test_a_burst_of_connections_is_shared_between_workers(app, tmp_path):
         time.sleep(0.5)  # the workers enter their accept loops
         _first, second = worker_pids(web.proc.pid)
         # The second worker is kept off the CPU for the first moments of the
-        # burst, as a busy machine does to a sibling: stock gthread's first
+        # burst, as a busy machine does to a sibling: stock gevent's first
         # worker then accepts everything in one tight loop before it runs.
         os.kill(second, signal.SIGSTOP)
         try:
@@ -104,5 +105,5 @@ def test_a_burst_of_connections_is_shared_between_workers(app, tmp_path):
             client.close()
         web.stop()
     assert sum(held.values()) == CONNECTIONS, held
-    # Shared, if not evenly: stock gthread left the stopped worker nothing or next to nothing.
+    # Shared, if not evenly: stock gthread and gevent left the stopped worker nothing or next to nothing.
     assert all(count >= CONNECTIONS // 10 for count in held.values()), f"one worker took (nearly) all: {held}"

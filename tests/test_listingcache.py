@@ -1,5 +1,5 @@
 """Listings answered from a worker's memory (listingcache.py) are never stale:
-through gunicorn as ``make run`` serves it (2 threaded workers, each of which
+through gunicorn as ``make run`` serves it (2 gevent workers, each of which
 has answered the listing before), with mail delivered by the real daemon, a
 new, a read and a deleted message show on the very next request through
 every worker, for api.php's inbox and the User API's listing alike (and a

@@ -1,7 +1,7 @@
 """The User API quota as counted by ``limits.QuotaBatcher`` (group commit of
 the reservations of concurrent requests): exact on both databases, through
-gunicorn as ``make run`` serves it (threaded workers, so requests of one
-worker really do share a batch)."""
+gunicorn as ``make run`` serves it (2 workers, each serving many
+connections at once, so requests of one worker can share a batch)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -77,9 +77,9 @@ def test_a_batch_that_cannot_be_written_fails_every_request_in_it(app):
 
 
 @pytest.mark.parametrize("route", ["domains", "listing"])
-def test_quota_exact_through_threaded_workers_as_shipped(app, config_file, tmp_path, backend, route, monkeypatch):
-    """``make run``'s gunicorn (deploy/gunicorn.conf.py: threaded workers, many
-    threads each), 2 workers, 80 parallel requests with 30 units left: exactly
+def test_quota_exact_through_the_workers_as_shipped(app, config_file, tmp_path, backend, route, monkeypatch):
+    """``make run``'s gunicorn (deploy/gunicorn.conf.py: gevent workers, many
+    connections each), 2 workers, 80 parallel requests with 30 units left: exactly
     30 answers 200, each with its own Used count, the others 429, and the
     count ends at the limit. ``listing``: a mailbox listing that both workers
     have answered before, so most answers are sent from memory (hotpath.py)

@@ -126,7 +126,7 @@ def test_catch_all_addresses_count_against_the_live_mailbox_cap(app_factory):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
 def test_live_mailbox_cap_is_exact_through_parallel_workers(app_factory, tmp_path):
-    """40 parallel /generate through gunicorn's threaded workers (as ``make
+    """40 parallel /generate through gunicorn's workers (as ``make
     run``), 2 places left: exactly 2 mailboxes are made, the rest 503."""
     app = app_factory({"max_live_mailboxes": 5, "rate_limits": {"mailbox_create": {"limit": 0}}})
     with app.app_context():
