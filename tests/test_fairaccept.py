@@ -107,3 +107,57 @@ def test_a_burst_of_connections_is_shared_between_workers(app, tmp_path):
     assert sum(held.values()) == CONNECTIONS, held
     # Shared, if not evenly: stock gthread and gevent left the stopped worker nothing or next to nothing.
     assert all(count >= CONNECTIONS // 10 for count in held.values()), f"one worker took (nearly) all: {held}"
+
+
+PIPELINED = 2000
+
+
+def count_answers(sock: socket.socket, seen: list, done) -> None:
+    """Read ``sock`` until it closes, counting the status lines that arrive."""
+    tail = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            done.set()
+            return
+        chunk = tail + data
+        seen[0] += chunk.count(b"HTTP/1.1 200")
+        tail = chunk[-16:]  # a status line split between two reads is counted once it is whole
+        seen[0] -= tail.count(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_busy_connection_does_not_hold_up_another_on_the_same_worker(app, tmp_path):
+    """One worker; connection A has 2,000 requests waiting in its socket
+    (pipelined), so it always has the next one at hand. B sends one request
+    once A has had 100 answers: B's answer must come after a handful more of
+    A's (2 here), not after all of them. Stock gevent served A's whole queue
+    first (B waited for 1,900 of A's answers: a greenlet that finds its next
+    request waiting never yields); a ``sleep(0)`` per request let A run 49
+    requests ahead each time, until gevent's callback loop polled the
+    sockets again (fairaccept.py)."""
+    import threading
+    web = Gunicorn(write_config(app, tmp_path / "web.json"), tmp_path / "gunicorn.log", workers=1,
+                   extra=["--config", "deploy/gunicorn.conf.py", "--access-logfile", "/dev/null"]).start()
+    try:
+        busy = socket.create_connection(("127.0.0.1", web.port), timeout=60)
+        seen, done = [0], threading.Event()
+        reader = threading.Thread(target=count_answers, args=(busy, seen, done), daemon=True)
+        reader.start()
+        request = b"GET /api.php/domains HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        busy.sendall(request * (PIPELINED - 1) + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        deadline = time.monotonic() + 60
+        while seen[0] < 100 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        at_send = seen[0]
+        other = socket.create_connection(("127.0.0.1", web.port), timeout=60)
+        other.sendall(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert other.recv(65536).startswith(b"HTTP/1.1 200")
+        at_answer = seen[0]
+        other.close()
+        assert done.wait(60)
+        busy.close()
+    finally:
+        web.stop()
+    assert seen[0] == PIPELINED  # every pipelined request was answered, in its turn
+    assert at_answer - at_send < 20, f"B waited for {at_answer - at_send} of A's answers"
