@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -136,7 +137,6 @@ def test_a_busy_connection_does_not_hold_up_another_on_the_same_worker(app, tmp_
     request waiting never yields); a ``sleep(0)`` per request let A run 49
     requests ahead each time, until gevent's callback loop polled the
     sockets again (fairaccept.py)."""
-    import threading
     web = Gunicorn(write_config(app, tmp_path / "web.json"), tmp_path / "gunicorn.log", workers=1,
                    extra=["--config", "deploy/gunicorn.conf.py", "--access-logfile", "/dev/null"]).start()
     try:
