@@ -65,6 +65,30 @@ def machine_line() -> str:
 # --------------------------------------------------------------------------
 # figures
 
+def cpu_idle_share(seconds: float) -> float:
+    """The share of the machine's CPU time that was idle over the next ``seconds`` (/proc/stat)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all but guest time
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(max_seconds: float = 5.0, idle: float = 0.85, step: float = 0.25) -> float:
+    """Wait until the CPUs were at least ``idle`` idle over one ``step``, at
+    most ``max_seconds``; returns the seconds waited. A server stopped by
+    the client still works off its backlog: MailDev's email/{id} (p50 250
+    ms under wrk) went on for seconds, and the next server measured paid
+    for it (TempMail's inbox p99 46-82 ms right after it, 23-27 ms after a
+    pause; bench/README, session 8)."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_seconds and cpu_idle_share(step) < idle:
+        pass
+    return time.monotonic() - started
+
+
 def percentile(values, pct: float) -> float:
     """Nearest-rank percentile (no interpolation: p99 of 100 samples is the 99th)."""
     if not values:

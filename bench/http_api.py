@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
             wrkutil.run(url, 2, args.connections, headers=headers)
         for rnd in range(args.rounds):
             for name, (url, headers, pids) in targets.items():
+                common.settle()  # the previous server's backlog drained first
                 before = [cpu_seconds(p) for p in pids]
                 res = wrkutil.run(url, args.seconds, args.connections, headers=headers)
                 used = [cpu_seconds(p) - b for p, b in zip(pids, before)]
