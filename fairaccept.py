@@ -34,9 +34,10 @@ Stock gevent is not fair, in two ways this module mends:
 ``gunicorn --worker-class gevent`` applies gevent's ``monkey.patch_all()``
 in the worker before it loads the app: threads (the new-mail listener, the
 quota batcher) become greenlets, locks and sleeps cooperate, and psycopg 3
-waits through gevent by itself (from 3.1.14). A SQLite call blocks the
-worker's one thread while it runs; every statement of a web request is
-bounded (indexed look-ups, a page of a mailbox at most).
+waits through gevent by itself (from 3.1.14). The price: a SQLite
+statement holds the worker's other requests while it runs, where a thread
+let the others run beside it; the web requests' statements are indexed
+look-ups and one page of one mailbox.
 """
 from __future__ import annotations
 
@@ -76,14 +77,14 @@ class FairGeventWorker(ggevent.GeventWorker):
     """gunicorn's gevent worker, taking turns between connections and,
     when it has siblings, sharing bursts of new connections with them."""
 
+    _quitting = False
+
     def run(self) -> None:
         if self.cfg.workers > 1:
             # GeventWorker.run builds its servers from this module-level
             # name; this runs in the worker process only, after the fork.
             ggevent.StreamServer = FairStreamServer
         super().run()
-
-    _quitting = False
 
     def handle_quit(self, sig, frame) -> None:
         """Quit once. Ctrl-C in ``make run`` sends SIGINT to every process of

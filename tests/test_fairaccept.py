@@ -145,13 +145,14 @@ def test_a_busy_connection_does_not_hold_up_another_on_the_same_worker(app, tmp_
         reader = threading.Thread(target=count_answers, args=(busy, seen, done), daemon=True)
         reader.start()
         request = b"GET /api.php/domains HTTP/1.1\r\nHost: localhost\r\n\r\n"
-        busy.sendall(request * (PIPELINED - 1) + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        last = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        busy.sendall(request * (PIPELINED - 1) + last)
         deadline = time.monotonic() + 60
         while seen[0] < 100 and time.monotonic() < deadline:
             time.sleep(0.001)
         at_send = seen[0]
         other = socket.create_connection(("127.0.0.1", web.port), timeout=60)
-        other.sendall(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        other.sendall(last)
         assert other.recv(65536).startswith(b"HTTP/1.1 200")
         at_answer = seen[0]
         other.close()
