@@ -89,8 +89,13 @@ def test_the_wal_starts_over_under_steady_commits(engine, stop, monkeypatch):
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO t (data) VALUES (randomblob(3000))"), [{}] * 8)
     frames = os.path.getsize(path + "-wal") // 4096
-    assert engine.connect().exec_driver_sql("SELECT count(*) FROM t").scalar() > 3000  # ~9,000 pages written
-    assert frames < 1500, f"the WAL grew to {frames} frames"
+    rows = engine.connect().exec_driver_sql("SELECT count(*) FROM t").scalar()
+    assert rows > 3000  # a page or more per row
+    # The file keeps its high-water mark: a checkpoint thread descheduled for
+    # a few tenths of a second on a busy machine (1,541 frames once, in a
+    # full run, against a limit of 300) must not fail this. Without RESTART
+    # the WAL holds every frame written: over 200,000 here.
+    assert frames < 20 * 300, f"the WAL grew to {frames} frames for {rows} rows written"
 
 
 def test_the_thread_outlives_a_failing_checkpoint(engine, stop, monkeypatch, caplog):
