@@ -52,7 +52,7 @@ from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarg
                         UnknownRecipient)
 from mimeheaders import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, plain_addresses, plain_value, safe_codec,
                          unfold)
-from models import Attachment, Domain, Mailbox, Message, Stat, db
+from models import Attachment, Domain, Mailbox, Message, MessageSource, Stat, db
 
 log = logging.getLogger("tempmail.mail")
 
@@ -369,6 +369,7 @@ class DeliveryBatch:
         self.known = mailpolicy.Lookups()
         self.copies: dict[tuple, Message] = {}
         self.stored: list[tuple[Mailbox, Message]] = []  # every new copy, for the webhook outbox
+        self.sources: list[tuple[Message, bytes]] = []  # raw bytes kept in the message's row (MessageSource)
         self.capped: list[int] = []  # mailboxes delivered to: trimmed to the cap at commit
         self.freed: list[str] = []
         self.earlier: dict[tuple, int] = {}  # (mailbox id, tag, sha, envelope from) -> id, see look_up_earlier
@@ -419,6 +420,7 @@ class DeliveryBatch:
         try:
             self.stage_files()
             insert_rows([msg for _box, msg in self.stored])
+            insert_sources(self.sources)
             # The per-mailbox cap (max_messages_per_mailbox) in the same
             # transaction: a mailbox never holds more once the delivery is durable.
             for box_id in dict.fromkeys(self.capped):
@@ -435,7 +437,7 @@ class DeliveryBatch:
             raise StoreFailed() from exc
         mailevents.delivered(boxes)  # SQLite: poke the web workers, now that it is visible
         storage.discard(self.freed)
-        self.freed, self.stored, self.capped = [], [], []
+        self.freed, self.stored, self.capped, self.sources = [], [], [], []
         if events:
             webhooks.wake()
 
@@ -444,7 +446,7 @@ class DeliveryBatch:
         db.session.rollback()
         self.pending.after_rollback()
         self.known, self.copies, self.freed, self.received = mailpolicy.Lookups(), {}, [], 0
-        self.stored, self.earlier, self.looked_up, self.capped = [], {}, set(), []
+        self.stored, self.earlier, self.looked_up, self.capped, self.sources = [], {}, set(), [], []
         self.failed = True
 
 
@@ -526,8 +528,11 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     """Stage one copy for ``box`` in the batch."""
     parts = fields.pop("attachments", [])
     columns = dict({"envelope_from": envelope_from, "envelope_to": box.address, "tag": tag}, **fields)
+    own_row = storage.source_in_row(len(raw))
     msg = new_message(mailbox_id=box.id, received_at=now(), size=len(raw), public_id=idgen.new_public_id(),
-                      raw_sha256=batch.pending.add(raw, sha), **columns)
+                      raw_sha256=sha if own_row else batch.pending.add(raw, sha), **columns)
+    if own_row:
+        batch.sources.append((msg, raw))
     # Assigned, not extended: an extended collection of a new object is not
     # marked loaded, and reading it later (the log line) cost one SELECT.
     # Not added to the session: the batch INSERTs its rows (insert_rows).
@@ -587,6 +592,20 @@ def insert_rows(msgs: list[Message]) -> None:
     for msg in msgs:
         make_transient_to_detached(msg)
         db.session.add(msg)  # persistent, as if loaded: no INSERT at the next flush
+
+
+def insert_sources(sources: list[tuple[Message, bytes]]) -> None:
+    """The raw bytes of the batch's messages that keep them in a row of
+    their own (``storage.source_in_row``), once ``insert_rows`` gave the
+    messages their ids: one multi-row INSERT per SOURCE_ROWS."""
+    rows = [{"message_id": msg.id, "data": data} for msg, data in sources]
+    database.run_in_parts(rows, ("message_id", "data"), SOURCE_ROWS, insert_source_rows)
+
+
+def insert_source_rows(count: int):
+    """The multi-row INSERT of ``count`` message sources (``message_id_<i>``, ``data_<i>``)."""
+    return insert(_src).values([{"message_id": bindparam(f"message_id_{i}", type_=_src.c.message_id.type),
+                                 "data": bindparam(f"data_{i}", type_=_src.c.data.type)} for i in range(count)])
 
 
 def row_of(obj, table) -> dict:
@@ -657,6 +676,8 @@ _MESSAGE_DEFAULTS = {column.key: column.default.arg if column.default is not Non
 _mappers_ready: list = []  # not empty once configure_mappers() ran (new_message)
 INSERT_ATTACHMENTS = insert(_att).returning(_att.c.id, sort_by_parameter_order=True)
 INSERT_ROWS = 40  # messages per multi-row INSERT: ~700 parameters, below SQLite's limit
+_src = MessageSource.__table__
+SOURCE_ROWS = 400  # message sources per multi-row INSERT: 800 parameters
 
 
 def insert_messages(count: int):

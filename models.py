@@ -403,6 +403,25 @@ class BlobChunk(db.Model):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class MessageSource(db.Model):
+    """A message's raw bytes, when they are small enough to live in the
+    database (``storage.source_in_row``): one row keyed by the message, so
+    storing it is one append to one B-tree, where a blob costs a ``blobs``
+    row and a ``blob_chunks`` row, each with an index keyed by a random
+    digest (four B-tree insertions, two of them on random pages, and two
+    statements per batch; bench/README "Session 9"). Its digest stays in
+    ``Message.raw_sha256`` for the duplicate filter. Gone with its message
+    (ON DELETE CASCADE)."""
+    __tablename__ = "message_sources"
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True,
+                                            autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+# Where a query over messages must tell the two apart: true for a message
+# whose bytes are in its own row (it names its digest, but uses no blob).
+OWN_SOURCE = select(MessageSource.message_id).where(MessageSource.message_id == Message.id).exists()
+
 _domains = Domain.__table__
 ACTIVE_NAMES = select(_domains.c.name).where(_domains.c.active.is_(True), _domains.c.type.in_(
     bindparam("types", expanding=True))).order_by(_domains.c.id)
@@ -426,9 +445,13 @@ def delete_message_rows(ids: list[int]) -> tuple[int, list[str]]:
     # must not both release its blobs, or a blob still in use is freed.
     shas = Counter(db.session.scalars(delete(Attachment).where(Attachment.message_id.in_(ids))
                                       .returning(Attachment.sha256)))
-    raw = list(db.session.scalars(delete(Message).where(Message.id.in_(ids)).returning(Message.raw_sha256)))
-    shas.update(s for s in raw if s)
-    return len(raw), Blob.release(shas)
+    # A message whose bytes are in its own row (MessageSource) holds no reference to a blob.
+    in_rows = set(db.session.scalars(delete(MessageSource).where(MessageSource.message_id.in_(ids))
+                                     .returning(MessageSource.message_id)))
+    gone = db.session.execute(delete(Message).where(Message.id.in_(ids))
+                              .returning(Message.id, Message.raw_sha256)).all()
+    shas.update(sha for msg_id, sha in gone if sha and msg_id not in in_rows)
+    return len(gone), Blob.release(shas)
 
 
 # --------------------------------------------------------------------------

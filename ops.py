@@ -326,9 +326,10 @@ def _reparse_one(msg_id: int, parse) -> bool:
     a fresh parse of its raw blob, in one transaction of its own (a failure
     keeps the others). Envelope, read flag and ids stay."""
     msg = db.session.get(Message, msg_id)
-    if msg is None or not storage.exists(msg.raw_sha256):
+    raw = storage.read_source(msg) if msg is not None else None
+    if raw is None:
         return False
-    parsed = parse(storage.read(msg.raw_sha256))
+    parsed = parse(raw)
     for key in REPARSED_FIELDS:
         setattr(msg, key, parsed[key])
     msg.revision = (msg.revision or 0) + 1  # what a web worker kept of it is stale now

@@ -25,8 +25,8 @@ import clock
 import metrics
 import storage
 import webhooks
-from models import (ApiKey, Attachment, Blob, BlobChunk, Domain, Mailbox, Message, Stat, User, cfg, db,
-                    delete_message_rows)
+from models import (OWN_SOURCE, ApiKey, Attachment, Blob, BlobChunk, Domain, Mailbox, Message, Stat, User,
+                    cfg, db, delete_message_rows)
 
 log = logging.getLogger("tempmail.retention")
 Progress = Optional[Callable[[int], None]]
@@ -184,7 +184,7 @@ def _unlink_unreferenced(chunk: dict[str, tuple[str, Path]]) -> list[str]:
 def _drop_unused_blob_rows(batch_size: int) -> list[str]:
     """Blob rows whose users vanished without releasing them (an expired
     mailbox re-claimed by a new one, a crash between two transactions)."""
-    used_raw = select(Message.id).where(Message.raw_sha256 == Blob.sha256).exists()
+    used_raw = select(Message.id).where(Message.raw_sha256 == Blob.sha256, ~OWN_SOURCE).exists()
     used_att = select(Attachment.id).where(Attachment.sha256 == Blob.sha256).exists()
     names = list(db.session.scalars(select(Blob.sha256).where(~used_raw, ~used_att).limit(batch_size)))
     if names:
@@ -226,14 +226,15 @@ def _remove_empty_folders(grace_seconds: float) -> None:
 def find_missing(batch_size: int = 500) -> dict:
     """Rows whose blob bytes are gone: ``{"messages": [ids], "attachments": [ids]}``.
     Only reported (such a message still shows its parsed text); never raises."""
-    return {"messages": _missing(Message.id, Message.raw_sha256, batch_size),
+    # A message whose bytes are in its own row has no blob to miss.
+    return {"messages": _missing(Message.id, Message.raw_sha256, batch_size, ~OWN_SOURCE),
             "attachments": _missing(Attachment.id, Attachment.sha256, batch_size)}
 
 
-def _missing(id_col, sha_col, batch_size: int) -> list[int]:
+def _missing(id_col, sha_col, batch_size: int, *where) -> list[int]:
     missing, last = [], 0
     while True:
-        rows = db.session.execute(select(id_col, sha_col).where(id_col > last, sha_col.is_not(None))
+        rows = db.session.execute(select(id_col, sha_col).where(id_col > last, sha_col.is_not(None), *where)
                                   .order_by(id_col).limit(batch_size)).all()
         if not rows:
             return missing

@@ -50,7 +50,7 @@ from sqlalchemy import LargeBinary, bindparam, select, text
 
 import database
 import walsync
-from models import Blob, BlobChunk, db
+from models import Blob, BlobChunk, MessageSource, db
 
 log = logging.getLogger("tempmail.storage")
 
@@ -85,6 +85,15 @@ def home(backend: str, size: int) -> str:
 def in_file(size: int) -> bool:
     """Whether a new blob of ``size`` bytes is written as a file."""
     return home(backend_name(), size) == "filesystem"
+
+
+def source_in_row(size: int) -> bool:
+    """Whether a new message's raw bytes (``size`` of them) go in a row of
+    their own (``models.MessageSource``) rather than a blob: when the
+    configuration keeps a blob of that size in the database anyway, and it
+    fits in one chunk. Copies of the same bytes in several mailboxes then
+    each have their row: at these sizes, cheaper than sharing a blob."""
+    return size <= CHUNK and home(backend_name(), size) == "database"
 
 
 def fsync_enabled() -> bool:
@@ -426,16 +435,56 @@ def download(sha: Optional[str], mimetype: str, name: str) -> Optional[Response]
     if where == "filesystem":
         resp = send_file(blob_path(sha), mimetype=mimetype, as_attachment=True, download_name=name,
                          max_age=0)
-    else:
-        resp = Response(stream_rows(db.engine, sha), mimetype=mimetype)
-        size = db.session.scalar(select(Blob.size).where(Blob.sha256 == sha))
-        if size is not None:
-            resp.content_length = size  # lets the client notice a stream cut short
-        resp.headers.set("Content-Disposition", "attachment", filename=name)
-        resp.headers["Cache-Control"] = "no-cache"
+        return guarded(resp)
+    resp = Response(stream_rows(db.engine, sha), mimetype=mimetype)
+    size = db.session.scalar(select(Blob.size).where(Blob.sha256 == sha))
+    if size is not None:
+        resp.content_length = size  # lets the client notice a stream cut short
+    return as_download(resp, name)
+
+
+def as_download(resp: Response, name: str) -> Response:
+    """``resp`` as an attachment named ``name``, revalidated, never rendered."""
+    resp.headers.set("Content-Disposition", "attachment", filename=name)
+    resp.headers["Cache-Control"] = "no-cache"
+    return guarded(resp)
+
+
+def guarded(resp: Response) -> Response:
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return resp
+
+
+# --------------------------------------------------------------------------
+# a message's raw bytes: its own row (MessageSource), else its blob
+
+def own_source(msg_id: int) -> Optional[bytes]:
+    """The raw bytes kept in the message's own row, or None."""
+    data = db.session.scalar(select(MessageSource.data).where(MessageSource.message_id == msg_id))
+    return bytes(data) if data is not None else None
+
+
+def source_chunks(msg) -> Optional[Iterator[bytes]]:
+    """The message ``msg`` exactly as received, in pieces; None when gone."""
+    data = own_source(msg.id)
+    if data is not None:
+        return iter((data,))
+    return iter_chunks(msg.raw_sha256) if exists(msg.raw_sha256) else None
+
+
+def read_source(msg) -> Optional[bytes]:
+    """The whole message ``msg`` as received (for re-parsing); None when gone."""
+    chunks = source_chunks(msg)
+    return b"".join(chunks) if chunks is not None else None
+
+
+def download_source(msg, name: str) -> Optional[Response]:
+    """The message ``msg`` as received, as a ``message/rfc822`` download; None when gone."""
+    data = own_source(msg.id)
+    if data is None:
+        return download(msg.raw_sha256, "message/rfc822", name)
+    return as_download(Response(data, mimetype="message/rfc822"), name)
 
 
 # --------------------------------------------------------------------------

@@ -477,10 +477,11 @@ def raw_source(msg: Message) -> Optional[Source]:
     """The first SOURCE_LIMIT bytes of the stored ``.eml``, as text: undecodable
     bytes replaced and control characters made visible, so nothing in it can
     act on the page (Jinja escapes the rest). None when the blob is gone."""
-    if not storage.exists(msg.raw_sha256):
+    chunks = storage.source_chunks(msg)
+    if chunks is None:
         return None
     head = b""
-    for chunk in storage.iter_chunks(msg.raw_sha256):
+    for chunk in chunks:
         head += chunk[:SOURCE_LIMIT - len(head)]
         if len(head) >= SOURCE_LIMIT:
             break
@@ -545,7 +546,7 @@ def qr_code(token: Optional[str]):
 def message_raw(token: Optional[str], msg_id: int):
     """The message exactly as it was received, as a ``.eml`` download."""
     msg = scope_for(token).message(msg_id)
-    resp = storage.download(msg.raw_sha256, "message/rfc822", f"message-{msg.id}.eml")
+    resp = storage.download_source(msg, f"message-{msg.id}.eml")
     if resp is None:
         abort(404)
     return resp

@@ -141,6 +141,21 @@ def test_reparse_command_refreshes_fields_and_attachments(app, runner):
     assert not old_file.exists()
 
 
+def test_reparse_reads_a_message_kept_in_a_row_of_its_own(app, runner):
+    """As shipped a small message's bytes are a row of their own, not a blob
+    (``storage.source_in_row``): ``flask reparse`` reads them from there."""
+    app.config["TEMPMAIL"]["storage"]["inline_max_bytes"] = 131072  # as shipped (the suite's app: files)
+    with app.app_context():
+        msg = mailhandler.store_message(new_box(), {"subject": "stale"}, RAW)
+        db.session.commit()
+        msg_id = msg.id
+        assert storage.own_source(msg_id) == RAW and not storage.exists(msg.raw_sha256)
+    result = runner.invoke(args=["reparse", "--id", str(msg_id)])
+    assert result.exit_code == 0 and "Re-parsed 1 message." in result.stdout, result.output
+    with app.app_context():
+        assert db.session.get(Message, msg_id).subject == "Fresh subject"
+
+
 def test_reparse_command_skips_missing_raw_and_bad_ids(app, runner):
     with app.app_context():
         msg = mailhandler.store_message(new_box(), {"subject": "kept"}, RAW)

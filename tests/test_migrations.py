@@ -184,6 +184,26 @@ def test_workers_starting_together_agree(make_app):
         assert versions(conn) == [HEAD]
 
 
+def test_downgrade_before_message_sources_makes_each_one_a_blob_again(make_app):
+    """0006's downgrade: the bytes of messages kept in rows of their own
+    become blobs again, which the older code reads (two copies of the same
+    bytes: one blob, counted twice)."""
+    import mailhandler
+    raw = b"Subject: own row\r\n\r\nthe same bytes twice\r\n"
+    app = make_app()
+    with app.app_context():
+        boxes = [Mailbox.create(name, Domain.by_name("example.com"), 3600).address for name in ("one", "two")]
+        shas = {m.raw_sha256 for box in boxes for m in mailhandler.deliver(raw, [box])}
+        assert db.session.execute(text("SELECT count(*) FROM message_sources")).scalar() == 2
+    dispose([app])
+    result = app.test_cli_runner().invoke(db_cli, ["downgrade", "0005"])
+    assert result.exit_code == 0, result.output
+    with app.app_context(), db.engine.connect() as conn:
+        assert versions(conn) == ["0005"] and "message_sources" not in inspect(conn).get_table_names()
+        assert conn.execute(text("SELECT sha256, refs FROM blobs")).all() == [(shas.pop(), 2)]
+        assert conn.execute(text("SELECT data FROM blob_chunks")).scalars().all() == [raw]
+
+
 def test_downgrade_to_the_first_release_keeps_every_file_reachable(make_app):
     """0002's downgrade: rows name their blob's file by a path again, and the
     file is there (the database backend's chunks written out first)."""

@@ -5,6 +5,7 @@ not doubled; and the plain-reply shortcut of ``SMTPChannel.push`` sends
 exactly what the escaping path would."""
 from __future__ import annotations
 
+import base64
 import contextlib
 
 import pytest
@@ -14,7 +15,7 @@ import database
 import logsafe
 import smtpserver
 import storage
-from models import Domain, Mailbox, Message, db
+from models import Attachment, Domain, Mailbox, Message, db
 
 SHIPPED_STORAGE = {"storage": {"inline_max_bytes": 131072}}  # small blobs as rows, as shipped
 
@@ -99,25 +100,33 @@ def test_the_writer_stores_what_sqlalchemy_would_write(app_factory):
             written = date_type.dialect_impl(db.engine.dialect).bind_processor(db.engine.dialect)
             assert received == (written(msg.received_at) if written else msg.received_at)
             assert not is_read
-        assert storage.read(stored["batch 1"].raw_sha256) == bytes(message(1))
+        # A small message keeps its bytes in a row of its own, not in a blob.
+        assert storage.own_source(stored["batch 1"].id) == storage.read_source(stored["batch 1"]) == bytes(message(1))
+        assert db.session.execute(text("SELECT count(*) FROM blobs")).scalar() == 0
 
 
 def test_a_left_over_chunk_row_is_replaced_not_doubled(app_factory):
     app = app_factory(SHIPPED_STORAGE)
     with app.app_context():
         Mailbox.create("alice", Domain.by_name("example.com"), 3600)
-        raw = message(7)
-        sha = storage.digest(bytes(raw))
+        data = b"left over attachment bytes"
+        sha = storage.digest(data)
         # A chunk row with no blobs row: a migration copy that raced the blob's deletion.
         db.session.execute(text("INSERT INTO blob_chunks (sha256, seq, data) VALUES (:sha, 0, :data)"),
-                           {"sha": sha, "data": bytes(raw)})
+                           {"sha": sha, "data": data})
         db.session.commit()
-        one = job(7, ["alice@example.com"])
+        one = smtpserver.Job(bytearray(
+            b"From: <s@source.test>\r\nSubject: att\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+            b"--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a.bin\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(data) + b"\r\n--b--\r\n"),
+            ["alice@example.com"], "s@source.test", "test", None)
         smtpserver.store_batch([one])
         assert one.reply.startswith("250 ")
+        assert db.session.query(Attachment).one().sha256 == sha
         rows = db.session.execute(text("SELECT count(*) FROM blob_chunks WHERE sha256 = :sha"), {"sha": sha})
         assert rows.scalar() == 1
-        assert storage.read(sha) == bytes(raw)
+        assert storage.read(sha) == data
 
 
 @pytest.mark.parametrize("reply", [

@@ -28,7 +28,7 @@ from conftest import TEST_DOMAINS, dispose
 import mailhandler
 import retention
 import storage
-from models import Attachment, Blob, BlobChunk, Domain, Mailbox, Message, db
+from models import OWN_SOURCE, Attachment, Blob, BlobChunk, Domain, Mailbox, Message, MessageSource, db
 
 MIB = 1 << 20
 INLINE_MAX = 128 * 1024  # settings.py's default storage.inline_max_bytes
@@ -69,6 +69,12 @@ def store(box: Mailbox, subject: str, *blobs: bytes) -> Message:
     return mailhandler.store_message(box, {"subject": subject}, raw, parts)
 
 
+def raw_blobs(store: str, *msgs: Message) -> set:
+    """The digests of ``msgs`` whose raw bytes ``store`` keeps as blobs (the
+    others are rows of their own: ``storage.source_in_row``)."""
+    return {m.raw_sha256 for m in msgs if not (kept_in(store, m.size) == "database" and m.size <= storage.CHUNK)}
+
+
 def copies(sha: str) -> dict:
     """Where the bytes of ``sha`` are kept right now: a file? how many chunk rows?"""
     chunks = db.session.scalar(select(func.count()).select_from(BlobChunk).where(BlobChunk.sha256 == sha))
@@ -86,8 +92,9 @@ def refs(sha: str):
 
 
 def users_of(sha: str) -> int:
-    """Rows that really name ``sha`` (what ``blobs.refs`` must equal)."""
-    raw = db.session.scalar(select(func.count(Message.id)).where(Message.raw_sha256 == sha))
+    """Rows that really name ``sha`` (what ``blobs.refs`` must equal); a
+    message whose bytes are in a row of its own does not use a blob."""
+    raw = db.session.scalar(select(func.count(Message.id)).where(Message.raw_sha256 == sha, ~OWN_SOURCE))
     att = db.session.scalar(select(func.count(Attachment.id)).where(Attachment.sha256 == sha))
     return raw + att
 
@@ -101,11 +108,12 @@ def assert_counts_exact() -> None:
 
 
 def nothing_stored(app) -> bool:
-    """No blob row, no chunk row, no blob file."""
+    """No blob row, no chunk row, no blob file, no message's own row."""
     rows = db.session.scalar(select(func.count()).select_from(Blob))
     chunks = db.session.scalar(select(func.count()).select_from(BlobChunk))
+    sources = db.session.scalar(select(func.count()).select_from(MessageSource))
     files = [p for p in (Path(app.config["UPLOADS_DIR"]) / "blobs").rglob("*") if p.is_file()]
-    return rows == 0 and chunks == 0 and not files
+    return rows == 0 and chunks == 0 and sources == 0 and not files
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +134,31 @@ def test_each_blob_is_stored_once_and_freed_with_its_last_user(store_app, blob_b
         assert storage.read(storage.digest(other)) == other
         storage.commit_removal(msgs[3].delete())
         assert nothing_stored(store_app)
+
+
+@pytest.mark.parametrize("size", [20, MIB - 100, MIB + 1])
+def test_a_message_reads_back_as_received_wherever_its_bytes_are(store_app, blob_backend, size):
+    """A message's raw bytes are a row of its own where the store keeps a
+    blob of that size in the database (one chunk at most), else a blob.
+    Either way they read back and download exactly, the integrity check
+    misses nothing, and deleting the message leaves nothing behind."""
+    raw = b"Subject: source\r\n\r\n" + b"x" * size + b"\r\n"
+    with store_app.app_context():
+        msg = mailhandler.store_message(new_box("source"), {"subject": "source"}, raw)
+        in_row = kept_in(blob_backend, len(raw)) == "database" and len(raw) <= storage.CHUNK
+        assert (storage.own_source(msg.id) is not None) == in_row
+        assert refs(msg.raw_sha256) == (None if in_row else 1)
+        assert storage.read_source(msg) == raw and b"".join(storage.source_chunks(msg)) == raw
+        assert retention.find_missing() == {"messages": [], "attachments": []}
+        with store_app.test_request_context():
+            resp = storage.download_source(msg, "m.eml")
+            resp.direct_passthrough = False
+            assert resp.get_data() == raw and resp.mimetype == "message/rfc822"
+            assert resp.headers["Content-Disposition"].startswith("attachment")
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+            resp.close()
+        storage.commit_removal(msg.delete())
+        assert nothing_stored(store_app) and storage.read_source(msg) is None
 
 
 @pytest.mark.parametrize("size", [0, 1, MIB - 1, MIB, MIB + 1, 3 * MIB + 5])
@@ -209,7 +242,7 @@ def observe(engine) -> dict:
     """What another connection sees committed: message rows, blob rows, chunk rows."""
     with engine.connect() as conn:
         return {name: conn.scalar(text(f"SELECT count(*) FROM {name}"))
-                for name in ("messages", "blobs", "blob_chunks")}
+                for name in ("messages", "blobs", "blob_chunks", "message_sources")}
 
 
 def test_a_commit_carries_the_bytes_with_the_rows(store_app, blob_backend):
@@ -234,12 +267,13 @@ def test_a_commit_carries_the_bytes_with_the_rows(store_app, blob_backend):
             event.remove(db.session, "before_commit", before_commit)
         after = observe(engine)
         sha = msg.attachments[0].sha256
-    assert seen["before"] == {"messages": 0, "blobs": 0, "blob_chunks": 0}
+    assert seen["before"] == {"messages": 0, "blobs": 0, "blob_chunks": 0, "message_sources": 0}
     assert seen["file_before"] == (kept_in(blob_backend, len(data)) == "filesystem")
-    # The attachment: 3 chunks in the database; the small raw message: 1 row unless in a file.
+    # The attachment: 3 chunks in the database; the small raw message: a
+    # row of its own where the store keeps small blobs in the database, else a file.
     chunks = 3 if blob_backend == "database" else 0
-    raw_rows = 0 if blob_backend == "filesystem" else 1
-    assert after == {"messages": 1, "blobs": 2, "blob_chunks": chunks + raw_rows}
+    in_row = blob_backend != "filesystem"
+    assert after == {"messages": 1, "blobs": 1 if in_row else 2, "blob_chunks": chunks, "message_sources": int(in_row)}
     with store_app.app_context():
         assert hashlib.sha256(storage.read(sha)).hexdigest() == sha
 
@@ -298,12 +332,16 @@ def test_a_rolled_back_delivery_leaves_nothing(store_app, blob_backend):
             event.remove(db.session, "before_commit", fail)
         assert db.session.scalar(select(func.count(Message.id))) == 1
         assert refs(kept_sha) == 1 and storage.read(kept_sha) == kept_bytes
-        assert {sha for (sha,) in db.session.execute(select(Blob.sha256))} == {kept_sha, kept.raw_sha256}
-        small = {kept_sha, kept.raw_sha256}  # both small: rows unless every blob is a file
+        # The kept message's raw bytes: a blob (a file) when every blob is a
+        # file, else a row of its own; its attachment: a file, else a chunk row.
+        in_files = blob_backend == "filesystem"
+        blobs = {kept_sha, kept.raw_sha256} if in_files else {kept_sha}
+        assert {sha for (sha,) in db.session.execute(select(Blob.sha256))} == blobs
+        assert db.session.scalar(select(func.count()).select_from(MessageSource)) == (0 if in_files else 1)
         rows = set(db.session.scalars(select(BlobChunk.sha256).distinct()))
-        assert rows == (set() if blob_backend == "filesystem" else small)
+        assert rows == (set() if in_files else blobs)
         files = {p.name for p in (Path(store_app.config["UPLOADS_DIR"]) / "blobs").rglob("*") if p.is_file()}
-        assert files == (small if blob_backend == "filesystem" else set())
+        assert files == (blobs if in_files else set())
 
 
 # --------------------------------------------------------------------------
@@ -321,7 +359,7 @@ def test_purge_frees_the_blobs_only_expired_mail_used(store_app, blob_backend, c
         assert refs(storage.digest(shared)) == 1 and storage.read(storage.digest(shared)) == shared
         assert copies(storage.digest(alone)) == {"file": False, "chunks": 0}
         assert {sha for (sha,) in db.session.execute(select(Blob.sha256))} == {
-            storage.digest(shared), keep.raw_sha256}
+            storage.digest(shared)} | raw_blobs(blob_backend, keep)
         assert_counts_exact()
 
 
@@ -343,16 +381,34 @@ def test_orphan_sweep_and_missing_bytes(store_app, blob_backend):
         assert not storage.exists(storage.digest(stray)) and not storage.exists(storage.digest(loose))
         assert_counts_exact()
         assert retention.find_missing() == {"messages": [], "attachments": []}
-        lose(a.raw_sha256)
+        lose(a.raw_sha256, a.id)
         lose(b.attachments[1].sha256)
         assert retention.find_missing(batch_size=1) == {"messages": [a.id], "attachments": [b.attachments[1].id]}
 
 
-def lose(sha: str) -> None:
-    """The bytes of ``sha`` vanish behind the application's back (a disk
-    error, an operator's rm, a bad restore)."""
+def test_a_blob_that_only_a_message_with_its_own_row_names_is_swept(store_app, blob_backend):
+    """A message whose bytes are in its own row names its digest but uses no
+    blob: a leaked blob row of the same bytes is an orphan (and where the
+    message's bytes are that blob, the blob is used and stays)."""
+    raw = b"Subject: own\r\n\r\nown row\r\n"
+    with store_app.app_context():
+        msg = mailhandler.store_message(new_box("ownrow"), {"subject": "own"}, raw)
+        pending = storage.PendingBlobs()
+        pending.add(raw)  # a reference nobody holds: a crash between two transactions
+        storage.commit_durably(pending)
+        in_row = storage.own_source(msg.id) is not None
+        assert in_row == (blob_backend != "filesystem")
+        assert (msg.raw_sha256 in retention.remove_orphans(grace_seconds=0)) == in_row
+        assert storage.read_source(msg) == raw
+
+
+def lose(sha: str, msg_id: int = 0) -> None:
+    """The bytes of ``sha`` (and message ``msg_id``'s own row of them)
+    vanish behind the application's back (a disk error, an operator's rm,
+    a bad restore)."""
     storage.blob_path(sha).unlink(missing_ok=True)
     db.session.execute(BlobChunk.__table__.delete().where(BlobChunk.__table__.c.sha256 == sha))
+    db.session.execute(MessageSource.__table__.delete().where(MessageSource.__table__.c.message_id == msg_id))
     db.session.commit()
 
 

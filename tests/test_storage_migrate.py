@@ -79,13 +79,16 @@ def test_migrate_while_mail_arrives_then_switch_and_catch_up(app_factory, source
         assert held_by(target) == held_by(source) == set(db.session.scalars(select(Blob.sha256)))
         # Mail keeps arriving on the old backend between the two runs.
         later = store_some(db.session.get(Mailbox, box.id), 3, tag="late")
-        late = db.session.scalar(select(func.count(Blob.sha256))) - total  # a raw and two parts each
+        # Two parts each, and the raw unless the database backend kept it in a row of its own.
+        late = db.session.scalar(select(func.count(Blob.sha256))) - total
         db.session.rollback()
     new = app_factory({"storage": {"backend": target, "inline_max_bytes": 0}})
     download_all(new, first + later)  # the late blobs are read from the old backend meanwhile
     with new.app_context():  # a late message deleted before the catch-up takes its old copies along
         doomed = db.session.get(Message, later.pop())
-        gone = {doomed.raw_sha256} | {a.sha256 for a in doomed.attachments}
+        # Its raw bytes are a blob unless the database backend kept them in a row of their own.
+        raw_blob = {doomed.raw_sha256} if storage.own_source(doomed.id) is None else set()
+        gone = raw_blob | {a.sha256 for a in doomed.attachments}
         storage.commit_removal(doomed.delete())
         assert not gone & (held_by("database") | held_by("filesystem"))
         late -= len(gone)

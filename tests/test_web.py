@@ -165,6 +165,24 @@ def test_message_page_marks_read_and_offers_downloads(app, client):
     assert raw.mimetype == "message/rfc822" and ".eml" in raw.headers["Content-Disposition"]
 
 
+def test_a_message_kept_in_a_row_of_its_own_downloads_and_shows_its_source(app, client):
+    """As shipped, a small message's bytes are a row of their own
+    (``storage.source_in_row``), not a blob: the .eml download and the
+    source view read them from there, byte for byte."""
+    app.config["TEMPMAIL"]["storage"]["inline_max_bytes"] = 131072  # as shipped (the suite's app: files)
+    address = page_address(client)
+    msg_id = deliver(app, address, subject="Own row", text="kept beside its message")
+    with app.app_context():
+        kept = storage.own_source(msg_id)
+        assert kept is not None and b"Subject: Own row" in kept
+        assert db.session.scalar(select(models.Blob.sha256)) is None  # no blob at all
+    raw = client.get(f"/web/messages/{msg_id}/raw")
+    assert raw.status_code == 200 and raw.data == kept and raw.mimetype == "message/rfc822"
+    assert raw.headers["Content-Disposition"].startswith("attachment") and raw.headers["Content-Length"] == str(len(kept))
+    source = client.get(f"/web/messages/{msg_id}?view=source").get_data(as_text=True)
+    assert "Subject: Own row" in source and "kept beside its message" in source
+
+
 def test_html_message_is_shown_in_a_sandboxed_frame(app, client):
     address = page_address(client)
     msg_id = deliver(app, address, html='<p>Hi<img src="https://tracker.example/p.gif"></p>')
