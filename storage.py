@@ -451,6 +451,7 @@ def as_download(resp: Response, name: str) -> Response:
 
 
 def guarded(resp: Response) -> Response:
+    """``resp`` never sniffed, rendered or scripted by the browser, whatever its bytes."""
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return resp
