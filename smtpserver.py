@@ -729,7 +729,7 @@ def store_batch(jobs: list[Job]) -> None:
     in one query, the domains and the mailboxes of all recipients in
     another, the rows of all messages go in multi-row INSERTs, and the
     stats counter gets one UPDATE."""
-    batch = mailhandler.DeliveryBatch()
+    batch = mailhandler.DeliveryBatch(attach=False)  # its messages are only logged
     staged: list[tuple[Job, list]] = []
     shas = [job.sha or storage.digest(job.raw) for job in jobs]
     try:
