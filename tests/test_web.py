@@ -178,7 +178,8 @@ def test_a_message_kept_in_a_row_of_its_own_downloads_and_shows_its_source(app, 
         assert db.session.scalar(select(models.Blob.sha256)) is None  # no blob at all
     raw = client.get(f"/web/messages/{msg_id}/raw")
     assert raw.status_code == 200 and raw.data == kept and raw.mimetype == "message/rfc822"
-    assert raw.headers["Content-Disposition"].startswith("attachment") and raw.headers["Content-Length"] == str(len(kept))
+    assert raw.headers["Content-Disposition"].startswith("attachment")
+    assert raw.headers["Content-Length"] == str(len(kept))
     source = client.get(f"/web/messages/{msg_id}?view=source").get_data(as_text=True)
     assert "Subject: Own row" in source and "kept beside its message" in source
 
