@@ -523,17 +523,21 @@ def stage(raw: bytes, targets: list, envelope_from: str, batch: DeliveryBatch, d
         earlier = earlier_copy(box, tag, sha, envelope_from, batch) if dedupe else None
         if earlier is None and fields is None:
             fields = parse_message(raw)
-        msgs.append(earlier or store_copy(box, tag, dict(fields or {}), raw, sha, envelope_from, batch))
+        msgs.append(earlier or store_copy(box, tag, dict(fields or {}), raw, sha, envelope_from, batch,
+                                          copies=len(targets)))
         batch.capped.append(box.id)
     return msgs
 
 
 def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: str,
-               envelope_from: str, batch: DeliveryBatch) -> Message:
-    """Stage one copy for ``box`` in the batch."""
+               envelope_from: str, batch: DeliveryBatch, copies: int = 1) -> Message:
+    """Stage one copy for ``box`` in the batch, one of ``copies`` this delivery stores."""
     parts = fields.pop("attachments", [])
     columns = dict({"envelope_from": envelope_from, "envelope_to": box.address, "tag": tag}, **fields)
-    own_row = storage.source_in_row(len(raw))
+    # A row of its own only for a message stored once: one sent to many
+    # recipients shares one blob, so a sender cannot make us store its bytes
+    # once per RCPT (SECURITY.md, "8a. Disk").
+    own_row = copies == 1 and storage.source_in_row(len(raw))
     msg = new_message(mailbox_id=box.id, received_at=now(), size=len(raw), public_id=idgen.new_public_id(),
                       raw_sha256=sha if own_row else batch.pending.add(raw, sha), **columns)
     if own_row:

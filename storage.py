@@ -91,8 +91,8 @@ def source_in_row(size: int) -> bool:
     """Whether a new message's raw bytes (``size`` of them) go in a row of
     their own (``models.MessageSource``) rather than a blob: when the
     configuration keeps a blob of that size in the database anyway, and it
-    fits in one chunk. Copies of the same bytes in several mailboxes then
-    each have their row: at these sizes, cheaper than sharing a blob."""
+    fits in one chunk. Only for a message stored once: one delivered to
+    several mailboxes shares a blob (``mailhandler.store_copy``)."""
     return size <= CHUNK and home(backend_name(), size) == "database"
 
 

@@ -386,6 +386,22 @@ def test_orphan_sweep_and_missing_bytes(store_app, blob_backend):
         assert retention.find_missing(batch_size=1) == {"messages": [a.id], "attachments": [b.attachments[1].id]}
 
 
+def test_a_message_to_several_mailboxes_shares_one_blob(store_app, blob_backend):
+    """Only a message stored once keeps its bytes in a row of its own: one
+    delivery to several mailboxes stores its bytes once, as one blob they
+    all count, so a sender cannot multiply its bytes on disk by its RCPTs."""
+    raw = b"Subject: many\r\n\r\n" + b"m" * 60_000 + b"\r\n"
+    with store_app.app_context():
+        boxes = [new_box(f"many{i}").address for i in range(10)]
+        msgs = mailhandler.deliver(raw, boxes)
+        assert len(msgs) == 10 and {m.raw_sha256 for m in msgs} == {storage.digest(raw)}
+        assert refs(storage.digest(raw)) == 10 and copies(storage.digest(raw)) == expected_copies(
+            blob_backend, len(raw))
+        assert db.session.scalar(select(func.count()).select_from(MessageSource)) == 0
+        assert all(storage.read_source(m) == raw for m in msgs)
+        print(f"\n[storage {blob_backend}] a {len(raw):,}-byte message to 10 mailboxes: its bytes stored once")
+
+
 def test_a_blob_that_only_a_message_with_its_own_row_names_is_swept(store_app, blob_backend):
     """A message whose bytes are in its own row names its digest but uses no
     blob: a leaked blob row of the same bytes is an orphan (and where the
