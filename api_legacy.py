@@ -369,8 +369,7 @@ def attachment_file(raw_id: str, name: str):
 
 def send_attachment(att: Attachment):
     """An attachment's bytes as a download that no browser renders inline."""
-    resp = storage.download(att.sha256, att.content_type or "application/octet-stream",
-                            att.filename or "attachment")
+    resp = storage.download_attachment(att)
     if resp is None:
         json_abort(404, error="Attachment file missing")
     return resp

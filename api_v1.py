@@ -411,8 +411,7 @@ def delete_message(public_id: str):
 @bp.get("/messages/<public_id>/attachments/<path:name>")
 def attachment(public_id: str, name: str):
     att = owned_message(public_id).attachment_named(name)
-    resp = storage.download(att.sha256, att.content_type or "application/octet-stream",
-                            att.filename) if att is not None else None
+    resp = storage.download_attachment(att) if att is not None else None
     if resp is None:
         raise ApiError(404, "Attachment not found.")
     return resp

@@ -331,6 +331,7 @@ class BodyCuts:
         with memoryview(self.raw) as view:
             if payload == marker:  # the whole payload, its line ending stripped (or at the end of input)
                 part._payload = str(view[start:stop - len(ending)], "ascii", "surrogateescape")
+                part.source_span = (start, stop - len(ending))  # its payload's bytes in the raw message
             elif ending and payload.startswith(marker + ending):
                 rest = payload[len(marker) + len(ending):]
                 part._payload = str(view[start:stop], "ascii", "surrogateescape") + rest

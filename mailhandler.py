@@ -13,7 +13,6 @@ known weaknesses) lives in ``smtpserver.py``.
 """
 from __future__ import annotations
 
-import binascii
 import email.header
 import email.utils
 import logging
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import click
-import pybase64
 from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import bindparam, insert, select
@@ -50,8 +48,8 @@ from htmltext import html_to_text
 from mailparse import PARSE_POLICY, BoundedMessage, line_extent, parse_bytes
 from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
                         UnknownRecipient)
-from mimeheaders import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, plain_addresses, plain_value, safe_codec,
-                         unfold)
+from mimeheaders import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, SPAN_CODECS, decode_transfer,
+                         plain_addresses, plain_value, safe_codec, unfold)
 from models import Attachment, Domain, Mailbox, Message, MessageSource, Stat, db
 
 log = logging.getLogger("tempmail.mail")
@@ -239,45 +237,28 @@ def join_and_clear(parts: list[str]) -> str:
 
 
 def part_bytes(part: BoundedMessage) -> bytes:
+    """The decoded body of a leaf part (see ``leaf_bytes``)."""
+    return leaf_bytes(part)[0]
+
+
+def leaf_bytes(part: BoundedMessage) -> tuple[bytes, Optional[str]]:
     """The decoded body of a leaf part, which is then dropped from the parsed
-    tree (its last use: a 25 MiB body is not held twice while it is decoded).
-    Base64 and quoted-printable are decoded in C straight from the payload
-    (the stdlib first splits base64 into lines and joins them again, several
-    copies of a 25 MiB attachment); uuencode and base64 that needs more
-    than padding go the stdlib way."""
+    tree (its last use: a 25 MiB body is not held twice while it is decoded),
+    and the transfer encoding it was decoded from by
+    ``mimeheaders.decode_transfer`` ("" for none), or None when it took the
+    stdlib's way. Base64 and quoted-printable are decoded in C straight from
+    the payload (the stdlib first splits base64 into lines and joins them
+    again, several copies of a 25 MiB attachment); uuencode and base64 that
+    needs more than padding go the stdlib way."""
     cte, data = transfer_encoding(part), None
-    if cte not in ("x-uuencode", "uuencode", "uue", "x-uue"):
-        data = part.payload_bytes()
-        if cte == "quoted-printable":
-            data = binascii.a2b_qp(data)
-        elif cte == "base64":
-            data = decode_base64(data)
+    if cte in SPAN_CODECS:
+        data = decode_transfer(part.payload_bytes(), cte)
+    elif cte not in ("x-uuencode", "uuencode", "uue", "x-uue"):
+        data, cte = part.payload_bytes(), None  # an unknown encoding: kept as it came
     if data is None:
-        data = part.get_payload(decode=True) or b""
+        data, cte = part.get_payload(decode=True) or b"", None
     part.set_payload(None)
-    return data
-
-
-def decode_base64(data: bytes) -> Optional[bytes]:
-    """Base64 with what is not base64 ignored and missing padding added, or
-    None when even that fails (the stdlib then keeps what it can).
-
-    Well-formed base64 (only line breaks besides the alphabet, padded right,
-    nothing after the padding) is decoded by pybase64 with SIMD, ~8x faster
-    than binascii, which was a quarter of the writer's time for a 100 KB
-    attachment; for such input both give the same bytes (binascii skips the
-    line breaks; tests/test_mailparse_cut.py compares them on generated
-    input). Anything else goes binascii's lenient way, as before."""
-    try:
-        return pybase64.b64decode(data, validate=True, ignorechars=b"\r\n")
-    except (binascii.Error, ValueError):
-        pass
-    for padding in (b"", b"=="):
-        try:
-            return binascii.a2b_base64(data + padding if padding else data)
-        except (binascii.Error, ValueError):
-            continue
-    return None
+    return data, cte
 
 
 def transfer_encoding(part: EmailMessage) -> str:
@@ -340,12 +321,18 @@ def collect_leaf(part: EmailMessage, ctype: str, texts: list, htmls: list, attac
         if room > 0:
             body.append(body_text(part_bytes(part), charset, room))
         return
-    data = part_bytes(part)
+    span = part.source_span
+    data, codec = leaf_bytes(part)
     content_id = clean(raw_header(part, "content-id") or "").strip().strip("<>").strip()[:255] or None
     inline = disposition == "inline" or (content_id is not None and disposition != "attachment")
-    attachments.append({"filename": display_name(filename, ctype, inline), "data": data,
-                        "content_type": clean(ctype)[:255], "content_id": content_id,
-                        "inline": inline})
+    found = {"filename": display_name(filename, ctype, inline), "data": data,
+             "content_type": clean(ctype)[:255], "content_id": content_id, "inline": inline}
+    if span is not None and codec is not None:
+        # Where its bytes are in the raw message, and how they decode: a
+        # message kept in a row of its own then stores the attachment as that
+        # span (attachment_rows), not as a second copy of the same bytes.
+        found["span"] = (span[0], span[1], codec)
+    attachments.append(found)
 
 
 # --------------------------------------------------------------------------
@@ -546,7 +533,7 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     # marked loaded, and reading it later (the log line) cost one SELECT.
     # Not added to the session: the batch INSERTs its rows (insert_rows).
     if parts:
-        msg.attachments = attachment_rows(parts, batch.pending)  # also sets each one's .message
+        msg.attachments = attachment_rows(parts, batch.pending, own_row)  # also sets each one's .message
     else:  # nothing to point back: loaded as empty without the events (~4 us of ~9)
         set_committed_value(msg, "attachments", [])
     batch.received += 1
@@ -633,15 +620,26 @@ def row_of(obj, table) -> dict:
     return row
 
 
-def attachment_rows(parts: Iterable[dict], pending: storage.PendingBlobs) -> list[Attachment]:
-    """Stage each part's bytes as a blob and return its Attachment rows (not
-    added); display names are made unique within the message."""
+def attachment_rows(parts: Iterable[dict], pending: storage.PendingBlobs,
+                    in_source: bool = False) -> list[Attachment]:
+    """Return each part's Attachment row (not added), its bytes staged as a
+    blob, or (``in_source``: the message's raw bytes are kept in a row of
+    their own) named by their span of those bytes when the parse found one
+    (``collect_leaf``); display names are made unique within the message."""
     seen: set[str] = set()
-    return [Attachment(filename=models.unique_name(part.get("filename") or "attachment", seen),
-                       sha256=pending.add(part["data"]), size=len(part["data"]),
-                       content_type=part.get("content_type") or "application/octet-stream",
-                       content_id=part.get("content_id"), inline=bool(part.get("inline")))
-            for part in parts]
+    rows = []
+    for part in parts:
+        span = part.get("span") if in_source else None
+        row = Attachment(filename=models.unique_name(part.get("filename") or "attachment", seen),
+                         size=len(part["data"]),
+                         content_type=part.get("content_type") or "application/octet-stream",
+                         content_id=part.get("content_id"), inline=bool(part.get("inline")))
+        if span is None:
+            row.sha256 = pending.add(part["data"])
+        else:
+            row.sha256, (row.source_start, row.source_end, row.source_codec) = "", span
+        rows.append(row)
+    return rows
 
 
 def earlier_copy(box: Mailbox, tag: Optional[str], sha: str, envelope_from: str,

@@ -57,6 +57,9 @@ class BoundedMessage(EmailMessage):
 
     depth = 0  # 0: the message itself; +1 per multipart or message/rfc822 level
     opaque = False  # deeper than MAX_DEPTH: one leaf, kept in the raw .eml only
+    # (start, end) of a leaf's payload in the raw message, when the parse put
+    # it back there as those very bytes (bodycuts.BodyCuts.put_back); else None.
+    source_span: Optional[tuple[int, int]] = None
     _key = None
     _count: Optional["PartCount"] = None
 

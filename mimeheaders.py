@@ -6,12 +6,15 @@ parse tree (``plain_value``). Used by ``mailparse``, ``bodycuts`` and the
 receiving code."""
 from __future__ import annotations
 
+import binascii
 import codecs
 import datetime
 import re
 import urllib.parse
 from email import policy, utils
 from typing import Optional
+
+import pybase64
 
 MAX_HEADER_CHARS = 16384  # of one header value; the stdlib parser takes ~0.1-0.3 s on 16 KiB at worst
 # Of a Content-Type or Content-Disposition value, for its parameters (they are
@@ -231,4 +234,46 @@ def plain_value(name: str, value: str) -> Optional[str]:
         return value if PLAIN_MSGID.fullmatch(value) else None
     if name == "subject":  # unstructured: only encoded words would change it
         return value if "=?" not in value and PLAIN_TEXT.fullmatch(value) else None
+    return None
+
+
+# --------------------------------------------------------------------------
+# transfer encodings
+
+# The Content-Transfer-Encoding tokens ``decode_transfer`` decodes: a body in
+# one of them decodes the same way from the same bytes wherever they are
+# read, so an attachment can be kept as a span of its message's raw bytes.
+SPAN_CODECS = frozenset({"base64", "quoted-printable", "7bit", "8bit", "binary", ""})
+
+
+def decode_transfer(data: bytes, cte: str) -> Optional[bytes]:
+    """``data`` (a leaf's body as received) decoded from the transfer
+    encoding ``cte`` (one of SPAN_CODECS), or None when it is base64 that
+    even ``decode_base64``'s leniency cannot read."""
+    if cte == "base64":
+        return decode_base64(data)
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(data)
+    return data
+
+
+def decode_base64(data: bytes) -> Optional[bytes]:
+    """Base64 with what is not base64 ignored and missing padding added, or
+    None when even that fails (the stdlib then keeps what it can).
+
+    Well-formed base64 (only line breaks besides the alphabet, padded right,
+    nothing after the padding) is decoded by pybase64 with SIMD, ~8x faster
+    than binascii, which was a quarter of the writer's time for a 100 KB
+    attachment; for such input both give the same bytes (binascii skips the
+    line breaks; tests/test_mailparse_cut.py compares them on generated
+    input). Anything else goes binascii's lenient way, as before."""
+    try:
+        return pybase64.b64decode(data, validate=True, ignorechars=b"\r\n")
+    except (binascii.Error, ValueError):
+        pass
+    for padding in (b"", b"=="):
+        try:
+            return binascii.a2b_base64(data + padding if padding else data)
+        except (binascii.Error, ValueError):
+            continue
     return None

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
 
 import idgen
+import mimeheaders
 from clock import fmt_local, now
 from database import db, prepared, raw_cursor, upsert_add_many  # noqa: F401  (db is imported from here too)
 from idgen import MailboxError, check_username  # noqa: F401  (the fronts import them from here)
@@ -313,12 +314,28 @@ class Attachment(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
     filename: Mapped[str] = mapped_column(Text)  # display name only, never a path
-    sha256: Mapped[str] = mapped_column(String(64), index=True)  # the blob of its bytes
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # the blob of its bytes; "" for a span
     size: Mapped[int] = mapped_column(Integer, default=0)
     content_type: Mapped[str] = mapped_column(String(255), default="application/octet-stream")
     content_id: Mapped[Optional[str]] = mapped_column(Text)
     inline: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Or its bytes are a span of its message's raw bytes kept in their own row
+    # (MessageSource), decoded from ``source_codec`` (a Content-Transfer-Encoding
+    # of mimeheaders.SPAN_CODECS) when read: no second copy of the same bytes
+    # (bench/README "Session 10").
+    source_start: Mapped[Optional[int]] = mapped_column(Integer)
+    source_end: Mapped[Optional[int]] = mapped_column(Integer)
+    source_codec: Mapped[Optional[str]] = mapped_column(String(20))
     message: Mapped[Message] = relationship(back_populates="attachments")
+
+    @property
+    def in_source(self) -> bool:
+        """Whether its bytes are a span of its message's own row, not a blob."""
+        return self.source_start is not None
+
+    def bytes_in(self, raw: bytes) -> Optional[bytes]:
+        """Its bytes, decoded from its span of its message's ``raw`` bytes."""
+        return mimeheaders.decode_transfer(raw[self.source_start:self.source_end], self.source_codec or "")
 
     @property
     def extension(self) -> str:
@@ -443,8 +460,8 @@ def delete_message_rows(ids: list[int]) -> tuple[int, list[str]]:
     # removed (RETURNING), not of the rows selected before: two deleters of
     # the same message (purges on two hosts, a purge and a user's DELETE)
     # must not both release its blobs, or a blob still in use is freed.
-    shas = Counter(db.session.scalars(delete(Attachment).where(Attachment.message_id.in_(ids))
-                                      .returning(Attachment.sha256)))
+    shas = Counter(sha for sha in db.session.scalars(delete(Attachment).where(Attachment.message_id.in_(ids))
+                                                     .returning(Attachment.sha256)) if sha)  # "": a span
     # A message whose bytes are in its own row (MessageSource) holds no reference to a blob.
     in_rows = set(db.session.scalars(delete(MessageSource).where(MessageSource.message_id.in_(ids))
                                      .returning(MessageSource.message_id)))

@@ -334,9 +334,10 @@ def _reparse_one(msg_id: int, parse) -> bool:
         setattr(msg, key, parsed[key])
     msg.revision = (msg.revision or 0) + 1  # what a web worker kept of it is stale now
     pending = storage.PendingBlobs()
-    freed = Blob.release(Counter(a.sha256 for a in msg.attachments))
+    freed = Blob.release(Counter(a.sha256 for a in msg.attachments if not a.in_source))
     msg.attachments.clear()  # delete-orphan: the old rows go at flush
-    msg.attachments.extend(mailhandler.attachment_rows(parsed["attachments"], pending))
+    msg.attachments.extend(mailhandler.attachment_rows(parsed["attachments"], pending,
+                                                       in_source=storage.has_own_source(msg.id)))
     storage.commit_durably(pending)
     storage.discard(freed)
     return True

@@ -226,9 +226,11 @@ def _remove_empty_folders(grace_seconds: float) -> None:
 def find_missing(batch_size: int = 500) -> dict:
     """Rows whose blob bytes are gone: ``{"messages": [ids], "attachments": [ids]}``.
     Only reported (such a message still shows its parsed text); never raises."""
-    # A message whose bytes are in its own row has no blob to miss.
+    # A message whose bytes are in its own row has no blob to miss, nor an
+    # attachment kept as a span of them.
     return {"messages": _missing(Message.id, Message.raw_sha256, batch_size, ~OWN_SOURCE),
-            "attachments": _missing(Attachment.id, Attachment.sha256, batch_size)}
+            "attachments": _missing(Attachment.id, Attachment.sha256, batch_size,
+                                    Attachment.source_start.is_(None))}
 
 
 def _missing(id_col, sha_col, batch_size: int, *where) -> list[int]:

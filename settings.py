@@ -274,8 +274,8 @@ SCHEMA: tuple = (
         Key("backend", one_of("filesystem", "database"), "filesystem", "files under `uploads_dir`, or rows"),
         Key("inline_max_bytes", INT, 131072,
             "with the filesystem backend, blobs up to this size are kept in the database (a raw message "
-            "in a row of its own, an attachment as a blob row: one durable commit, no file to create "
-            "and sync); 0: every blob in a file", at_least(0)),
+            "in a row of its own, its attachments read from it; another attachment as a blob row: one "
+            "durable commit, no file to create and sync); 0: every blob in a file", at_least(0)),
         Key("min_free_bytes", nullable(INT), None,
             "below this much free space mail is deferred (452); null: 4 × `max_message_bytes`", at_least(0)),
     )),

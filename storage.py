@@ -466,6 +466,12 @@ def own_source(msg_id: int) -> Optional[bytes]:
     return bytes(data) if data is not None else None
 
 
+def has_own_source(msg_id: int) -> bool:
+    """Whether the message's raw bytes are kept in a row of its own."""
+    query = select(MessageSource.message_id).where(MessageSource.message_id == msg_id)
+    return db.session.scalar(query) is not None
+
+
 def source_chunks(msg) -> Optional[Iterator[bytes]]:
     """The message ``msg`` exactly as received, in pieces; None when gone."""
     data = own_source(msg.id)
@@ -478,6 +484,27 @@ def read_source(msg) -> Optional[bytes]:
     """The whole message ``msg`` as received (for re-parsing); None when gone."""
     chunks = source_chunks(msg)
     return b"".join(chunks) if chunks is not None else None
+
+
+def download_attachment(att) -> Optional[Response]:
+    """The attachment ``att`` as a download (``download``): its blob, or its
+    span of its message's own row; None when gone."""
+    mimetype = att.content_type or "application/octet-stream"
+    if not att.in_source:
+        return download(att.sha256, mimetype, att.filename or "attachment")
+    raw = own_source(att.message_id)
+    data = att.bytes_in(raw) if raw is not None else None
+    if data is None:
+        return None
+    return as_download(Response(data, mimetype=mimetype), att.filename or "attachment")
+
+
+def read_attachment(att) -> Optional[bytes]:
+    """The attachment ``att``'s bytes; None when gone."""
+    if not att.in_source:
+        return read(att.sha256) if exists(att.sha256) else None
+    raw = own_source(att.message_id)
+    return att.bytes_in(raw) if raw is not None else None
 
 
 def download_source(msg, name: str) -> Optional[Response]:

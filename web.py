@@ -518,8 +518,7 @@ def attachment(token: Optional[str], msg_id: int, att_id: int):
     """Download one attachment (also the target of rewritten ``cid:`` images)."""
     msg = scope_for(token).message(msg_id)
     att = next((a for a in msg.attachments if a.id == att_id), None)
-    resp = storage.download(att.sha256, att.content_type or "application/octet-stream",
-                            att.filename or "attachment") if att is not None else None
+    resp = storage.download_attachment(att) if att is not None else None
     if resp is None:
         abort(404)
     return resp

@@ -95,7 +95,7 @@ def describe(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Mail daemon CPU per message, A/B.")
-    parser.add_argument("--mode", choices=["new", "reuse"], default="new")
+    parser.add_argument("--mode", choices=["new", "reuse", "attach"], default="new")
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, help="smtp.processes (default: as shipped)")

@@ -2,6 +2,7 @@
 one made before migrations existed; create-on-first-start and Alembic agree."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -202,6 +203,37 @@ def test_downgrade_before_message_sources_makes_each_one_a_blob_again(make_app):
         assert versions(conn) == ["0005"] and "message_sources" not in inspect(conn).get_table_names()
         assert conn.execute(text("SELECT sha256, refs FROM blobs")).all() == [(shas.pop(), 2)]
         assert conn.execute(text("SELECT data FROM blob_chunks")).scalars().all() == [raw]
+
+
+def test_downgrade_before_attachment_spans_makes_each_one_a_blob_again(make_app):
+    """0007's downgrade: an attachment kept as a span of its message's own
+    row becomes a blob of its decoded bytes, named by its digest, which the
+    older code reads; down past 0006 too, everything is blobs."""
+    import mailhandler
+    from test_attachment_spans import decoded, span_message
+    raw = span_message()
+    want = decoded(raw)
+    app = make_app()
+    with app.app_context():
+        (msg,) = mailhandler.deliver(raw, [Mailbox.create("spans", Domain.by_name("example.com"), 3600).address])
+        assert sum(a.in_source for a in msg.attachments) == 4
+    dispose([app])
+    result = app.test_cli_runner().invoke(db_cli, ["downgrade", "0006"])
+    assert result.exit_code == 0, result.output
+    with app.app_context(), db.engine.connect() as conn:
+        assert versions(conn) == ["0006"]
+        assert "source_start" not in {c["name"] for c in inspect(conn).get_columns("attachments")}
+        rows = conn.execute(text("SELECT filename, sha256 FROM attachments")).all()
+        chunks = dict(conn.execute(text("SELECT sha256, data FROM blob_chunks")).all())
+        assert {name: bytes(chunks[sha]) for name, sha in rows} == want
+        assert {sha: hashlib.sha256(bytes(data)).hexdigest() for sha, data in chunks.items()} == \
+            {sha: sha for sha in chunks}
+    dispose([app])
+    result = app.test_cli_runner().invoke(db_cli, ["downgrade", "0005"])
+    assert result.exit_code == 0, result.output
+    with app.app_context(), db.engine.connect() as conn:
+        data = conn.execute(text("SELECT c.data FROM blob_chunks c JOIN messages m ON m.raw_sha256 = c.sha256"))
+        assert [bytes(d) for d in data.scalars()] == [raw]
 
 
 def test_downgrade_to_the_first_release_keeps_every_file_reachable(make_app):
