@@ -72,7 +72,9 @@ class DatabaseCollector:
         for key, help_ in (("mailboxes_live", "Mailboxes not yet expired."),
                            ("mailboxes_expired", "Expired mailboxes waiting for the purge."),
                            ("messages", "Messages stored now."),
-                           ("message_bytes", "Bytes of raw messages stored now.")):
+                           ("message_bytes", "Bytes of raw messages stored now."),
+                           ("stored_bytes", "Bytes the store holds now: each distinct blob once, "
+                                            "and the raw messages kept in rows of their own.")):
             yield GaugeMetricFamily(f"tempmail_{key}", help_, value=stats[key])
 
 

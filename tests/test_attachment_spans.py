@@ -106,6 +106,10 @@ def test_attachments_of_a_message_in_its_own_row_are_spans_of_it(store_app, blob
                                                    {storage.digest(d) for d in want.values()} | {msg.raw_sha256})
         assert all(a.sha256 == "" for a in msg.attachments if a.in_source)
         assert retention.find_missing() == {"messages": [], "attachments": []}
+        stats = retention.storage_stats()  # flask stats, and the stored-bytes gauge
+        assert stats["stored_bytes"] == stats["blob_bytes"] + stats["source_bytes"]
+        assert (stats["source_bytes"], stats["blob_bytes"]) == ((len(raw), len(UU)) if in_row else
+                                                                (0, len(raw) + sum(map(len, want.values()))))
         print(f"\n[spans {blob_backend}] a {len(raw):,}-byte message: {len(spans)} of {len(want)} attachments "
               f"kept as spans, {len(blob_shas)} blobs")
         models.delete_message_rows([msg.id])

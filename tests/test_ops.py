@@ -65,7 +65,7 @@ def test_metrics_served_to_this_machine_by_default(client, app):
     assert 'route="/api.php/inbox/<path:email>",status="404"' in body or \
         'route="/api.php/inbox/<email>",status="404"' in body
     assert "nobody@example.com" not in body
-    assert "tempmail_mailboxes_live 1.0" in body
+    assert "tempmail_mailboxes_live 1.0" in body and "tempmail_stored_bytes 0.0" in body
     assert sample("tempmail_http_requests_total", route="/generate", method="GET", status="200") == before + 1
 
 
