@@ -246,8 +246,8 @@ def test_throughput_one_and_two_hosts(cluster, admin, stats_engine):
     big = mail_phase(cluster, stats_engine, boxes, ["mail-a", "mail-b"], "att", each=8, attachment=100 * 1024)
     record(f"mail with a 100 KiB attachment (random, ~137 KiB on the wire), two mail hosts: "
            f"{big['rate']:.0f} msg/s; PostgreSQL {big['pg']['xids'] / 64:.2f} writing transactions and "
-           f"{big['pg']['wal'] / 64 / 1024:.0f} KiB of WAL per message (the raw message and the decoded "
-           f"attachment are two blobs)")
+           f"{big['pg']['wal'] / 64 / 1024:.0f} KiB of WAL per message (the raw message in a row of its own, "
+           f"its attachment a span of it)")
     for hosts, label in ((["web-a"], "web-a alone"), (["web-b"], "web-b alone"), (["web-a", "web-b"], "both")):
         rate, pg = web_phase(cluster, stats_engine, boxes[0], hosts)
         record(f"web: {rate:.0f} requests/s through {label} (api.php inbox of 60 messages, 8 clients, "
