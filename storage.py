@@ -489,14 +489,11 @@ def read_source(msg) -> Optional[bytes]:
 def download_attachment(att) -> Optional[Response]:
     """The attachment ``att`` as a download (``download``): its blob, or its
     span of its message's own row; None when gone."""
-    mimetype = att.content_type or "application/octet-stream"
+    mimetype, name = att.content_type or "application/octet-stream", att.filename or "attachment"
     if not att.in_source:
-        return download(att.sha256, mimetype, att.filename or "attachment")
-    raw = own_source(att.message_id)
-    data = att.bytes_in(raw) if raw is not None else None
-    if data is None:
-        return None
-    return as_download(Response(data, mimetype=mimetype), att.filename or "attachment")
+        return download(att.sha256, mimetype, name)
+    data = read_attachment(att)
+    return as_download(Response(data, mimetype=mimetype), name) if data is not None else None
 
 
 def read_attachment(att) -> Optional[bytes]:
