@@ -14,8 +14,10 @@ average above 1 are not idle-machine figures: the table says so).
   ``/api/messages?email=`` under wrk -c50, beside MailDev's REST API;
 * ``memory``: the daemon's peak RSS for a 25 MiB message (< 200 MiB).
 
-``--all`` adds ``delivery_latency``, ``scale`` and ``capacity`` (issue 14:
-ordinary requests per second with 1,000 long polls and streams held). A
+``--all`` adds ``delivery_latency``, ``scale``, ``capacity`` (issue 14:
+ordinary requests per second with 1,000 long polls and streams held) and
+``ceiling`` (what the reused-connection row could reach with parts of the
+writer taken out). A
 failing script is reported, the others still run.
 
 Run: ``.venv/bin/python bench/run_all.py [--quick] [--only smtp_ingest,http_api] [--all]``
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SCRIPTS = ["smtp_ingest", "http_api", "memory"]
-EXTRA = ["delivery_latency", "scale", "capacity"]
+EXTRA = ["delivery_latency", "scale", "capacity", "ceiling"]
 WITH_JSON = {"smtp_ingest", "http_api", "memory"}
 MAILDEV = "MailDev 2.2.1"
 
