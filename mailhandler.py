@@ -637,7 +637,7 @@ def attachment_rows(parts: Iterable[dict], pending: storage.PendingBlobs,
         if span is None:
             row.sha256 = pending.add(part["data"])
         else:
-            row.sha256, (row.source_start, row.source_end, row.source_codec) = "", span
+            row.keep_as_span(*span)
         rows.append(row)
     return rows
 

@@ -19,6 +19,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary,
                         String, Text, bindparam, delete, func, select, update)
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -308,13 +309,18 @@ class Message(db.Model):
         return delete_messages(select(Message.id).where(Message.id == self.id))
 
 
+# The sha256 of an attachment kept as a span of its message's row: it names no
+# blob, so deleting the message releases none for it.
+SPAN_SHA = ""
+
+
 class Attachment(db.Model):
     __tablename__ = "attachments"
     __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(primary_key=True)
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
     filename: Mapped[str] = mapped_column(Text)  # display name only, never a path
-    sha256: Mapped[str] = mapped_column(String(64), index=True)  # the blob of its bytes; "" for a span
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # the blob of its bytes; SPAN_SHA for a span
     size: Mapped[int] = mapped_column(Integer, default=0)
     content_type: Mapped[str] = mapped_column(String(255), default="application/octet-stream")
     content_id: Mapped[Optional[str]] = mapped_column(Text)
@@ -328,10 +334,21 @@ class Attachment(db.Model):
     source_codec: Mapped[Optional[str]] = mapped_column(String(20))
     message: Mapped[Message] = relationship(back_populates="attachments")
 
-    @property
+    @hybrid_property
     def in_source(self) -> bool:
-        """Whether its bytes are a span of its message's own row, not a blob."""
+        """Whether its bytes are a span of its message's own row, not a blob
+        (also a SQL expression: ``Attachment.in_source``)."""
         return self.source_start is not None
+
+    @in_source.inplace.expression
+    @classmethod
+    def _in_source_expression(cls):
+        return cls.source_start.is_not(None)
+
+    def keep_as_span(self, start: int, end: int, codec: str) -> None:
+        """Name its bytes by their span of the message's raw bytes (decoded
+        from ``codec``) instead of a blob."""
+        self.sha256, self.source_start, self.source_end, self.source_codec = SPAN_SHA, start, end, codec
 
     def bytes_in(self, raw: bytes) -> Optional[bytes]:
         """Its bytes, decoded from its span of its message's ``raw`` bytes."""
@@ -461,7 +478,7 @@ def delete_message_rows(ids: list[int]) -> tuple[int, list[str]]:
     # the same message (purges on two hosts, a purge and a user's DELETE)
     # must not both release its blobs, or a blob still in use is freed.
     shas = Counter(sha for sha in db.session.scalars(delete(Attachment).where(Attachment.message_id.in_(ids))
-                                                     .returning(Attachment.sha256)) if sha)  # "": a span
+                                                     .returning(Attachment.sha256)) if sha != SPAN_SHA)
     # A message whose bytes are in its own row (MessageSource) holds no reference to a blob.
     in_rows = set(db.session.scalars(delete(MessageSource).where(MessageSource.message_id.in_(ids))
                                      .returning(MessageSource.message_id)))

@@ -230,7 +230,7 @@ def find_missing(batch_size: int = 500) -> dict:
     # attachment kept as a span of them.
     return {"messages": _missing(Message.id, Message.raw_sha256, batch_size, ~OWN_SOURCE),
             "attachments": _missing(Attachment.id, Attachment.sha256, batch_size,
-                                    Attachment.source_start.is_(None))}
+                                    ~Attachment.in_source)}
 
 
 def _missing(id_col, sha_col, batch_size: int, *where) -> list[int]:
