@@ -48,8 +48,8 @@ from htmltext import html_to_text
 from mailparse import PARSE_POLICY, BoundedMessage, line_extent, parse_bytes
 from mailpolicy import (DeliveryError, NoRoom, RelayDenied, StoreFailed, TooLarge,  # noqa: F401
                         UnknownRecipient)
-from mimeheaders import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, SPAN_CODECS, decode_transfer,
-                         plain_addresses, plain_value, safe_codec, unfold)
+from mimeheaders import (MAX_DEPTH, MAX_HEADER_CHARS, MAX_PARSE_LINES, SPAN_CODECS, decode_span,
+                         decode_transfer, plain_addresses, plain_value, safe_codec, unfold)
 from models import Attachment, Domain, Mailbox, Message, MessageSource, Stat, db
 
 log = logging.getLogger("tempmail.mail")
@@ -533,7 +533,7 @@ def store_copy(box: Mailbox, tag: Optional[str], fields: dict, raw: bytes, sha: 
     # marked loaded, and reading it later (the log line) cost one SELECT.
     # Not added to the session: the batch INSERTs its rows (insert_rows).
     if parts:
-        msg.attachments = attachment_rows(parts, batch.pending, own_row)  # also sets each one's .message
+        msg.attachments = attachment_rows(parts, batch.pending, own_row, raw)  # also sets each one's .message
     else:  # nothing to point back: loaded as empty without the events (~4 us of ~9)
         set_committed_value(msg, "attachments", [])
     batch.received += 1
@@ -621,25 +621,39 @@ def row_of(obj, table) -> dict:
 
 
 def attachment_rows(parts: Iterable[dict], pending: storage.PendingBlobs,
-                    in_source: bool = False) -> list[Attachment]:
+                    in_source: bool = False, raw: bytes = b"") -> list[Attachment]:
     """Return each part's Attachment row (not added), its bytes staged as a
-    blob, or (``in_source``: the message's raw bytes are kept in a row of
-    their own) named by their span of those bytes when the parse found one
-    (``collect_leaf``); display names are made unique within the message."""
+    blob, or (``in_source``: the message's raw bytes ``raw`` are kept in a
+    row of their own) named by their span of those bytes when the parse
+    found one (``collect_leaf``); display names are made unique within the
+    message. A part shipped without its bytes (``shipped``) is read back
+    from its span of ``raw`` when it needs a blob after all."""
     seen: set[str] = set()
     rows = []
     for part in parts:
-        span = part.get("span") if in_source else None
+        span = part.get("span")
         row = Attachment(filename=models.unique_name(part.get("filename") or "attachment", seen),
-                         size=len(part["data"]),
+                         size=len(part["data"]) if "data" in part else part["size"],
                          content_type=part.get("content_type") or "application/octet-stream",
                          content_id=part.get("content_id"), inline=bool(part.get("inline")))
-        if span is None:
-            row.sha256 = pending.add(part["data"])
-        else:
+        if in_source and span is not None:
             row.keep_as_span(*span)
+        else:
+            row.sha256 = pending.add(part["data"] if "data" in part else decode_span(raw, span))
         rows.append(row)
     return rows
+
+
+def shipped(fields: dict) -> dict:
+    """``fields`` (``parse_message``'s) made ready to go to the writer
+    process: an attachment found as a span of the raw bytes goes without
+    its decoded bytes, only their size, since the writer has the raw bytes
+    and stores the span (or reads the bytes back from it: attachment_rows),
+    so a 100 KB attachment does not cross the link twice."""
+    for part in fields["attachments"]:
+        if "span" in part:
+            part["size"] = len(part.pop("data"))
+    return fields
 
 
 def earlier_copy(box: Mailbox, tag: Optional[str], sha: str, envelope_from: str,

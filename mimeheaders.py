@@ -257,6 +257,13 @@ def decode_transfer(data: bytes, cte: str) -> Optional[bytes]:
     return data
 
 
+def decode_span(raw: bytes, span: tuple) -> Optional[bytes]:
+    """The bytes a parse's ``(start, end, codec)`` span of the raw message
+    ``raw`` decodes to (``decode_transfer``)."""
+    start, end, codec = span
+    return decode_transfer(raw[start:end], codec or "")
+
+
 def decode_base64(data: bytes) -> Optional[bytes]:
     """Base64 with what is not base64 ignored and missing padding added, or
     None when even that fails (the stdlib then keeps what it can).

@@ -352,7 +352,7 @@ class Attachment(db.Model):
 
     def bytes_in(self, raw: bytes) -> Optional[bytes]:
         """Its bytes, decoded from its span of its message's ``raw`` bytes."""
-        return mimeheaders.decode_transfer(raw[self.source_start:self.source_end], self.source_codec or "")
+        return mimeheaders.decode_span(raw, (self.source_start, self.source_end, self.source_codec))
 
     @property
     def extension(self) -> str:

@@ -625,7 +625,7 @@ class MailServer:
     def submit(self, job: Job) -> None:
         if self.link is not None:
             if self.parses_here(job):
-                job.fields, job.sha = mailhandler.parse_message(job.raw), storage.digest(job.raw)
+                job.fields, job.sha = mailhandler.shipped(mailhandler.parse_message(job.raw)), storage.digest(job.raw)
             self.link.send(job)
         else:
             self.jobs.put(job)

@@ -30,7 +30,8 @@ os.environ.pop("DATABASE_URL", None)
 from app import create_app  # noqa: E402
 from models import db, ensure_seed_rows  # noqa: E402
 
-BACKENDS = [b for b in os.environ.get("TEMPMAIL_TEST_DBS", "sqlite,postgresql").split(",") if b]
+# Empty counts as unset: an empty list would skip every database test quietly.
+BACKENDS = [b for b in (os.environ.get("TEMPMAIL_TEST_DBS") or "sqlite,postgresql").split(",") if b]
 TEST_DOMAINS = [{"domain": "example.com", "type": "free"},
                 {"domain": "tempmail.test", "type": "free"},
                 {"domain": "vip.example.com", "type": "premium"}]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import marshal
 import os
 import quopri
 import smtplib
@@ -87,6 +88,29 @@ def test_the_parse_finds_each_span_and_it_decodes_to_the_bytes():
     # boundary line belongs to the boundary).
     start, end, _codec = found["data.bin"]["span"]
     assert raw[start:end] == lines(BINARY)
+
+
+def test_a_shipped_parse_carries_spans_without_their_bytes(store_app, blob_backend):
+    """What a receiver sends the writer (``shipped``): a span's decoded bytes
+    stay behind, only their size goes; the writer stores the span, or, for a
+    message it must keep as a blob after all, reads the bytes back from it."""
+    raw = span_message("shipped")
+    want = decoded(raw)
+    fields = mailhandler.shipped(mailhandler.parse_message(raw))
+    parts = {a["filename"]: a for a in fields["attachments"]}
+    assert {name for name, a in parts.items() if "data" in a} == {"old.bin"}  # uuencoded: no span
+    assert {name: a["size"] for name, a in parts.items() if "span" in a} == {
+        name: len(data) for name, data in want.items() if name != "old.bin"}
+    assert len(marshal.dumps(fields)) < len(marshal.dumps(mailhandler.parse_message(raw))) - len(BINARY)
+    with store_app.app_context():
+        kept = mailhandler.deliver(raw, [new_box("own").address], fields=fields)
+        shared = mailhandler.deliver(raw, [new_box("one").address, new_box("two").address], fields=fields)
+        for msg in kept + shared:
+            msg = db.session.get(Message, msg.id)
+            assert any(a.in_source for a in msg.attachments) == (msg in kept and blob_backend != "filesystem")
+            assert {a.filename: (a.size, storage.read_attachment(a)) for a in msg.attachments} == {
+                name: (len(data), data) for name, data in want.items()}
+        assert_counts_exact()
 
 
 def test_attachments_of_a_message_in_its_own_row_are_spans_of_it(store_app, blob_backend):
@@ -181,16 +205,26 @@ def test_the_daemon_stores_the_spans_its_receivers_found(app, config_file, tmp_p
     config["storage"]["inline_max_bytes"] = 131072
     config_file.write_text(json.dumps(config))
     raws = [span_message(f"daemon {i}") for i in range(3)]
+    shared = span_message("daemon shared")
+    with app.app_context():
+        new_box("second")
     with two_receivers(app, config_file, tmp_path) as (proc, port, _log):
         whole_family(proc)
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as conn:
             for raw in raws:
                 conn.sendmail("sender@example.org", ["keeper@example.com"], raw)
+            # For two mailboxes: blobs, read back by the writer from the spans it got.
+            conn.sendmail("sender@example.org", ["keeper@example.com", "second@example.com"], shared)
     with app.app_context():
         msgs = {m.subject: m for m in db.session.scalars(select(Message))}
-        assert len(msgs) == 3
+        assert len(msgs) == 4
         for i, raw in enumerate(raws):
             msg = msgs[f"daemon {i}"]
             assert storage.read_source(msg) == raw
             assert sum(a.in_source for a in msg.attachments) == 4
             assert {a.filename: storage.read_attachment(a) for a in msg.attachments} == decoded(raw)
+        copies = list(db.session.scalars(select(Message).where(Message.subject == "daemon shared")))
+        assert sorted(m.envelope_to for m in copies) == ["keeper@example.com", "second@example.com"]
+        for msg in copies:
+            assert not any(a.in_source for a in msg.attachments)
+            assert {a.filename: storage.read_attachment(a) for a in msg.attachments} == decoded(shared)
