@@ -18,20 +18,21 @@ each a daemon whose writer process does less than the real one:
 
 Each trial is the shipped code, patched in the daemon's own process by this
 script (``--daemon TRIAL``) before Flask's CLI starts it: nothing in the
-product reads a trial. The rate is messages over smtp-source's wall time (a
-trial that stores nothing has no rows to count; ``full`` and ``nosync`` are
-also checked against their rows), and the daemon's CPU per message comes
-from ``/proc``. A trial's rate bounds what any change to the parts it takes
+product reads a trial. The rate is the messages stored (rows for ``full``
+and ``nosync``, ``.eml`` files for MailDev) or answered (the trials that
+store nothing, smtp-sink) over smtp-source's wall time; the daemon's CPU
+per message comes from ``/proc``. A trial's rate bounds what any change to the parts it takes
 out can give: if ``nosync`` is under MailDev, no way of making the fsync
 cheaper reaches 1x; what ``syncfile`` leaves above MailDev is the whole
 budget for storing a message.
 
 ``--sql-floor`` then gives the floor of SQLite's own share: the writer's
-statements for batches of ``--batch`` 2 KB messages, recorded in-process as
-SQLite got them (statements and parameters, from the writer's cursor), are replayed on a
-bare ``sqlite3`` connection to a copy of the database they started from,
-with the daemon's pragmas: the thread CPU a message of SQLite parsing,
-running and committing them (no fsync), with no Python of ours around them.
+statements for batches of ``--batch`` 2 KB messages, recorded in-process
+as SQLite got them (statements and parameters, from the writer's cursor),
+are replayed on a bare ``sqlite3`` connection to a copy of the database
+they started from, with the daemon's pragmas: the thread CPU a message of
+SQLite running and committing them (no fsync), with no Python of ours
+around them.
 
 Run: ``.venv/bin/python bench/ceiling.py [--rounds 3] [--messages 12000] [--sql-floor]``
 """
