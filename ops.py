@@ -328,7 +328,10 @@ def _reparse_one(msg_id: int, parse) -> bool:
     a fresh parse of its raw blob, in one transaction of its own (a failure
     keeps the others). Envelope, read flag and ids stay."""
     msg = db.session.get(Message, msg_id)
-    raw = storage.read_source(msg) if msg is not None else None
+    if msg is None:
+        return False
+    own = storage.own_source(msg.id)  # read once: the bytes, and whether spans can point into them
+    raw = own if own is not None else storage.read_source(msg)
     if raw is None:
         return False
     parsed = parse(raw)
@@ -339,7 +342,7 @@ def _reparse_one(msg_id: int, parse) -> bool:
     freed = Blob.release(Counter(a.sha256 for a in msg.attachments if not a.in_source))
     msg.attachments.clear()  # delete-orphan: the old rows go at flush
     msg.attachments.extend(mailhandler.attachment_rows(parsed["attachments"], pending,
-                                                       in_source=storage.has_own_source(msg.id)))
+                                                       in_source=own is not None, raw=raw))
     storage.commit_durably(pending)
     storage.discard(freed)
     return True

@@ -466,12 +466,6 @@ def own_source(msg_id: int) -> Optional[bytes]:
     return bytes(data) if data is not None else None
 
 
-def has_own_source(msg_id: int) -> bool:
-    """Whether the message's raw bytes are kept in a row of its own."""
-    query = select(MessageSource.message_id).where(MessageSource.message_id == msg_id)
-    return db.session.scalar(query) is not None
-
-
 def source_chunks(msg) -> Optional[Iterator[bytes]]:
     """The message ``msg`` exactly as received, in pieces; None when gone."""
     data = own_source(msg.id)

@@ -70,39 +70,39 @@ RCPT = "ingest"
 # --------------------------------------------------------------------------
 # in the daemon's process: the trial's patch, then Flask's CLI
 
-def durable_write_only(path: str) -> Callable:
-    """A ``settle`` for ``syncfile``: one write and one fsync per batch."""
-    import smtpserver  # noqa: PLC0415 - the daemon's own module, patched in its process
+def durable_writer(path: str) -> Callable[[int], None]:
+    """For ``syncfile``: a function that writes 12 KiB for each of ``n``
+    messages into a preallocated file and fsyncs it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.pwrite(fd, b"\0" * SYNC_FILE_BYTES, 0)
     os.fsync(fd)
 
-    def settle(jobs: list) -> None:
-        size = min(SYNC_BYTES_PER_MESSAGE * len(jobs), SYNC_FILE_BYTES)
-        os.pwrite(fd, b"x" * size, 0)
+    def write(n: int) -> None:
+        os.pwrite(fd, b"x" * min(SYNC_BYTES_PER_MESSAGE * n, SYNC_FILE_BYTES), 0)
         os.fsync(fd)
+    return write
+
+
+def settle_without_storing(reply: Callable, durable_write: Optional[Callable[[int], None]]) -> Callable:
+    """A ``settle`` that stores nothing: per batch the durable write, if
+    any, then 250 (``reply``) for every job."""
+    def settle(jobs: list) -> None:
+        if durable_write is not None:
+            durable_write(len(jobs))
         for job in jobs:
-            job.reply = smtpserver.accepted_reply(job)
+            job.reply = reply(job)
     return settle
-
-
-def answer_only(jobs: list) -> None:
-    """A ``settle`` for ``none``: 250 for every job, nothing stored."""
-    import smtpserver  # noqa: PLC0415
-    for job in jobs:
-        job.reply = smtpserver.accepted_reply(job)
 
 
 def patch(trial: str, sync_file: str) -> None:
     """Apply ``trial`` to the daemon's modules (before any process forks)."""
-    import smtpserver  # noqa: PLC0415
+    import smtpserver  # noqa: PLC0415 - the daemon's own modules, patched in its process
     import walsync  # noqa: PLC0415
     if trial == "nosync":
         walsync.sync = lambda: None
-    elif trial == "syncfile":
-        smtpserver.settle = durable_write_only(sync_file)
-    elif trial == "none":
-        smtpserver.settle = answer_only
+    elif trial in ("syncfile", "none"):
+        write = durable_writer(sync_file) if trial == "syncfile" else None
+        smtpserver.settle = settle_without_storing(smtpserver.accepted_reply, write)
 
 
 def daemon_main(trial: str, flask_args: list[str]) -> None:

@@ -119,7 +119,7 @@ def test_attachments_of_a_message_in_its_own_row_are_spans_of_it(store_app, blob
     with store_app.app_context():
         (msg,) = mailhandler.deliver(raw, [new_box("keeper").address])
         msg = db.session.get(Message, msg.id)
-        in_row = storage.has_own_source(msg.id)
+        in_row = storage.own_source(msg.id) is not None
         assert in_row == (blob_backend != "filesystem")
         spans = {a.filename for a in msg.attachments if a.in_source}
         assert spans == ((set(want) - {"old.bin"}) if in_row else set())

@@ -44,7 +44,7 @@ def downgrade():
                         "ON CONFLICT (sha256, seq) DO NOTHING").bindparams(sa.bindparam("d", type_=sa.LargeBinary))
     name = sa.text("UPDATE attachments SET sha256 = :s WHERE id = :i")
     for att_id, start, end, codec, raw in rows.all():
-        data = mimeheaders.decode_transfer(bytes(raw)[start:end], codec or "") or b""
+        data = mimeheaders.decode_span(bytes(raw), (start, end, codec)) or b""
         sha = hashlib.sha256(data).hexdigest()
         conn.execute(add_ref, {"s": sha, "z": len(data)})
         conn.execute(add_chunk, {"s": sha, "d": data})
